@@ -1,0 +1,114 @@
+"""`BertConfig`: the fields of a Hugging Face BERT `config.json`, under the same names.
+
+Owns: validation of model hyper-parameters and conversion to and from the HF dict. Does not own:
+reading or writing files (see `bert_jax.hf`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+# HF `hidden_act` values we implement, so that checkpoints trained with them load with parity.
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Hyper-parameters of a BERT encoder. Defaults are bert-base-uncased."""
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  pad_token_id: int = 0
+  # Sequence classification: HF stores these too (num_labels through id2label).
+  num_labels: int = 2
+  classifier_dropout: float | None = None
+  # Not HF fields: the dtype of activations/matmuls and of the stored parameters.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels")
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"BertConfig.{name}={value!r} must be a positive integer.")
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+          f"BertConfig.hidden_size={self.hidden_size} is not divisible by "
+          f"num_attention_heads={self.num_attention_heads}; choose a head count that divides it.")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"BertConfig.hidden_act={self.hidden_act!r} is not supported; use one of {ACTIVATIONS}.")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+      value = getattr(self, name)
+      if value is not None and not 0.0 <= value < 1.0:
+        raise ValueError(f"BertConfig.{name}={value!r} must be in [0, 1).")
+    if not 0 <= self.pad_token_id < self.vocab_size:
+      raise ValueError(f"BertConfig.pad_token_id={self.pad_token_id} is outside the vocabulary [0, {self.vocab_size}).")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError as e:
+        raise ValueError(f"BertConfig.{name}={getattr(self, name)!r} is not a dtype name "
+                         "(use 'float32' or 'bfloat16').") from e
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def parameter_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **overrides: Any) -> "BertConfig":
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+    if unknown:
+      raise ValueError(f"Unknown BertConfig field(s) {unknown}; valid fields: "
+                       f"{[f.name for f in dataclasses.fields(self)]}.")
+    return dataclasses.replace(self, **overrides)
+
+  @classmethod
+  def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> "BertConfig":
+    """Builds from a parsed HF `config.json`; keys that are not BERT hyper-parameters are ignored."""
+    model_type = hf.get("model_type", "bert")
+    if model_type != "bert":
+      raise ValueError(f"config.json has model_type={model_type!r}; bert_jax loads only BERT "
+                       "checkpoints (model_type 'bert').")
+    position_type = hf.get("position_embedding_type", "absolute")
+    if position_type != "absolute":
+      raise ValueError(f"config.json has position_embedding_type={position_type!r}; only 'absolute' "
+                       "(the original BERT) is implemented.")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    # HF's own `dtype`/`torch_dtype` say how the weights were stored, not how to compute: not ours.
+    values = {k: v for k, v in hf.items() if k in fields - {"dtype", "param_dtype"}}
+    if "id2label" in hf and "num_labels" not in hf:
+      values["num_labels"] = len(hf["id2label"])
+    values.update(overrides)
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+      raise ValueError(f"Unknown BertConfig field(s) {unknown}; valid fields: {sorted(fields)}.")
+    return cls(**values)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+          if f.name not in ("dtype", "param_dtype", "num_labels")}
+    hf.update(model_type="bert", position_embedding_type="absolute",
+              id2label={str(i): f"LABEL_{i}" for i in range(self.num_labels)},
+              label2id={f"LABEL_{i}": i for i in range(self.num_labels)})
+    return hf

@@ -1,0 +1,72 @@
+"""Task models on the BERT encoder: pretraining (masked LM + next sentence) and sequence classification.
+
+Owns: the heads and their outputs. The encoder itself lives in `bert`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bert_jax.models import bert
+from bert_jax.models import config as config_lib
+
+
+class PreTrainingOutput(NamedTuple):
+  mlm_logits: jax.Array  # [batch, num_predictions or seq, vocab]
+  nsp_logits: jax.Array  # [batch, 2]
+
+
+class MaskedLMHead(nn.Module):
+  """dense + activation + LayerNorm, then the decoder tied to the word embeddings, plus a bias."""
+  config: config_lib.BertConfig
+
+  @nn.compact
+  def __call__(self, hidden, decode):
+    c = self.config
+    h = bert.dense(c, c.hidden_size, (bert.EMBED,), (bert.EMBED,), "transform_dense")(hidden)
+    h = bert.layer_norm(c, "transform_LayerNorm")(bert.activation(c.hidden_act)(h))
+    bias = self.param("bias", bert.zeros_init(bert.VOCAB), (c.vocab_size,), c.parameter_dtype)
+    return decode(h) + bias.astype(c.compute_dtype)  # [..., vocab]
+
+
+class BertForPreTraining(nn.Module):
+  """BERT with the masked-LM and next-sentence-prediction heads.
+
+  With `masked_lm_positions` `[batch, num_predictions]` the MLM head scores only those positions (as
+  pretraining does: ~15% of tokens, so ~7x less decoder work); without, every position.
+  """
+  config: config_lib.BertConfig
+
+  def setup(self):
+    self.bert = bert.BertModel(self.config)
+    self.predictions = MaskedLMHead(self.config)
+    self.seq_relationship = bert.dense(self.config, 2, (bert.EMBED,), (bert.CLASSES,), "seq_relationship")
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
+               masked_lm_positions=None, deterministic: bool = True) -> PreTrainingOutput:
+    outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, deterministic=deterministic)
+    hidden = outputs.sequence_output  # [batch, seq, hidden]
+    if masked_lm_positions is not None:
+      hidden = jnp.take_along_axis(hidden, masked_lm_positions[:, :, None], axis=1)  # [batch, preds, hidden]
+    mlm_logits = self.predictions(hidden, self.bert.attend)
+    nsp_logits = self.seq_relationship(outputs.pooled_output)
+    return PreTrainingOutput(mlm_logits=mlm_logits, nsp_logits=nsp_logits)
+
+
+class BertForSequenceClassification(nn.Module):
+  """BERT with dropout + dense on the pooled output. Returns logits `[batch, num_labels]`."""
+  config: config_lib.BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
+               deterministic: bool = True) -> jax.Array:
+    c = self.config
+    outputs = bert.BertModel(c, name="bert")(input_ids, attention_mask, token_type_ids, position_ids,
+                                             deterministic=deterministic)
+    rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
+    pooled = nn.Dropout(rate)(outputs.pooled_output, deterministic=deterministic)
+    return bert.dense(c, c.num_labels, (bert.EMBED,), (bert.CLASSES,), "classifier")(pooled)
