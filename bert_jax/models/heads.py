@@ -27,7 +27,7 @@ class MaskedLMHead(nn.Module):
   @nn.compact
   def __call__(self, hidden, decode):
     c = self.config
-    h = bert.dense(c, c.hidden_size, (bert.EMBED,), (bert.EMBED,), "transform_dense")(hidden)
+    h = bert.dense(c, c.hidden_size, (bert.EMBED,), (bert.EMBED_OUT,), "transform_dense")(hidden)
     h = bert.layer_norm(c, "transform_LayerNorm")(bert.activation(c.hidden_act)(h))
     bias = self.param("bias", bert.zeros_init(bert.VOCAB), (c.vocab_size,), c.parameter_dtype)
     return decode(h) + bias.astype(c.compute_dtype)  # [..., vocab]

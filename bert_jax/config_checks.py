@@ -1,0 +1,76 @@
+"""Checks of the run config, made before any data is read or anything compiled.
+
+Each error names the key, the value, what is allowed and how to fix it.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from bert_jax import models
+from bert_jax import optim
+from bert_jax import tokenization
+
+MODES = ("train", "evaluate", "predict")
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+  if not ok:
+    raise ValueError(f"config.{key}={value!r} is out of range: {allowed}. Set --config.{key}=... accordingly.")
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Value ranges that need nothing but the config."""
+  _require(config.mode in MODES, "mode", config.mode, f"one of {MODES}")
+  _require(config.learning_rate > 0, "learning_rate", config.learning_rate, "a positive number, e.g. 2e-5")
+  _require(config.train.batch_size > 0, "train.batch_size", config.train.batch_size, "a positive integer")
+  _require(config.train.eval_batch_size > 0, "train.eval_batch_size", config.train.eval_batch_size,
+           "a positive integer")
+  _require(config.train.grad_accum_steps > 0 and config.train.batch_size % config.train.grad_accum_steps == 0,
+           "train.grad_accum_steps", config.train.grad_accum_steps,
+           f"a positive divisor of train.batch_size={config.train.batch_size}")
+  _require(config.train.num_epochs > 0, "train.num_epochs", config.train.num_epochs, "a positive number")
+  _require(config.train.log_every_steps > 0, "train.log_every_steps", config.train.log_every_steps, "positive")
+  _require(config.data.max_seq_length >= 8, "data.max_seq_length", config.data.max_seq_length,
+           "at least 8 and at most the model's max_position_embeddings")
+  _require(0 <= config.data.validation_fraction < 1, "data.validation_fraction",
+           config.data.validation_fraction, "in [0, 1)")
+  _require(config.optimizer.name in optim.OPTIMIZERS, "optimizer.name", config.optimizer.name,
+           f"one of {optim.OPTIMIZERS}")
+  _require(0 <= config.optimizer.warmup_fraction < 1, "optimizer.warmup_fraction",
+           config.optimizer.warmup_fraction, "in [0, 1)")
+  _require(config.optimizer.weight_decay >= 0, "optimizer.weight_decay", config.optimizer.weight_decay, ">= 0")
+  _require(config.optimizer.max_grad_norm > 0, "optimizer.max_grad_norm", config.optimizer.max_grad_norm, "> 0")
+  _require(config.checkpoint.every_steps > 0, "checkpoint.every_steps", config.checkpoint.every_steps, "positive")
+  _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, "at least 1")
+  _require(config.evaluate.checkpoint in ("best", "latest"), "evaluate.checkpoint", config.evaluate.checkpoint,
+           "'best' or 'latest'")
+  overrides = {name: value for name, value in config.model.items() if value is not None}
+  try:
+    models.BertConfig().replace(**overrides)
+  except ValueError as e:
+    raise ValueError(f"config.model: {e}") from e
+
+
+def check_batch_layout(config: ml_collections.ConfigDict, data_parallel_size: int) -> None:
+  """Every (micro-)batch must split evenly over the data-parallel devices."""
+  micro_batch = config.train.batch_size // config.train.grad_accum_steps
+  _require(micro_batch % data_parallel_size == 0, "train.batch_size", config.train.batch_size,
+           f"divisible by grad_accum_steps ({config.train.grad_accum_steps}) x the {data_parallel_size} "
+           "data-parallel devices")
+  _require(config.train.eval_batch_size % data_parallel_size == 0, "train.eval_batch_size",
+           config.train.eval_batch_size, f"divisible by the {data_parallel_size} data-parallel devices")
+
+
+def check_model_fits(config: ml_collections.ConfigDict, model_config: models.BertConfig) -> None:
+  _require(config.data.max_seq_length <= model_config.max_position_embeddings, "data.max_seq_length",
+           config.data.max_seq_length,
+           f"at most the model's max_position_embeddings={model_config.max_position_embeddings} (lower it, "
+           "or load a model with longer positions)")
+
+
+def check_tokenizer_fits(tokenizer: tokenization.Tokenizer, model_config: models.BertConfig) -> None:
+  if tokenizer.vocab_size > model_config.vocab_size:
+    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                     f"{model_config.vocab_size}: its ids would fall outside the embedding table. Use the "
+                     "model's own vocab (config.tokenizer) or set --config.model.vocab_size.")

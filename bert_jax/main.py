@@ -1,0 +1,62 @@
+"""Entry point: `python -m bert_jax.main --config=configs/imdb.py[:PRESET] --workdir=DIR [--config.KEY=V]`.
+
+Parses flags, checks the config, saves it to the workdir and hands it to train, evaluate or predict.
+"""
+
+import logging as py_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from bert_jax import config_checks
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of configuration and input errors.")
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/imdb.py:minilm.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Errors that mean "the input or config is wrong", reported as one message rather than a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError)
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Keeps Orbax's per-save chatter (dozens of INFO lines) out of the progress log; warnings pass."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  config, workdir = flags.FLAGS.config, _WORKDIR.value
+  try:
+    config_checks.check(config)
+    os.makedirs(workdir, exist_ok=True)
+    if config.mode == "train":
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    # Imported after the checks: jax and the model stack take seconds to import.
+    from bert_jax import evaluate
+    from bert_jax import train
+    if config.mode == "train":
+      train.train_and_evaluate(config, workdir)
+    elif config.mode == "evaluate":
+      evaluate.evaluate(config, workdir)
+    else:
+      evaluate.predict(config, workdir)
+  except USER_ERRORS as e:
+    if _VERBOSE.value:
+      raise
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,89 @@
+"""Pure train and eval steps for sequence classification: `train_step(state, batch) -> (state, metrics)`.
+
+Owns: the loss, gradient accumulation and the optimizer update. Does not own compilation or
+sharding (see `train`, `partitioning`): every function here is device-count agnostic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # optimizer updates done
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # base dropout key; step s uses fold_in(rng, s), so a resumed run draws the same masks
+
+
+def create_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def _classification_loss(model: nn.Module, params, batch, dropout_rng, deterministic: bool):
+  logits = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), deterministic=deterministic,
+                       rngs={"dropout": dropout_rng} if not deterministic else None)
+  logits = logits.astype(jnp.float32)  # [batch, num_labels]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+  weights = batch["weights"]
+  # where, not multiply: a padded row's loss must not turn a NaN into the sum.
+  loss_sum = jnp.sum(jnp.where(weights > 0, losses * weights, 0.0))
+  correct = jnp.sum(jnp.where(weights > 0, (jnp.argmax(logits, -1) == batch["labels"]) * weights, 0.0))
+  return loss_sum, {"loss_sum": loss_sum, "correct": correct, "count": jnp.sum(weights)}
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, grad_accum_steps: int = 1,
+               schedule: optax.Schedule | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on `batch` (`[batch_size, seq]` arrays), split in `grad_accum_steps` micro-batches."""
+  dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def micro_grads(params, micro_batch, rng):
+    (_, metrics), grads = jax.value_and_grad(_classification_loss, argnums=1, has_aux=True)(
+        model, params, micro_batch, rng, False)
+    return grads, metrics
+
+  if grad_accum_steps == 1:
+    grads, metrics = micro_grads(state.params, batch, dropout_rng)
+  else:
+    micro = jax.tree_util.tree_map(
+        lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]), batch)
+
+    def accumulate(carry, inputs):
+      index, micro_batch = inputs
+      grads, metrics = micro_grads(state.params, micro_batch, jax.random.fold_in(dropout_rng, index))
+      return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(
+        micro_grads, state.params, jax.tree_util.tree_map(lambda x: x[0], micro), dropout_rng))
+    (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+
+  # The loss is a sum over examples: dividing by the count gives the gradient of the batch mean.
+  grads = jax.tree_util.tree_map(lambda g: g / metrics["count"], grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  if schedule is not None:
+    metrics["learning_rate"] = schedule(state.step)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
+  """Sums of loss and correct predictions over the real (weight > 0) examples of `batch`."""
+  _, metrics = _classification_loss(model, params, batch, None, True)
+  return metrics
+
+
+def predict_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> jax.Array:
+  """Class probabilities `[batch, num_labels]`."""
+  logits = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), deterministic=True)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

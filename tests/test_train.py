@@ -1,0 +1,196 @@
+"""The fine-tuning job end to end on tiny models and data: results, resume, evaluate, predict, refusals."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ml_collections import config_flags  # noqa: F401  (keeps the import cost out of the first test)
+
+from bert_jax import config_checks
+from bert_jax import evaluate
+from bert_jax import train
+
+from imdb_testdata import make_archive, sentiment_reviews, write_imdb
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "configs"))
+import imdb as imdb_configs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+  root = tmp_path_factory.mktemp("imdb")
+  reviews = {**sentiment_reviews("train", 40), **sentiment_reviews("test", 12)}
+  return make_archive(write_imdb(root / "unpacked", reviews=reviews), root / "aclImdb_v1.tar.gz")
+
+
+def tiny_config(archive, minilm_dir, **overrides):
+  config = imdb_configs.get_config("tiny")
+  config.tokenizer = str(minilm_dir)
+  config.data.data_dir = str(archive)
+  config.data.max_seq_length = 16
+  config.data.max_train_examples = 0
+  config.data.max_test_examples = 0
+  config.data.validation_fraction = 0.2
+  config.model.update(hidden_size=32, intermediate_size=64, max_position_embeddings=32)
+  config.train.update(batch_size=8, eval_batch_size=8, num_epochs=1.0, log_every_steps=2)
+  config.checkpoint.every_steps = 4
+  config.checkpoint.export_hf = False
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+  return config
+
+
+def test_tiny_run_writes_results_events_and_checkpoints(tmp_path, archive, minilm_dir):
+  results = train.train_and_evaluate(tiny_config(archive, minilm_dir), str(tmp_path))
+  written = json.loads((tmp_path / "results.json").read_text())
+  assert written == results
+  for key in ("test_accuracy", "test_loss", "num_test_examples", "final_train_loss", "steps",
+              "train_seconds", "train_examples_per_second"):
+    assert key in written, key
+  assert written["num_test_examples"] == 24  # every test review exactly once (3 batches of 8)
+  assert written["steps"] == 8  # 64 training reviews / batch 8
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, archive, minilm_dir, monkeypatch, caplog):
+  config = tiny_config(archive, minilm_dir, **{"model.hidden_dropout_prob": 0.1})
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "a"))
+
+  original = train._batches_from
+
+  def crash_after_six(*args):
+    for i, batch in enumerate(original(*args)):
+      if i == 6:
+        raise KeyboardInterrupt("simulated preemption")
+      yield batch
+
+  monkeypatch.setattr(train, "_batches_from", crash_after_six)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+  monkeypatch.setattr(train, "_batches_from", original)
+  caplog.set_level("INFO")
+  resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
+  assert any("Resuming from the checkpoint at step 4" in r.getMessage() for r in caplog.records)
+  # Same data order, dropout masks and optimizer state: bitwise the same on CPU.
+  assert resumed["test_loss"] == uninterrupted["test_loss"]
+  assert resumed["final_train_loss"] == uninterrupted["final_train_loss"]
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path, archive, minilm_dir):
+  train.train_and_evaluate(tiny_config(archive, minilm_dir), str(tmp_path))
+  before = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")}
+  bigger = tiny_config(archive, minilm_dir, **{"model.hidden_size": 64})
+  with pytest.raises(ValueError, match="another model.*hidden_size=32 there, 64 configured"):
+    train.train_and_evaluate(bigger, str(tmp_path))
+  assert {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")} == before
+
+
+def test_evaluate_scores_an_archive_holding_only_test(tmp_path, archive, minilm_dir):
+  config = tiny_config(archive, minilm_dir)
+  train.train_and_evaluate(config, str(tmp_path / "work"))
+  held_out = make_archive(write_imdb(tmp_path / "held_out", splits=("test",),
+                                     reviews=sentiment_reviews("test", 5)), tmp_path / "held_out.tar.gz")
+  config.mode = "evaluate"
+  config.data.data_dir = str(held_out)
+  results = evaluate.evaluate(config, str(tmp_path / "work"))
+  written = json.loads((tmp_path / "work" / "evaluate_results.json").read_text())
+  assert written["num_test_examples"] == 10 and written["checkpoint_step"] == results["checkpoint_step"]
+  assert 0.0 <= written["test_accuracy"] <= 1.0 and np.isfinite(written["test_loss"])
+
+
+def test_predict_writes_label_and_probability_per_line(tmp_path, archive, minilm_dir):
+  config = tiny_config(archive, minilm_dir)
+  train.train_and_evaluate(config, str(tmp_path))
+  texts = tmp_path / "texts.txt"
+  texts.write_text("a great movie\na boring movie\nan awful movie\n")
+  config.predict.input_file = str(texts)
+
+  class Out:
+    lines = []
+
+    def write(self, s):
+      self.lines.append(s)
+
+    def flush(self):
+      pass
+
+  out = Out()
+  evaluate.predict(config, str(tmp_path), out=out)
+  rows = "".join(out.lines).splitlines()
+  assert len(rows) == 3
+  for row in rows:
+    label, probability = row.split("\t")
+    assert label in ("neg", "pos") and 0.5 <= float(probability) <= 1.0
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, archive, minilm_dir):
+  common = {"model.hidden_dropout_prob": 0.0, "model.attention_probs_dropout_prob": 0.0,
+            "train.num_epochs": 0.25}
+  full = train.train_and_evaluate(tiny_config(archive, minilm_dir, **common), str(tmp_path / "full"))
+  accumulated = train.train_and_evaluate(
+      tiny_config(archive, minilm_dir, **common, **{"train.grad_accum_steps": 4}), str(tmp_path / "accum"))
+  # Summation order differs between one batch of 8 and four of 2: float32 rounding only.
+  assert accumulated["test_loss"] == pytest.approx(full["test_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("learning_rate", -1e-5, "config.learning_rate=-1e-05 is out of range"),
+    ("train.batch_size", 0, "config.train.batch_size=0"),
+    ("train.grad_accum_steps", 3, "a positive divisor of train.batch_size=8"),
+    ("data.validation_fraction", 1.0, "config.data.validation_fraction=1.0"),
+    ("optimizer.name", "sgd", r"one of \('adamw', 'lamb'\)"),
+    ("mode", "serve", "config.mode='serve'"),
+    ("model.hidden_dropout_prob", 2.0, r"config.model: BertConfig.hidden_dropout_prob=2.0 must be in \[0, 1\)"),
+])
+def test_out_of_range_values_are_named_before_any_work(archive, minilm_dir, key, value, message):
+  with pytest.raises(ValueError, match=message):
+    config_checks.check(tiny_config(archive, minilm_dir, **{key: value}))
+
+
+def test_max_seq_length_beyond_positions_is_refused(tmp_path, archive, minilm_dir):
+  config = tiny_config(archive, minilm_dir, **{"data.max_seq_length": 33})
+  with pytest.raises(ValueError, match="data.max_seq_length=33.*max_position_embeddings=32"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_batch_not_divisible_by_data_parallel_devices_is_refused(archive, minilm_dir):
+  config = tiny_config(archive, minilm_dir, **{"train.batch_size": 12, "train.grad_accum_steps": 3})
+  with pytest.raises(ValueError, match=r"train.batch_size=12.*\(3\) x the 8 data-parallel devices"):
+    config_checks.check_batch_layout(config, data_parallel_size=8)
+
+
+def test_missing_data_path_is_named(tmp_path, archive, minilm_dir):
+  config = tiny_config(archive, minilm_dir, **{"data.data_dir": str(tmp_path / "nowhere.tar.gz")})
+  with pytest.raises(FileNotFoundError, match="nowhere.tar.gz"):
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+
+
+@pytest.mark.slow
+def test_command_line_reports_a_bad_value_without_traceback(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "bert_jax.main", "--config=configs/imdb.py:tiny", f"--workdir={tmp_path}",
+       "--config.learning_rate=-1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert "error: config.learning_rate=-1.0 is out of range" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_tiny_preset_on_the_real_archive_from_the_command_line(tmp_path, imdb_archive, minilm_dir):
+  result = subprocess.run(
+      [sys.executable, "-m", "bert_jax.main", "--config=configs/imdb.py:tiny", f"--workdir={tmp_path}",
+       f"--config.data.data_dir={imdb_archive}", f"--config.tokenizer={minilm_dir}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["num_test_examples"] == 1000
+  assert (tmp_path / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
+  assert (tmp_path / "hf_model" / "model.safetensors").exists()
+  assert results["test_accuracy"] > 0.55  # it learns something from 1,800 reviews in 2 epochs
