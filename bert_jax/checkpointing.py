@@ -17,6 +17,10 @@ from orbax.checkpoint import checkpoint_managers
 BEST_METRIC = "validation_accuracy"
 
 
+def _best_metric(metrics: dict) -> float:
+  return metrics[BEST_METRIC]
+
+
 class Checkpoints:
   """Steps under `directory`; keeps the latest `keep` and the best by validation accuracy."""
 
@@ -24,11 +28,12 @@ class Checkpoints:
     self.directory = os.path.abspath(directory)
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
-        checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
+        checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
-                                           read_only=read_only)
+    # best_fn is what makes Orbax write the metrics with each step; the policy decides what is kept.
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_best_metric, best_mode="max",
+                                           create=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   def all_steps(self) -> list[int]:
@@ -38,6 +43,7 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
+    """The step with the highest validation accuracy; the latest if none was validated."""
     scored = [(metrics[BEST_METRIC], step) for step in self.all_steps()
               if (metrics := self.manager.metrics(step)) and BEST_METRIC in metrics]
     return max(scored)[1] if scored else self.latest_step()

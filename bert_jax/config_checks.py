@@ -5,6 +5,8 @@ Each error names the key, the value, what is allowed and how to fix it.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from bert_jax import models
@@ -30,6 +32,8 @@ def check(config: ml_collections.ConfigDict) -> None:
            "train.grad_accum_steps", config.train.grad_accum_steps,
            f"a positive divisor of train.batch_size={config.train.batch_size}")
   _require(config.train.num_epochs > 0, "train.num_epochs", config.train.num_epochs, "a positive number")
+  _require(config.train.eval_every_steps > 0, "train.eval_every_steps", config.train.eval_every_steps,
+           "positive")
   _require(config.train.log_every_steps > 0, "train.log_every_steps", config.train.log_every_steps, "positive")
   _require(config.data.max_seq_length >= 8, "data.max_seq_length", config.data.max_seq_length,
            "at least 8 and at most the model's max_position_embeddings")
@@ -45,11 +49,36 @@ def check(config: ml_collections.ConfigDict) -> None:
   _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, "at least 1")
   _require(config.evaluate.checkpoint in ("best", "latest"), "evaluate.checkpoint", config.evaluate.checkpoint,
            "'best' or 'latest'")
-  overrides = {name: value for name, value in config.model.items() if value is not None}
+  _require(config.predict.batch_size > 0, "predict.batch_size", config.predict.batch_size, "a positive integer")
+  _check_paths(config)
   try:
-    models.BertConfig().replace(**overrides)
+    models.BertConfig().replace(**model_overrides(config))
   except ValueError as e:
     raise ValueError(f"config.model: {e}") from e
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict:
+  """The `config.model` fields that are set (None keeps the checkpoint's value)."""
+  return {name: value for name, value in config.model.items() if value is not None}
+
+
+def _looks_local(path: str) -> bool:
+  return path.startswith((os.sep, ".", "~")) or os.path.splitext(path)[1] in (".gz", ".tgz", ".tar")
+
+
+def _check_paths(config: ml_collections.ConfigDict) -> None:
+  """Local files the run needs must exist: found now, not after minutes of setup."""
+  paths = {"data.data_dir": config.data.data_dir, "init_checkpoint": config.init_checkpoint,
+           "tokenizer": config.tokenizer}
+  if config.mode == "predict":
+    paths["predict.input_file"] = config.predict.input_file
+  for key, path in paths.items():
+    if not path or path.startswith("pip:") or path in ("tfds", "imdb_reviews"):
+      continue  # tfds, a PyPI package or a hub id: resolved when used
+    local = _looks_local(path) or key.startswith(("data.", "predict."))
+    if local and not os.path.exists(os.path.expanduser(path)):
+      raise FileNotFoundError(f"config.{key}={path!r} does not exist; fix the path (relative paths start "
+                              f"from {os.getcwd()}).")
 
 
 def check_batch_layout(config: ml_collections.ConfigDict, data_parallel_size: int) -> None:
@@ -62,11 +91,22 @@ def check_batch_layout(config: ml_collections.ConfigDict, data_parallel_size: in
            config.train.eval_batch_size, f"divisible by the {data_parallel_size} data-parallel devices")
 
 
-def check_model_fits(config: ml_collections.ConfigDict, model_config: models.BertConfig) -> None:
+def check_model_fits(config: ml_collections.ConfigDict, model_config: models.BertConfig,
+                     mesh_shape: dict[str, int]) -> None:
+  """The sequence fits the positions, and the sharded axes divide evenly over the mesh."""
   _require(config.data.max_seq_length <= model_config.max_position_embeddings, "data.max_seq_length",
            config.data.max_seq_length,
            f"at most the model's max_position_embeddings={model_config.max_position_embeddings} (lower it, "
            "or load a model with longer positions)")
+  # Mirrors partitioning.RULES: heads, mlp and vocab on `tensor`, embed on `fsdp`.
+  sharded = {"tensor": ("num_attention_heads", "intermediate_size", "vocab_size"), "fsdp": ("hidden_size",)}
+  for axis, fields in sharded.items():
+    for field in fields:
+      value = getattr(model_config, field)
+      if value % mesh_shape[axis]:
+        raise ValueError(f"The model's {field}={value} does not divide over the mesh's {axis} axis of size "
+                         f"{mesh_shape[axis]} (config.mesh_shape={tuple(config.mesh_shape)}); choose a "
+                         f"{axis} size that divides it.")
 
 
 def check_tokenizer_fits(tokenizer: tokenization.Tokenizer, model_config: models.BertConfig) -> None:

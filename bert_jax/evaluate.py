@@ -6,7 +6,6 @@ workdir alone is enough; `config.data.data_dir` names the data to score.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from typing import TextIO
@@ -18,10 +17,8 @@ from absl import logging
 
 from bert_jax import input_pipeline
 from bert_jax import metrics as metrics_lib
-from bert_jax import optim
 from bert_jax import partitioning
 from bert_jax import state as state_lib
-from bert_jax import steps
 from bert_jax import tokenization
 from bert_jax import train
 
@@ -30,9 +27,7 @@ LABELS = input_pipeline.CLASSES  # ("neg", "pos")
 
 def _restore(config: ml_collections.ConfigDict, workdir: str):
   mesh = partitioning.make_mesh(config.mesh_shape)
-  # The optimizer only gives the checkpoint's tree structure here; its schedule length is irrelevant.
-  tx, _ = optim.make_optimizer(config.optimizer, config.learning_rate, num_train_steps=1)
-  module, params, meta, step = state_lib.restore_params(config, workdir, config.evaluate.checkpoint, mesh, tx)
+  module, params, meta, step = state_lib.restore_params(config, workdir, config.evaluate.checkpoint, mesh)
   tokenizer = tokenization.Tokenizer.from_pretrained(os.path.join(workdir, "tokenizer"))
   # Score texts as the model was trained on them, whatever the config now says.
   max_seq_length = meta.get("max_seq_length", config.data.max_seq_length)
@@ -44,7 +39,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh, module, params, step, tokenizer, max_seq_length = _restore(config, workdir)
   data = input_pipeline.build_imdb_test_only(config.data, tokenizer, max_seq_length=max_seq_length,
                                              cache_dir=config.data.cache_dir or os.path.join(workdir, "cache"))
-  eval_step = jax.jit(functools.partial(steps.eval_step, model=module))
+  eval_step, _ = train.compile_inference_steps(module, mesh)
   results = train.evaluate_arrays(eval_step, params, data.test, config.train.eval_batch_size, mesh, "test_")
   results.update(checkpoint_step=step, data_dir=config.data.data_dir or "tfds:imdb_reviews",
                  skipped_reviews=data.num_skipped)
@@ -65,7 +60,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, out: TextIO = sys.s
     raise ValueError("No texts to classify: give one per line in --config.predict.input_file or on stdin.")
   arrays = tokenizer.encode(texts, max_seq_length=max_seq_length)
   arrays["labels"] = np.zeros(len(texts), np.int32)
-  predict_step = jax.jit(functools.partial(steps.predict_step, model=module))
+  _, predict_step = train.compile_inference_steps(module, mesh)
   sharding = partitioning.batch_sharding(mesh)
   probabilities = []
   for batch in input_pipeline.eval_batches(arrays, batch_size=config.predict.batch_size):

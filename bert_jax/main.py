@@ -13,6 +13,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from bert_jax import config_checks
+from bert_jax import evaluate
+from bert_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of configuration and input errors.")
@@ -38,12 +40,6 @@ def main(argv):
   try:
     config_checks.check(config)
     os.makedirs(workdir, exist_ok=True)
-    if config.mode == "train":
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    # Imported after the checks: jax and the model stack take seconds to import.
-    from bert_jax import evaluate
-    from bert_jax import train
     if config.mode == "train":
       train.train_and_evaluate(config, workdir)
     elif config.mode == "evaluate":

@@ -49,24 +49,29 @@ def add(total: dict[str, Any] | None, metrics: dict[str, Any]) -> dict[str, Any]
 
 
 class Progress:
-  """Logs `step, loss, examples/s, ETA` every `every_steps` and returns the window's summary."""
+  """Logs `step, loss, examples/s, ETA` every window; keeps the run's totals across resumes."""
 
-  def __init__(self, num_train_steps: int, batch_size: int, first_step: int):
+  def __init__(self, num_train_steps: int, batch_size: int, first_step: int, *, train_seconds: float = 0.0,
+               examples_seen: int = 0, final_train_loss: float | None = None):
     self.num_train_steps, self.batch_size = num_train_steps, batch_size
+    # Totals of earlier runs of the same workdir (from the checkpoint), so a resumed run reports the whole.
+    self.train_seconds = train_seconds  # time in train steps only: evaluation and checkpointing excluded
+    self.examples_seen = examples_seen
+    self.final_train_loss = final_train_loss  # mean over the last logging window
     self._window_start, self._window_step = time.perf_counter(), first_step
-    self.train_seconds = 0.0  # time in train steps only: evaluation and checkpointing excluded
-    self.examples_seen = 0
 
   def window(self, step: int, sums: dict[str, Any], last: dict[str, Any]) -> dict[str, float]:
     summary = summarize(sums, "train_")
     elapsed = time.perf_counter() - self._window_start
+    examples = (step - self._window_step) * self.batch_size
     self.train_seconds += elapsed
-    self.examples_seen += (step - self._window_step) * self.batch_size
-    examples_per_second = (step - self._window_step) * self.batch_size / max(elapsed, 1e-9)
+    self.examples_seen += examples
+    self.final_train_loss = summary["train_loss"]
+    self._window_start, self._window_step = time.perf_counter(), step
+    examples_per_second = examples / max(elapsed, 1e-9)
     eta = (self.num_train_steps - step) * self.batch_size / max(examples_per_second, 1e-9)
     summary.update(train_examples_per_second=examples_per_second,
                    learning_rate=float(last["learning_rate"]), grad_norm=float(last["grad_norm"]))
-    self._window_start, self._window_step = time.perf_counter(), step
     logging.info("step %d/%d  loss %.4f  acc %.3f  %.1f examples/s  lr %.2e  ETA %s", step,
                  self.num_train_steps, summary["train_loss"], summary["train_accuracy"], examples_per_second,
                  summary["learning_rate"], _duration(eta))
@@ -75,6 +80,17 @@ class Progress:
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` spent outside train steps (evaluation, checkpointing) out of training time."""
     self._window_start += seconds
+
+  def state_dict(self, step: int) -> dict[str, Any]:
+    """Totals up to `step` (the open window included), to store with a checkpoint of that step."""
+    open_window = time.perf_counter() - self._window_start if step > self._window_step else 0.0
+    return {"train_seconds": self.train_seconds + open_window,
+            "examples_seen": self.examples_seen + (step - self._window_step) * self.batch_size,
+            "final_train_loss": self.final_train_loss}
+
+  def results(self) -> dict[str, Any]:
+    return {"final_train_loss": self.final_train_loss, "train_seconds": self.train_seconds,
+            "train_examples_per_second": self.examples_seen / max(self.train_seconds, 1e-9)}
 
 
 def _duration(seconds: float) -> str:

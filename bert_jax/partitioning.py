@@ -19,14 +19,16 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis -> mesh axis. Data parallel shards only the batch; fsdp also shards the embed axis
 # of every weight (and so its optimizer state); tensor parallel shards heads, MLP and vocab.
 RULES = (
-    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("kv", None),
     ("embed_out", None),
-    ("length", None),
     ("position", None),
     ("token_type", None),
     ("classes", None),

@@ -19,8 +19,10 @@ import optax
 from absl import logging
 
 from bert_jax import checkpointing
+from bert_jax import config_checks
 from bert_jax import hf
 from bert_jax import models
+from bert_jax import optim
 from bert_jax import partitioning
 from bert_jax import steps
 from bert_jax import tokenization
@@ -32,7 +34,7 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
 
 def model_config(config: ml_collections.ConfigDict) -> models.BertConfig:
   """`config.model` overrides on top of the init checkpoint's config.json (or BertConfig's defaults)."""
-  overrides = {name: value for name, value in config.model.items() if value is not None}
+  overrides = config_checks.model_overrides(config)
   if config.init_checkpoint:
     return hf.read_config(hf.resolve(config.init_checkpoint), **overrides)
   return models.BertConfig(**overrides)
@@ -66,8 +68,8 @@ def initial_state(config: ml_collections.ConfigDict, module: nn.Module, tx: opta
                   shardings: Any) -> steps.TrainState:
   """A fresh state, created directly with its shardings: from the init checkpoint or random."""
   if config.init_checkpoint:
-    overrides = {name: value for name, value in config.model.items() if value is not None}
-    _, params = hf.load_pretrained(config.init_checkpoint, type(module), seed=config.seed, **overrides)
+    _, params = hf.load_pretrained(config.init_checkpoint, type(module), seed=config.seed,
+                                   **config_checks.model_overrides(config))
     params = jax.device_put(params, shardings.params)
     create = jax.jit(lambda p: steps.create_state(p, tx, config.seed), out_shardings=shardings)
     return create(params)
@@ -96,8 +98,8 @@ def check_resumable(meta: dict, module_config: models.BertConfig, directory: str
           "checkpoint was left untouched.")
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str, mesh: jax.sharding.Mesh,
-                   tx: optax.GradientTransformation) -> tuple[nn.Module, Any, dict, int]:
+def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
+                   mesh: jax.sharding.Mesh) -> tuple[nn.Module, Any, dict, int]:
   """Restores `which` ('best' or 'latest') checkpoint of `workdir`: (module, params, meta, step)."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
@@ -109,6 +111,9 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str, 
     raise FileNotFoundError(f"No finished checkpoint in {directory}.")
   meta = ckpt.read_meta(step)
   module = models.BertForSequenceClassification(models.BertConfig(**meta["model"]))
+  # The checkpoint's optimizer gives the state's tree structure; its schedule plays no part here.
+  optimizer_config = ml_collections.ConfigDict(dict(config.optimizer, name=meta["optimizer"]))
+  tx, _ = optim.make_optimizer(optimizer_config, learning_rate=1.0, num_train_steps=1)
   abstract, _ = state_template(module, tx, config.seed, mesh)
   state = ckpt.restore(step, abstract)
   ckpt.close()

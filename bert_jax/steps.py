@@ -55,8 +55,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   if grad_accum_steps == 1:
     grads, metrics = micro_grads(state.params, batch, dropout_rng)
   else:
+    # Strided micro-batches (rows i, i+A, i+2A, ...): each keeps its rows on the devices that hold
+    # them, where contiguous slices of a batch-sharded array would be gathered across devices.
     micro = jax.tree_util.tree_map(
-        lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]), batch)
+        lambda x: x.reshape((x.shape[0] // grad_accum_steps, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1),
+        batch)
 
     def accumulate(carry, inputs):
       index, micro_batch = inputs

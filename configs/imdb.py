@@ -61,6 +61,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.train.num_epochs = 3.0
   config.train.eval_batch_size = 64
   config.train.log_every_steps = 50
+  config.train.eval_every_steps = 500  # validation (and a checkpoint that records it); also at the end
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"
@@ -72,8 +73,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.optimizer.eps = 1e-6
 
   config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_steps = 500  # also runs validation, for the best-checkpoint choice
-  config.checkpoint.keep = 2  # latest K, plus the best by validation accuracy
+  config.checkpoint.every_steps = 100
+  config.checkpoint.keep = 2  # the latest K, plus the best by validation accuracy
   config.checkpoint.export_hf = True  # write the best model to WORKDIR/hf_model at the end
 
   # Devices: a (data, fsdp, tensor) mesh; -1 takes the remaining devices.
@@ -106,6 +107,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.train.batch_size = 32
     config.train.num_epochs = 2.0
     config.train.log_every_steps = 10
+    config.train.eval_every_steps = 50
     config.checkpoint.every_steps = 50
   elif preset:
     raise ValueError(f"Unknown preset {preset!r} for configs/imdb.py; use one of '', 'minilm', 'long', 'tiny'.")

@@ -1,5 +1,6 @@
 """The fine-tuning job end to end on tiny models and data: results, resume, evaluate, predict, refusals."""
 
+import io
 import json
 import os
 import subprocess
@@ -39,6 +40,7 @@ def tiny_config(archive, minilm_dir, **overrides):
   config.model.update(hidden_size=32, intermediate_size=64, max_position_embeddings=32)
   config.train.update(batch_size=8, eval_batch_size=8, num_epochs=1.0, log_every_steps=2)
   config.checkpoint.every_steps = 4
+  config.train.eval_every_steps = 4
   config.checkpoint.export_hf = False
   for key, value in overrides.items():
     section, _, name = key.rpartition(".")
@@ -46,17 +48,26 @@ def tiny_config(archive, minilm_dir, **overrides):
   return config
 
 
-def test_tiny_run_writes_results_events_and_checkpoints(tmp_path, archive, minilm_dir):
-  results = train.train_and_evaluate(tiny_config(archive, minilm_dir), str(tmp_path))
-  written = json.loads((tmp_path / "results.json").read_text())
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, archive, minilm_dir):
+  """One tiny run shared by the tests that only read its workdir."""
+  workdir = tmp_path_factory.mktemp("trained")
+  results = train.train_and_evaluate(tiny_config(archive, minilm_dir), str(workdir))
+  return workdir, results
+
+
+def test_tiny_run_writes_results_events_and_checkpoints(trained):
+  workdir, results = trained
+  written = json.loads((workdir / "results.json").read_text())
   assert written == results
   for key in ("test_accuracy", "test_loss", "num_test_examples", "final_train_loss", "steps",
               "train_seconds", "train_examples_per_second"):
     assert key in written, key
   assert written["num_test_examples"] == 24  # every test review exactly once (3 batches of 8)
   assert written["steps"] == 8  # 64 training reviews / batch 8
-  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+  assert json.loads((workdir / "config.json").read_text())["train"]["batch_size"] == 8
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, archive, minilm_dir, monkeypatch, caplog):
@@ -83,51 +94,53 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, archive, minilm_di
   assert resumed["final_train_loss"] == uninterrupted["final_train_loss"]
 
 
-def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path, archive, minilm_dir):
-  train.train_and_evaluate(tiny_config(archive, minilm_dir), str(tmp_path))
-  before = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")}
+def test_checkpoint_of_another_model_is_refused_and_kept(trained, archive, minilm_dir):
+  workdir, _ = trained
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
   bigger = tiny_config(archive, minilm_dir, **{"model.hidden_size": 64})
   with pytest.raises(ValueError, match="another model.*hidden_size=32 there, 64 configured"):
-    train.train_and_evaluate(bigger, str(tmp_path))
-  assert {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")} == before
+    train.train_and_evaluate(bigger, str(workdir))
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before  # config.json included
 
 
-def test_evaluate_scores_an_archive_holding_only_test(tmp_path, archive, minilm_dir):
-  config = tiny_config(archive, minilm_dir)
-  train.train_and_evaluate(config, str(tmp_path / "work"))
+def test_evaluate_scores_an_archive_holding_only_test(tmp_path, trained, archive, minilm_dir):
+  workdir, _ = trained
   held_out = make_archive(write_imdb(tmp_path / "held_out", splits=("test",),
                                      reviews=sentiment_reviews("test", 5)), tmp_path / "held_out.tar.gz")
-  config.mode = "evaluate"
-  config.data.data_dir = str(held_out)
-  results = evaluate.evaluate(config, str(tmp_path / "work"))
-  written = json.loads((tmp_path / "work" / "evaluate_results.json").read_text())
+  config = tiny_config(archive, minilm_dir, mode="evaluate", **{"data.data_dir": str(held_out)})
+  results = evaluate.evaluate(config, str(workdir))
+  written = json.loads((workdir / "evaluate_results.json").read_text())
   assert written["num_test_examples"] == 10 and written["checkpoint_step"] == results["checkpoint_step"]
   assert 0.0 <= written["test_accuracy"] <= 1.0 and np.isfinite(written["test_loss"])
 
 
-def test_predict_writes_label_and_probability_per_line(tmp_path, archive, minilm_dir):
-  config = tiny_config(archive, minilm_dir)
-  train.train_and_evaluate(config, str(tmp_path))
+def test_evaluate_scores_the_same_test_set_as_training(trained, archive, minilm_dir):
+  workdir, results = trained
+  config = tiny_config(archive, minilm_dir, mode="evaluate", **{"evaluate.checkpoint": "best"})
+  scored = evaluate.evaluate(config, str(workdir))
+  assert scored["checkpoint_step"] == results["test_checkpoint_step"]
+  assert scored["test_accuracy"] == results["test_accuracy"]
+  assert scored["test_loss"] == pytest.approx(results["test_loss"], rel=1e-6)
+
+
+def test_predict_writes_label_and_probability_per_line(tmp_path, trained, archive, minilm_dir):
+  workdir, _ = trained
   texts = tmp_path / "texts.txt"
   texts.write_text("a great movie\na boring movie\nan awful movie\n")
-  config.predict.input_file = str(texts)
-
-  class Out:
-    lines = []
-
-    def write(self, s):
-      self.lines.append(s)
-
-    def flush(self):
-      pass
-
-  out = Out()
-  evaluate.predict(config, str(tmp_path), out=out)
-  rows = "".join(out.lines).splitlines()
+  config = tiny_config(archive, minilm_dir, mode="predict", **{"predict.input_file": str(texts)})
+  out = io.StringIO()
+  evaluate.predict(config, str(workdir), out=out)
+  rows = out.getvalue().splitlines()
   assert len(rows) == 3
   for row in rows:
     label, probability = row.split("\t")
     assert label in ("neg", "pos") and 0.5 <= float(probability) <= 1.0
+
+
+def test_rerunning_a_finished_run_keeps_its_results(trained, archive, minilm_dir):
+  workdir, results = trained
+  again = train.train_and_evaluate(tiny_config(archive, minilm_dir), str(workdir))
+  assert again == results  # no step left to train; totals come from the checkpoint
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path, archive, minilm_dir):
@@ -166,10 +179,13 @@ def test_batch_not_divisible_by_data_parallel_devices_is_refused(archive, minilm
     config_checks.check_batch_layout(config, data_parallel_size=8)
 
 
-def test_missing_data_path_is_named(tmp_path, archive, minilm_dir):
+def test_missing_paths_are_named_before_any_work(tmp_path, archive, minilm_dir):
   config = tiny_config(archive, minilm_dir, **{"data.data_dir": str(tmp_path / "nowhere.tar.gz")})
-  with pytest.raises(FileNotFoundError, match="nowhere.tar.gz"):
-    train.train_and_evaluate(config, str(tmp_path / "work"))
+  with pytest.raises(FileNotFoundError, match="config.data.data_dir=.*nowhere.tar.gz.* does not exist"):
+    config_checks.check(config)
+  config = tiny_config(archive, minilm_dir, **{"init_checkpoint": str(tmp_path / "no_model")})
+  with pytest.raises(FileNotFoundError, match="config.init_checkpoint="):
+    config_checks.check(config)
 
 
 @pytest.mark.slow

@@ -17,12 +17,16 @@ import numpy as np
 
 from bert_jax.models import config as config_lib
 
-# Logical axis names of parameters and activations; `bert_jax.partitioning` maps them to mesh axes.
-BATCH, LENGTH, EMBED, MLP, HEADS, KV = "batch", "length", "embed", "mlp", "heads", "kv"
+# Logical axis names of parameters; `bert_jax.partitioning` maps them to mesh axes.
+EMBED, MLP, HEADS, KV = "embed", "mlp", "heads", "kv"
 VOCAB, POSITION, TOKEN_TYPE, CLASSES = "vocab", "position", "token_type", "classes"
 # Output axis of the square hidden->hidden projections (pooler, MLM transform): an array cannot
 # name one logical axis twice.
 EMBED_OUT = "embed_out"
+# Activations have names of their own: a weight's `embed` may be sharded (fsdp) where an
+# activation's must not be, since its batch axis already uses that mesh axis.
+ACT_BATCH, ACT_LENGTH = "activation_batch", "activation_length"
+ACT_EMBED, ACT_MLP = "activation_embed", "activation_mlp"
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(nn.gelu, approximate=False),  # HF "gelu" is the exact erf form.
@@ -56,11 +60,32 @@ def layer_norm(config: config_lib.BertConfig, name: str) -> nn.LayerNorm:
       bias_init=zeros_init(EMBED), name=name)
 
 
+class Projection(nn.Module):
+  """`x[..., *in] @ kernel[*in, *out] + bias[*out]`, both parameters tagged with logical axis names.
+
+  Like `nn.DenseGeneral`, but the kernel is created at its full shape: DenseGeneral initialises a
+  flattened kernel, which cannot carry one logical name per axis under a rules context.
+  """
+  config: config_lib.BertConfig
+  features: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, x):
+    c, n_in = self.config, len(self.in_axes)
+    kernel = self.param("kernel", kernel_init(c, *self.in_axes, *self.out_axes), x.shape[-n_in:] + self.features,
+                        c.parameter_dtype)
+    bias = self.param("bias", zeros_init(*self.out_axes), self.features, c.parameter_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=c.compute_dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
+
+
 def dense(config: config_lib.BertConfig, features, in_axes: tuple[str, ...], out_axes: tuple[str, ...],
-          name: str, axis=-1) -> nn.DenseGeneral:
-  return nn.DenseGeneral(
-      features=features, axis=axis, dtype=config.compute_dtype, param_dtype=config.parameter_dtype,
-      kernel_init=kernel_init(config, *in_axes, *out_axes), bias_init=zeros_init(*out_axes), name=name)
+          name: str) -> Projection:
+  features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+  return Projection(config, features, in_axes, out_axes, name=name)
 
 
 class BertOutput(NamedTuple):
@@ -110,7 +135,7 @@ class BertSelfAttention(nn.Module):
     probs = jax.nn.softmax(scores.astype(jnp.float32) + attention_bias, axis=-1).astype(c.compute_dtype)
     probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     context = jnp.einsum("bhqk,bkhd->bqhd", probs, value)  # [batch, seq, heads, head_dim]
-    return dense(c, c.hidden_size, (HEADS, KV), (EMBED,), "output", axis=(-2, -1))(context)
+    return dense(c, c.hidden_size, (HEADS, KV), (EMBED,), "output")(context)
 
 
 class BertLayer(nn.Module):
@@ -123,12 +148,12 @@ class BertLayer(nn.Module):
     dropout = nn.Dropout(c.hidden_dropout_prob)
     attended = BertSelfAttention(c, name="attention")(x, attention_bias, deterministic=deterministic)
     x = layer_norm(c, "attention_output_LayerNorm")(x + dropout(attended, deterministic=deterministic))
-    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
     h = dense(c, c.intermediate_size, (EMBED,), (MLP,), "intermediate")(x)  # [batch, seq, intermediate]
-    h = nn.with_logical_constraint(activation(c.hidden_act)(h), (BATCH, LENGTH, MLP))
+    h = nn.with_logical_constraint(activation(c.hidden_act)(h), (ACT_BATCH, ACT_LENGTH, ACT_MLP))
     h = dense(c, c.hidden_size, (MLP,), (EMBED,), "output")(h)
     x = layer_norm(c, "output_LayerNorm")(x + dropout(h, deterministic=deterministic))
-    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
 
 class BertEncoder(nn.Module):
@@ -192,7 +217,7 @@ class BertModel(nn.Module):
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic)
-    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
     # Padding keys get the most negative float32 (as HF does), so they take exactly zero weight.
     attention_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
                                jnp.finfo(jnp.float32).min).astype(jnp.float32)  # [batch, 1, 1, seq]
