@@ -112,9 +112,13 @@ def resolve(path_or_hub_id: str) -> str:
     raise FileNotFoundError(f"Checkpoint directory {path!r} does not exist.")
   import huggingface_hub  # Only hub ids need it.
   try:
-    return huggingface_hub.snapshot_download(
-        path_or_hub_id, allow_patterns=[CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME, PYTORCH_NAME,
-                                        "vocab.txt", "tokenizer*.json", "special_tokens_map.json"])
+    # Config, vocab and safetensors weights; the pickle weights only for repos without safetensors.
+    directory = huggingface_hub.snapshot_download(
+        path_or_hub_id, allow_patterns=[CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME, "vocab.txt",
+                                        "tokenizer*.json", "special_tokens_map.json"])
+    if not any(os.path.exists(os.path.join(directory, name)) for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME)):
+      directory = huggingface_hub.snapshot_download(path_or_hub_id, allow_patterns=[PYTORCH_NAME])
+    return directory
   except Exception as e:  # The hub raises many types (offline, 404, auth); all mean "not available".
     raise FileNotFoundError(
         f"Could not fetch {path_or_hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "

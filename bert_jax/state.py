@@ -1,7 +1,8 @@
 """The model and its train state from a config: sized, initialised (fresh or from HF), sharded, restored.
 
-Owns the restore order every mode follows: a checkpoint in the workdir, else `config.init_checkpoint`
-(a Hugging Face BERT directory or hub id), else random initialisation.
+The trainer follows one restore order: a checkpoint in the workdir (`restore_params`, or
+`Checkpoints.restore` with `state_template`), else `config.init_checkpoint` (a Hugging Face BERT
+directory or hub id), else random initialisation (both in `initial_state`).
 """
 
 from __future__ import annotations

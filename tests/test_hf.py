@@ -184,3 +184,12 @@ def test_directory_without_weights_lists_files_looked_for(tmp_path):
 def test_missing_directory_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     hf.load_pretrained(str(tmp_path / "nope"), models.BertModel)
+
+
+def test_unused_checkpoint_tensors_are_logged(tmp_path, caplog):
+  torch.manual_seed(0)
+  transformers.BertForPreTraining(_tiny_hf_config()).save_pretrained(tmp_path)
+  caplog.set_level(py_logging.INFO)
+  hf.load_pretrained(str(tmp_path), models.BertModel)
+  unused = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+  assert len(unused) == 1 and "cls.seq_relationship.weight" in unused[0] and "cls.predictions.bias" in unused[0]
