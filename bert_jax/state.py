@@ -113,7 +113,8 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
   meta = ckpt.read_meta(step)
   module = models.BertForSequenceClassification(models.BertConfig(**meta["model"]))
   # The checkpoint's optimizer gives the state's tree structure; its schedule plays no part here.
-  optimizer_config = ml_collections.ConfigDict(dict(config.optimizer, name=meta.get("optimizer", config.optimizer.name)))
+  optimizer_name = meta.get("optimizer", config.optimizer.name)
+  optimizer_config = ml_collections.ConfigDict(dict(config.optimizer, name=optimizer_name))
   tx, _ = optim.make_optimizer(optimizer_config, learning_rate=1.0, num_train_steps=1)
   abstract, _ = state_template(module, tx, config.seed, mesh)
   state = ckpt.restore(step, abstract)
