@@ -1,4 +1,4 @@
-"""Pure train and eval steps for sequence classification: `train_step(state, batch) -> (state, metrics)`.
+"""Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`, for classification or pretraining.
 
 Owns: the loss, gradient accumulation and the optimizer update. Does not own compilation or
 sharding (see `train`, `partitioning`): every function here is device-count agnostic.
@@ -29,7 +29,8 @@ def create_state(params: Any, tx: optax.GradientTransformation, seed: int) -> Tr
                     rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def _classification_loss(model: nn.Module, params, batch, dropout_rng, deterministic: bool):
+def classification_loss(model: nn.Module, params, batch, dropout_rng, deterministic: bool):
+  """Summed cross-entropy of `labels` `[batch]` and the sums the metrics need."""
   logits = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), deterministic=deterministic,
                        rngs={"dropout": dropout_rng} if not deterministic else None)
   logits = logits.astype(jnp.float32)  # [batch, num_labels]
@@ -41,14 +42,41 @@ def _classification_loss(model: nn.Module, params, batch, dropout_rng, determini
   return loss_sum, {"loss_sum": loss_sum, "correct": correct, "count": jnp.sum(weights)}
 
 
+def pretraining_loss(model: nn.Module, params, batch, dropout_rng, deterministic: bool):
+  """Masked-LM cross-entropy over the weighted `masked_lm_positions` + next-sentence cross-entropy.
+
+  Per sequence: (MLM loss summed over its predictions / mean predictions per sequence) + NSP loss,
+  so that `loss_sum / count` is BERT's loss (MLM mean over predictions + NSP mean over sequences).
+  """
+  outputs = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS),
+                        masked_lm_positions=batch["masked_lm_positions"], deterministic=deterministic,
+                        rngs={"dropout": dropout_rng} if not deterministic else None)
+  mlm_logits = outputs.mlm_logits.astype(jnp.float32)  # [batch, predictions, vocab]
+  mlm_weights = batch["masked_lm_weights"]
+  mlm_losses = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["masked_lm_ids"]) * mlm_weights
+  nsp_logits = outputs.nsp_logits.astype(jnp.float32)  # [batch, 2]
+  nsp_losses = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, batch["next_sentence_label"])
+  count = jnp.asarray(mlm_weights.shape[0], jnp.float32)
+  mlm_sum, mlm_count = jnp.sum(mlm_losses), jnp.sum(mlm_weights)
+  loss_sum = mlm_sum * count / jnp.maximum(mlm_count, 1.0) + jnp.sum(nsp_losses)
+  metrics = {
+      "loss_sum": loss_sum, "count": count, "mlm_loss_sum": mlm_sum, "mlm_count": mlm_count,
+      "mlm_correct": jnp.sum((jnp.argmax(mlm_logits, -1) == batch["masked_lm_ids"]) * mlm_weights),
+      "nsp_loss_sum": jnp.sum(nsp_losses),
+      "correct": jnp.sum(jnp.argmax(nsp_logits, -1) == batch["next_sentence_label"]).astype(jnp.float32),
+  }
+  return loss_sum, metrics
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, grad_accum_steps: int = 1,
-               schedule: optax.Schedule | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule | None = None,
+               loss_fn=classification_loss) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on `batch` (`[batch_size, seq]` arrays), split in `grad_accum_steps` micro-batches."""
   dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def micro_grads(params, micro_batch, rng):
-    (_, metrics), grads = jax.value_and_grad(_classification_loss, argnums=1, has_aux=True)(
+    (_, metrics), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
         model, params, micro_batch, rng, False)
     return grads, metrics
 
@@ -82,7 +110,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
   """Sums of loss and correct predictions over the real (weight > 0) examples of `batch`."""
-  _, metrics = _classification_loss(model, params, batch, None, True)
+  _, metrics = classification_loss(model, params, batch, None, True)
   return metrics
 
 

@@ -40,12 +40,13 @@ def _in_mesh(jitted: Callable, mesh) -> Callable:
   return call
 
 
-def compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps: int):
+def compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps: int,
+                  loss_fn=steps.classification_loss):
   """The jitted train step (state donated) and eval step, laid out over `mesh`."""
   batch_sharding = partitioning.batch_sharding(mesh)
   train_step = jax.jit(
       functools.partial(steps.train_step, model=module, tx=tx, grad_accum_steps=grad_accum_steps,
-                        schedule=schedule),
+                        schedule=schedule, loss_fn=loss_fn),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
   eval_step, _ = compile_inference_steps(module, mesh)
   return _in_mesh(train_step, mesh), eval_step

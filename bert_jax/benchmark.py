@@ -1,0 +1,208 @@
+"""Step-time benchmark: `python -m bert_jax.benchmark --config=configs/benchmark.py:minilm_cpu`.
+
+Times compiled train and eval steps after warm-up and prints one JSON line per case, with model
+FLOP/s and MFU against the device's peak; optionally times transformers' PyTorch BERT on the same
+work in the same process (`--config.compare_torch=True`).
+
+FLOPs use one stated formula (matmuls only; layer norms, softmax and the optimizer are left out):
+  forward per sequence = 2*T*L*(4*d^2 + 2*d*I)   (projections and feed-forward, T tokens)
+                       + 4*L*T^2*d               (attention scores and weighted values)
+                       + 2*P*(d^2 + d*V)         (MLM head on P predicted positions; pretraining)
+  train = 3 x forward (backward is twice the forward); eval = forward.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from bert_jax import hf
+from bert_jax import models
+from bert_jax import optim
+from bert_jax import partitioning
+from bert_jax import state as state_lib
+from bert_jax import steps
+from bert_jax import train
+
+config_flags.DEFINE_config_file("config", None, "Benchmark config, e.g. configs/benchmark.py:minilm_cpu.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+# Dense peak TFLOP/s per chip by (device kind substring, dtype); CPUs are measured on the spot.
+PEAK_TFLOPS = {
+    ("H200", "bfloat16"): 989.0, ("H200", "float32"): 67.0,
+    ("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0,
+    ("A100", "bfloat16"): 312.0, ("A100", "float32"): 19.5,
+    ("TPU v4", "bfloat16"): 275.0, ("TPU v4", "float32"): 275.0 / 4,
+    ("TPU v5 lite", "bfloat16"): 197.0, ("TPU v5e", "bfloat16"): 197.0,
+    ("TPU v5p", "bfloat16"): 459.0, ("TPU v5", "bfloat16"): 459.0,
+}
+
+
+def forward_flops(config: models.BertConfig, seq_len: int, num_predictions: int = 0) -> float:
+  """Matmul FLOPs of one sequence's forward pass (see the module docstring)."""
+  d, L, I, V, T = (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size,
+                   seq_len)
+  return 2 * T * L * (4 * d * d + 2 * d * I) + 4 * L * T * T * d + 2 * num_predictions * (d * d + d * V)
+
+
+def measured_cpu_peak_tflops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
+  """The CPU's matmul throughput here and now: the best of a few `size`-square matmuls."""
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = min(_timed(lambda: matmul(a).block_until_ready()) for _ in range(repeats))
+  return 2 * size**3 / best / 1e12
+
+
+def peak_tflops(device: jax.Device, dtype: str) -> float | None:
+  if device.platform == "cpu":
+    return measured_cpu_peak_tflops(dtype)
+  for (kind, peak_dtype), value in PEAK_TFLOPS.items():
+    if kind.lower() in device.device_kind.lower() and peak_dtype == dtype:
+      return value
+  return None
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _median_step_seconds(step: Callable[[], Any], num_steps: int, num_warmup: int) -> tuple[float, float]:
+  """(compile + first step seconds, median seconds of `num_steps` timed steps after warm-up)."""
+  first = _timed(step)
+  for _ in range(max(num_warmup - 1, 0)):
+    step()
+  return first, statistics.median(_timed(step) for _ in range(num_steps))
+
+
+def _batch(config: models.BertConfig, batch_size: int, seq_len: int, num_predictions: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  input_ids = rng.integers(1000, config.vocab_size, size=(batch_size, seq_len), dtype=np.int32)
+  batch = {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids),
+           "attention_mask": np.ones_like(input_ids), "labels": rng.integers(0, 2, batch_size, dtype=np.int32),
+           "weights": np.ones(batch_size, np.float32)}
+  if num_predictions:
+    batch.update(
+        masked_lm_positions=np.sort(rng.choice(seq_len, (batch_size, num_predictions)), axis=1).astype(np.int32),
+        masked_lm_ids=rng.integers(1000, config.vocab_size, (batch_size, num_predictions), dtype=np.int32),
+        masked_lm_weights=np.ones((batch_size, num_predictions), np.float32),
+        next_sentence_label=rng.integers(0, 2, batch_size, dtype=np.int32))
+  return batch
+
+
+def _peak_memory_bytes(device: jax.Device) -> int | None:
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  return (stats or {}).get("peak_bytes_in_use")
+
+
+def time_jax_case(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig,
+                  mesh) -> dict[str, Any]:
+  """Times one case (`train`, `eval` or `pretrain_train`) of bert_jax."""
+  pretraining = case == "pretrain_train"
+  module_cls = models.BertForPreTraining if pretraining else models.BertForSequenceClassification
+  module = module_cls(model_config)
+  num_predictions = bench.num_predictions if pretraining else 0
+  batch = _batch(model_config, bench.batch_size, bench.seq_len, num_predictions)
+  batch = {k: jax.device_put(v, partitioning.batch_sharding(mesh)) for k, v in batch.items()}
+  if case == "eval":
+    eval_step, _ = train.compile_inference_steps(module, mesh)
+    params = hf.init_params(module)
+    step = lambda: jax.block_until_ready(eval_step(params, batch))  # noqa: E731
+  else:
+    tx, schedule = optim.make_optimizer(bench.optimizer, 1e-4, num_train_steps=1000)
+    _, shardings = state_lib.state_template(module, tx, 0, mesh)
+    state = jax.device_put(steps.create_state(hf.init_params(module), tx, 0), shardings)
+    loss_fn = steps.pretraining_loss if pretraining else steps.classification_loss
+    train_step, _ = train.compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps=1,
+                                        loss_fn=loss_fn)
+    holder = [state]
+
+    def step():
+      holder[0], metrics = train_step(holder[0], batch)
+      jax.block_until_ready(metrics)
+
+  compile_seconds, step_seconds = _median_step_seconds(step, bench.num_steps, bench.num_warmup_steps)
+  flops = forward_flops(model_config, bench.seq_len, num_predictions) * (1 if case == "eval" else 3)
+  return _figures(case, bench, step_seconds, flops, compile_seconds)
+
+
+def _figures(case, bench, step_seconds: float, flops_per_sequence: float, compile_seconds: float):
+  device = jax.devices()[0]
+  tflops = flops_per_sequence * bench.batch_size / step_seconds / 1e12
+  peak = peak_tflops(device, bench.dtype)
+  return {
+      "case": case, "step_seconds": step_seconds, "examples_per_second": bench.batch_size / step_seconds,
+      "tokens_per_second": bench.batch_size * bench.seq_len / step_seconds, "model_tflops_per_second": tflops,
+      "peak_tflops": peak, "mfu": tflops / (peak * jax.device_count()) if peak else None,
+      "compile_seconds": compile_seconds, "peak_memory_bytes": _peak_memory_bytes(device),
+      "batch_size": bench.batch_size, "seq_len": bench.seq_len, "dtype": bench.dtype,
+      "device": f"{jax.device_count()} x {device.device_kind}",
+  }
+
+
+def time_torch_case(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig) -> dict:
+  """transformers' PyTorch `BertForSequenceClassification` on the same work: AdamW train step, or eval."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  hf_config = transformers.BertConfig(**model_config.to_hf_dict())
+  model = transformers.BertForSequenceClassification(hf_config)
+  batch = _batch(model_config, bench.batch_size, bench.seq_len, 0)
+  inputs = {k: torch.from_numpy(batch[k]).long() for k in ("input_ids", "token_type_ids", "attention_mask")}
+  labels = torch.from_numpy(batch["labels"]).long()
+  if case == "eval":
+    model.eval()
+
+    def step():
+      with torch.no_grad():
+        model(**inputs)
+  else:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def step():
+      loss = model(**inputs, labels=labels).loss
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+      optimizer.step()
+      optimizer.zero_grad(set_to_none=True)
+
+  _, step_seconds = _median_step_seconds(step, bench.num_steps, bench.num_warmup_steps)
+  return {"torch_step_seconds": step_seconds, "torch_examples_per_second": bench.batch_size / step_seconds,
+          "torch_threads": torch.get_num_threads()}
+
+
+def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) -> list[dict]:
+  model_config = state_lib.model_config(config).replace(dtype=config.dtype)
+  mesh = partitioning.make_mesh(config.mesh_shape)
+  rows = []
+  for case in config.cases:
+    row = time_jax_case(case, config, model_config, mesh)
+    if config.compare_torch and case in ("train", "eval"):
+      row.update(time_torch_case(case, config, model_config))
+      row["ratio"] = row["examples_per_second"] / row["torch_examples_per_second"]
+    emit(json.dumps(row))
+    rows.append(row)
+  return rows
+
+
+def main(argv):
+  del argv
+  run(flags.FLAGS.config)
+
+
+if __name__ == "__main__":
+  app.run(main)

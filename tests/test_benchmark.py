@@ -1,0 +1,37 @@
+"""The benchmark prints one JSON line per case with the figures other tools read."""
+
+import json
+
+from bert_jax import benchmark
+from configs import benchmark as benchmark_configs
+
+
+def _tiny_benchmark_config(**overrides):
+  config = benchmark_configs.get_config("minilm_cpu")
+  config.init_checkpoint = ""
+  config.model.update(vocab_size=2000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=64)
+  config.update(batch_size=4, seq_len=16, num_predictions=3, num_steps=1, num_warmup_steps=1, **overrides)
+  return config
+
+
+def test_one_json_line_per_case_with_the_torch_ratio():
+  lines = []
+  benchmark.run(_tiny_benchmark_config(compare_torch=True), emit=lines.append)
+  rows = [json.loads(line) for line in lines]
+  assert [row["case"] for row in rows] == ["train", "eval", "pretrain_train"]
+  for row in rows:
+    assert row["examples_per_second"] > 0 and row["step_seconds"] > 0 and 0 < row["mfu"]
+  for row in rows[:2]:
+    assert row["ratio"] == row["examples_per_second"] / row["torch_examples_per_second"]
+  assert "ratio" not in rows[2]  # the peer comparison covers classification only
+
+
+def test_flops_formula_counts_attention_and_the_mlm_head():
+  config = benchmark_configs.get_config("base_gpu")
+  model_config = benchmark.models.BertConfig()
+  d, L, I, V, T = 768, 12, 3072, 30522, 128
+  assert benchmark.forward_flops(model_config, T) == 2 * T * L * (4 * d * d + 2 * d * I) + 4 * L * T * T * d
+  assert benchmark.forward_flops(model_config, T, 20) - benchmark.forward_flops(model_config, T) == (
+      2 * 20 * (d * d + d * V))
+  assert config.dtype == "bfloat16"

@@ -1,0 +1,59 @@
+"""The pure steps: losses against a direct computation, and a train step that lowers the loss."""
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from bert_jax import hf
+from bert_jax import models
+from bert_jax import steps
+
+
+def _pretraining_batch(vocab=99, batch=3, seq=10, preds=4):
+  rng = np.random.default_rng(0)
+  input_ids = rng.integers(5, vocab, (batch, seq)).astype(np.int32)
+  weights = np.ones((batch, preds), np.float32)
+  weights[2, 2:] = 0  # a sequence with only two real predictions
+  return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids),
+          "attention_mask": np.ones_like(input_ids),
+          "masked_lm_positions": np.tile(np.arange(1, 1 + preds, dtype=np.int32), (batch, 1)),
+          "masked_lm_ids": rng.integers(5, vocab, (batch, preds)).astype(np.int32),
+          "masked_lm_weights": weights, "next_sentence_label": np.array([0, 1, 1], np.int32)}
+
+
+def test_pretraining_loss_is_mlm_mean_plus_nsp_mean(tiny_config):
+  module = models.BertForPreTraining(tiny_config)
+  params = hf.init_params(module)
+  batch = _pretraining_batch()
+  loss_sum, metrics = steps.pretraining_loss(module, params, batch, None, True)
+  out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                     masked_lm_positions=batch["masked_lm_positions"])
+  mlm = optax.softmax_cross_entropy_with_integer_labels(out.mlm_logits, batch["masked_lm_ids"])
+  mlm_mean = float((mlm * batch["masked_lm_weights"]).sum() / batch["masked_lm_weights"].sum())
+  nsp_mean = float(optax.softmax_cross_entropy_with_integer_labels(out.nsp_logits,
+                                                                   batch["next_sentence_label"]).mean())
+  assert float(loss_sum / metrics["count"]) == pytest.approx(mlm_mean + nsp_mean, rel=1e-5)
+  assert float(metrics["mlm_count"]) == 10
+
+
+@pytest.mark.parametrize("model_cls, loss_fn, batch_fn", [
+    (models.BertForPreTraining, steps.pretraining_loss, _pretraining_batch),
+    (models.BertForSequenceClassification, steps.classification_loss,
+     lambda: {**{k: v for k, v in _pretraining_batch().items() if k in steps.MODEL_INPUTS},
+              "labels": np.array([0, 1, 1], np.int32), "weights": np.ones(3, np.float32)}),
+])
+def test_repeated_train_steps_lower_the_loss(tiny_config, model_cls, loss_fn, batch_fn):
+  module = model_cls(tiny_config)
+  tx = optax.adam(1e-3)
+  state = steps.create_state(hf.init_params(module), tx, seed=0)
+  train_step = jax.jit(functools.partial(steps.train_step, model=module, tx=tx, loss_fn=loss_fn))
+  batch = batch_fn()
+  losses = []
+  for _ in range(5):
+    state, metrics = train_step(state, batch)
+    losses.append(float(metrics["loss_sum"] / metrics["count"]))
+  assert losses[-1] < losses[0]
+  assert int(state.step) == 5
