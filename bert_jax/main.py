@@ -1,6 +1,6 @@
 """Entry point: `python -m bert_jax.main --config=configs/imdb.py[:PRESET] --workdir=DIR [--config.KEY=V]`.
 
-Parses flags, checks the config, saves it to the workdir and hands it to train, evaluate or predict.
+Parses flags, checks the config and hands it to train (which saves it to the workdir), evaluate or predict.
 """
 
 import logging as py_logging
