@@ -46,7 +46,7 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> tokenization.Tokenizer:
   if not source:
     raise ValueError("config.tokenizer is empty and there is no config.init_checkpoint to take the vocab "
                      "from; set --config.tokenizer to a directory with vocab.txt or a hub id.")
-  return tokenization.Tokenizer.from_pretrained(hf.resolve(source) if source.startswith("pip:") else source)
+  return tokenization.Tokenizer.from_pretrained(source)
 
 
 def _boxed_state(module: nn.Module, tx: optax.GradientTransformation, seed: int) -> steps.TrainState:

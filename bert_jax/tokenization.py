@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import transformers
 
+from bert_jax import hf
+
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -35,9 +37,12 @@ class Tokenizer:
 
   @classmethod
   def from_pretrained(cls, path_or_hub_id: str, do_lower_case: bool | None = None) -> "Tokenizer":
-    """Loads from a directory holding `vocab.txt` (or `tokenizer.json`), a `vocab.txt` file, or a hub id."""
+    """Loads from a directory holding `vocab.txt` (or `tokenizer.json`), a `vocab.txt` file, a hub id,
+    or `pip:PACKAGE` (the HF directory inside an installed package)."""
     kwargs = {} if do_lower_case is None else {"do_lower_case": do_lower_case}
     path = os.path.expanduser(str(path_or_hub_id))
+    if path.startswith("pip:"):  # a checkpoint shipped in a Python package, as hf.load_pretrained takes it
+      path = hf.resolve(path)
     if os.path.isfile(path):
       _check_vocab_file(path)
       if os.path.basename(path) != "vocab.txt" and not path.endswith(".txt"):
