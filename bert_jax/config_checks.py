@@ -14,6 +14,7 @@ from bert_jax import optim
 from bert_jax import tokenization
 
 MODES = ("train", "evaluate", "predict")
+TASKS = ("classify", "pretrain")
 
 
 def _require(ok: bool, key: str, value, allowed: str) -> None:
@@ -23,7 +24,11 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Value ranges that need nothing but the config."""
-  _require(config.mode in MODES, "mode", config.mode, f"one of {MODES}")
+  task = config.get("task", "classify")
+  _require(task in TASKS, "task", task, f"one of {TASKS}")
+  _require(config.mode in MODES if task == "classify" else config.mode == "train", "mode", config.mode,
+           f"one of {MODES}" if task == "classify" else
+           "'train' for pretraining (fine-tune the result with configs/imdb.py to evaluate or predict)")
   _require(config.learning_rate > 0, "learning_rate", config.learning_rate, "a positive number, e.g. 2e-5")
   _require(config.train.batch_size > 0, "train.batch_size", config.train.batch_size, "a positive integer")
   _require(config.train.eval_batch_size > 0, "train.eval_batch_size", config.train.eval_batch_size,
@@ -32,8 +37,12 @@ def check(config: ml_collections.ConfigDict) -> None:
            "train.grad_accum_steps", config.train.grad_accum_steps,
            f"a positive divisor of train.batch_size={config.train.batch_size}")
   _require(config.train.num_epochs > 0, "train.num_epochs", config.train.num_epochs, "a positive number")
+  _require(config.train.get("num_train_steps", 0) >= 0, "train.num_train_steps", config.train.get("num_train_steps"),
+           ">= 0 (0 = from train.num_epochs)")
   _require(config.train.eval_every_steps > 0, "train.eval_every_steps", config.train.eval_every_steps,
            "positive")
+  _require(config.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", config.train.on_nonfinite,
+           "'stop' or 'skip'")
   _require(config.train.log_every_steps > 0, "train.log_every_steps", config.train.log_every_steps, "positive")
   _require(config.data.max_seq_length >= 8, "data.max_seq_length", config.data.max_seq_length,
            "at least 8 and at most the model's max_position_embeddings")
@@ -47,14 +56,28 @@ def check(config: ml_collections.ConfigDict) -> None:
   _require(config.optimizer.max_grad_norm > 0, "optimizer.max_grad_norm", config.optimizer.max_grad_norm, "> 0")
   _require(config.checkpoint.every_steps > 0, "checkpoint.every_steps", config.checkpoint.every_steps, "positive")
   _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, "at least 1")
-  _require(config.evaluate.checkpoint in ("best", "latest"), "evaluate.checkpoint", config.evaluate.checkpoint,
-           "'best' or 'latest'")
-  _require(config.predict.batch_size > 0, "predict.batch_size", config.predict.batch_size, "a positive integer")
+  if task == "classify":
+    _require(config.evaluate.checkpoint in ("best", "latest"), "evaluate.checkpoint",
+             config.evaluate.checkpoint, "'best' or 'latest'")
+    _require(config.predict.batch_size > 0, "predict.batch_size", config.predict.batch_size, "a positive integer")
+  else:
+    _check_pretraining_data(config.data)
   _check_paths(config)
   try:
     models.BertConfig().replace(**model_overrides(config))
   except ValueError as e:
     raise ValueError(f"config.model: {e}") from e
+
+
+def _check_pretraining_data(data: ml_collections.ConfigDict) -> None:
+  _require(0 < data.masked_lm_prob < 1, "data.masked_lm_prob", data.masked_lm_prob, "in (0, 1), BERT uses 0.15")
+  _require(0 < data.max_predictions_per_seq < data.max_seq_length, "data.max_predictions_per_seq",
+           data.max_predictions_per_seq, f"in [1, data.max_seq_length={data.max_seq_length})")
+  _require(0 <= data.short_seq_prob <= 1, "data.short_seq_prob", data.short_seq_prob, "in [0, 1]")
+  _require(data.dupe_factor >= 1, "data.dupe_factor", data.dupe_factor, "a positive integer")
+  _require(data.max_documents >= 0, "data.max_documents", data.max_documents, ">= 0 (0 = all)")
+  _require(bool(data.data_dir or data.tfds_name), "data.data_dir", data.data_dir,
+           "a text file or folder, or an aclImdb archive; or set data.tfds_name")
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict:
@@ -70,7 +93,7 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
   """Local files the run needs must exist: found now, not after minutes of setup."""
   paths = {"data.data_dir": config.data.data_dir, "init_checkpoint": config.init_checkpoint,
            "tokenizer": config.tokenizer}
-  if config.mode == "predict":
+  if config.mode == "predict" and "predict" in config:
     paths["predict.input_file"] = config.predict.input_file
   for key, path in paths.items():
     if not path or path.startswith("pip:") or path in ("tfds", "imdb_reviews"):
@@ -109,8 +132,13 @@ def check_model_fits(config: ml_collections.ConfigDict, model_config: models.Ber
                          f"{axis} size that divides it.")
 
 
-def check_tokenizer_fits(tokenizer: tokenization.Tokenizer, model_config: models.BertConfig) -> None:
-  if tokenizer.vocab_size > model_config.vocab_size:
-    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                     f"{model_config.vocab_size}: its ids would fall outside the embedding table. Use the "
-                     "model's own vocab (config.tokenizer) or set --config.model.vocab_size.")
+def check_tokenizer_fits(tokenizer: tokenization.Tokenizer, model_config: models.BertConfig, *,
+                         exact: bool = False) -> None:
+  """The tokenizer's ids fit the embedding table (`exact`: and fill it, as pretraining needs, where an
+  unused row would be a sign of the wrong vocab)."""
+  size, model_size = tokenizer.vocab_size, model_config.vocab_size
+  if size > model_size or (exact and size != model_size):
+    raise ValueError(f"The tokenizer's vocab has {size} tokens but the model's vocab_size is {model_size}: "
+                     f"{'its ids would fall outside the embedding table' if size > model_size else 'they must match'}"
+                     ". Use the model's own vocab (config.tokenizer), or set --config.model.vocab_size="
+                     f"{size} when training from scratch.")

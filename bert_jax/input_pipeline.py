@@ -312,7 +312,7 @@ def train_batches(arrays: dict[str, np.ndarray], *, batch_size: int, seed: int, 
   has those at [batch_size, ...] plus float32 `weights` [batch_size] of ones. The order depends only
   on (seed, epoch).
   """
-  num_examples = len(arrays["labels"])
+  num_examples = len(next(iter(arrays.values())))
   num_batches = num_train_batches(num_examples, batch_size)
   if num_batches == 0:
     raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} training examples; lower "
@@ -334,7 +334,7 @@ def eval_batches(arrays: dict[str, np.ndarray], *,
   The last batch is padded with all-zero rows; float32 `weights` [batch_size] is 1 for real rows and
   0 for padding, so weighted sums count each example exactly once (and shapes never recompile).
   """
-  num_examples = len(arrays["labels"])
+  num_examples = len(next(iter(arrays.values())))
   for start in range(0, num_examples, batch_size):
     size = min(batch_size, num_examples - start)
     batch = {}

@@ -46,7 +46,11 @@ def main(argv):
       evaluate.evaluate(config, workdir)
     else:
       evaluate.predict(config, workdir)
-  except USER_ERRORS as e:
+  except train.Preempted as e:  # a clean stop: the checkpoint is durable, a rerun resumes
+    logging.warning("%s", e)
+    print(str(e), file=sys.stderr)
+    sys.exit(0)
+  except (train.Diverged, *USER_ERRORS) as e:
     if _VERBOSE.value:
       raise
     logging.error("%s: %s", type(e).__name__, e)

@@ -2,7 +2,7 @@
 
 The trainer follows one restore order: a checkpoint in the workdir (`restore_params`, or
 `Checkpoints.restore` with `state_template`), else `config.init_checkpoint` (a Hugging Face BERT
-directory or hub id), else random initialisation (both in `initial_state`).
+directory or hub id, or another workdir's encoder), else random initialisation (in `initial_state`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from bert_jax import models
 from bert_jax import optim
 from bert_jax import partitioning
 from bert_jax import steps
+from bert_jax import tasks
 from bert_jax import tokenization
 
 # BertConfig fields that fix parameter shapes: a checkpoint that differs in one cannot be resumed.
@@ -33,11 +34,30 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
                 "max_position_embeddings", "type_vocab_size", "num_labels")
 
 
-def model_config(config: ml_collections.ConfigDict) -> models.BertConfig:
-  """`config.model` overrides on top of the init checkpoint's config.json (or BertConfig's defaults)."""
+def is_workdir(path: str) -> bool:
+  """Whether `path` is a bert_jax workdir (an `init_checkpoint` may be one: pretraining hands off so)."""
+  return bool(path) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def model_config(config: ml_collections.ConfigDict,
+                 tokenizer: tokenization.Tokenizer | None = None) -> models.BertConfig:
+  """`config.model` overrides on top of the init checkpoint's model (a HF config.json or a workdir's
+  checkpoint), else on BertConfig's defaults with the tokenizer's vocab size."""
   overrides = config_checks.model_overrides(config)
+  if is_workdir(config.init_checkpoint):
+    directory = os.path.join(config.init_checkpoint, "checkpoints")
+    ckpt = checkpointing.Checkpoints(directory, read_only=True, best_metric=_best_metric(directory))
+    step = ckpt.best_step()
+    if step is None:
+      raise FileNotFoundError(f"config.init_checkpoint={config.init_checkpoint!r} is a workdir without a "
+                              "finished checkpoint; train it first or point to another checkpoint.")
+    saved = ckpt.read_meta(step)["model"]
+    ckpt.close()
+    return models.BertConfig(**saved).replace(**overrides)
   if config.init_checkpoint:
     return hf.read_config(hf.resolve(config.init_checkpoint), **overrides)
+  if tokenizer is not None:  # From scratch: one embedding per token of the vocab, unless set.
+    overrides.setdefault("vocab_size", tokenizer.vocab_size)
   return models.BertConfig(**overrides)
 
 
@@ -46,6 +66,8 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> tokenization.Tokenizer:
   if not source:
     raise ValueError("config.tokenizer is empty and there is no config.init_checkpoint to take the vocab "
                      "from; set --config.tokenizer to a directory with vocab.txt or a hub id.")
+  if not config.tokenizer and is_workdir(source):
+    source = os.path.join(source, "tokenizer")  # saved there by the run that wrote the workdir
   return tokenization.Tokenizer.from_pretrained(source)
 
 
@@ -66,30 +88,43 @@ def state_template(module: nn.Module, tx: optax.GradientTransformation, seed: in
 
 
 def initial_state(config: ml_collections.ConfigDict, module: nn.Module, tx: optax.GradientTransformation,
-                  shardings: Any) -> steps.TrainState:
-  """A fresh state, created directly with its shardings: from the init checkpoint or random."""
-  if config.init_checkpoint:
+                  shardings: Any, mesh: jax.sharding.Mesh) -> steps.TrainState:
+  """A fresh state, created directly with its shardings: from the init checkpoint (HF or a workdir's
+  encoder, with heads it lacks initialised fresh) or random."""
+  create_random = jax.jit(lambda: nn.meta.unbox(_boxed_state(module, tx, config.seed)), out_shardings=shardings)
+  if not config.init_checkpoint:
+    return create_random()
+  if is_workdir(config.init_checkpoint):
+    _, saved, _, step = restore_params(config, config.init_checkpoint, "best", mesh)
+    params = dict(create_random().params, bert=saved["bert"])
+    logging.info("Initialised the encoder from step %d of %s; the %s heads start fresh.", step,
+                 config.init_checkpoint, type(module).__name__)
+  else:
     _, params = hf.load_pretrained(config.init_checkpoint, type(module), seed=config.seed,
                                    **config_checks.model_overrides(config))
     params = jax.device_put(params, shardings.params)
-    create = jax.jit(lambda p: steps.create_state(p, tx, config.seed), out_shardings=shardings)
-    return create(params)
-  create = jax.jit(lambda: nn.meta.unbox(_boxed_state(module, tx, config.seed)), out_shardings=shardings)
-  return create()
+  create = jax.jit(lambda p: steps.create_state(p, tx, config.seed), out_shardings=shardings)
+  return create(params)
 
 
-def checkpoint_meta(module_config: models.BertConfig, **data: Any) -> dict:
+def checkpoint_meta(module: nn.Module, **data: Any) -> dict:
   """What a checkpoint records about itself, to refuse resuming it under another model or data."""
-  return {"model": dataclasses.asdict(module_config), **data}
+  return {"model": dataclasses.asdict(module.config), "model_class": type(module).__name__, **data}
 
 
-def check_resumable(meta: dict, module_config: models.BertConfig, directory: str, **data: Any) -> None:
+def check_resumable(meta: dict, module: nn.Module, directory: str, **data: Any) -> None:
   saved = meta.get("model", {})
+  saved_class = meta.get("model_class", "BertForSequenceClassification")
+  if saved_class != type(module).__name__:
+    raise ValueError(
+        f"The checkpoint in {directory} is a {saved_class}, this config trains a {type(module).__name__} "
+        "(config.task). Use a new --workdir; to start from that run, give it as --config.init_checkpoint. "
+        "The checkpoint was left untouched.")
   for field in SHAPE_FIELDS:
-    if saved.get(field) != getattr(module_config, field):
+    if saved.get(field) != getattr(module.config, field):
       raise ValueError(
           f"The checkpoint in {directory} is of another model ({field}={saved.get(field)} there, "
-          f"{getattr(module_config, field)} configured). Use a new --workdir, or configure the same model; "
+          f"{getattr(module.config, field)} configured). Use a new --workdir, or configure the same model; "
           "the checkpoint was left untouched.")
   for key, value in data.items():
     if key in meta and meta[key] != value:
@@ -106,18 +141,30 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"No checkpoints in {directory}; train first with --config.mode=train "
                             f"--workdir={workdir}.")
-  ckpt = checkpointing.Checkpoints(directory, read_only=True)
+  ckpt = checkpointing.Checkpoints(directory, read_only=True, best_metric=_best_metric(directory))
   step = ckpt.best_step() if which == "best" else ckpt.latest_step()
   if step is None:
-    raise FileNotFoundError(f"No finished checkpoint in {directory}.")
+    damaged = ckpt.damaged_steps()
+    raise FileNotFoundError(f"No intact checkpoint in {directory}"
+                            + (f"; damaged, left untouched: {damaged}" if damaged else "") + ".")
   meta = ckpt.read_meta(step)
-  module = models.BertForSequenceClassification(models.BertConfig(**meta["model"]))
+  module_cls = models.MODEL_CLASSES[meta.get("model_class", "BertForSequenceClassification")]
+  module = module_cls(models.BertConfig(**meta["model"]))
   # The checkpoint's optimizer gives the state's tree structure; its schedule plays no part here.
   optimizer_name = meta.get("optimizer", config.optimizer.name)
   optimizer_config = ml_collections.ConfigDict(dict(config.optimizer, name=optimizer_name))
   tx, _ = optim.make_optimizer(optimizer_config, learning_rate=1.0, num_train_steps=1)
   abstract, _ = state_template(module, tx, config.seed, mesh)
-  state = ckpt.restore(step, abstract)
+  restored = ckpt.restore_best(abstract) if which == "best" else ckpt.restore_latest(abstract)
   ckpt.close()
-  logging.info("Restored the %s checkpoint of %s: step %d.", which, directory, step)
-  return module, state.params, meta, step
+  logging.info("Restored the %s checkpoint of %s: step %d.", which, directory, restored.step)
+  return module, restored.state.params, restored.meta, restored.step
+
+
+def _best_metric(directory: str) -> str:
+  """The metric that picked the best checkpoint of the run in `directory` (it says its task)."""
+  ckpt = checkpointing.Checkpoints(directory, read_only=True)
+  latest = ckpt.latest_step()
+  meta = ckpt.read_meta(latest) if latest is not None else {}
+  ckpt.close()
+  return tasks.TASKS[meta.get("task", "classify")].best_metric

@@ -47,25 +47,33 @@ def pretraining_loss(model: nn.Module, params, batch, dropout_rng, deterministic
 
   Per sequence: (MLM loss summed over its predictions / mean predictions per sequence) + NSP loss,
   so that `loss_sum / count` is BERT's loss (MLM mean over predictions + NSP mean over sequences).
+  Rows of weight 0 (padding of the last eval batch) count for nothing.
   """
   outputs = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS),
                         masked_lm_positions=batch["masked_lm_positions"], deterministic=deterministic,
                         rngs={"dropout": dropout_rng} if not deterministic else None)
+  weights = batch["weights"]  # [batch]
   mlm_logits = outputs.mlm_logits.astype(jnp.float32)  # [batch, predictions, vocab]
-  mlm_weights = batch["masked_lm_weights"]
-  mlm_losses = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["masked_lm_ids"]) * mlm_weights
+  mlm_weights = batch["masked_lm_weights"] * weights[:, None]  # [batch, predictions]
+  mlm_losses = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["masked_lm_ids"])
   nsp_logits = outputs.nsp_logits.astype(jnp.float32)  # [batch, 2]
   nsp_losses = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, batch["next_sentence_label"])
-  count = jnp.asarray(mlm_weights.shape[0], jnp.float32)
-  mlm_sum, mlm_count = jnp.sum(mlm_losses), jnp.sum(mlm_weights)
-  loss_sum = mlm_sum * count / jnp.maximum(mlm_count, 1.0) + jnp.sum(nsp_losses)
+  # where, not multiply: a padded row's loss must not turn a NaN into the sum.
+  mlm_sum = jnp.sum(jnp.where(mlm_weights > 0, mlm_losses * mlm_weights, 0.0))
+  nsp_sum = jnp.sum(jnp.where(weights > 0, nsp_losses * weights, 0.0))
+  count, mlm_count = jnp.sum(weights), jnp.sum(mlm_weights)
+  loss_sum = mlm_sum * count / jnp.maximum(mlm_count, 1.0) + nsp_sum
+  mlm_hits = jnp.argmax(mlm_logits, -1) == batch["masked_lm_ids"]
+  nsp_hits = jnp.argmax(nsp_logits, -1) == batch["next_sentence_label"]
   metrics = {
       "loss_sum": loss_sum, "count": count, "mlm_loss_sum": mlm_sum, "mlm_count": mlm_count,
-      "mlm_correct": jnp.sum((jnp.argmax(mlm_logits, -1) == batch["masked_lm_ids"]) * mlm_weights),
-      "nsp_loss_sum": jnp.sum(nsp_losses),
-      "correct": jnp.sum(jnp.argmax(nsp_logits, -1) == batch["next_sentence_label"]).astype(jnp.float32),
+      "mlm_correct": jnp.sum(mlm_hits * mlm_weights), "nsp_loss_sum": nsp_sum,
+      "nsp_correct": jnp.sum(nsp_hits * weights),
   }
   return loss_sum, metrics
+
+
+LOSSES = {"classify": classification_loss, "pretrain": pretraining_loss}
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -100,17 +108,24 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
   # The loss is a sum over examples: dividing by the count gives the gradient of the batch mean.
   grads = jax.tree_util.tree_map(lambda g: g / metrics["count"], grads)
+  grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  # A step whose loss or gradient is NaN/Inf changes nothing (parameters, optimizer moments): the
+  # state stays the last good one, and the loop stops or goes on as config.train.on_nonfinite says.
+  finite = jnp.isfinite(metrics["loss_sum"]) & jnp.isfinite(grad_norm)
+  params, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                             (params, opt_state), (state.params, state.opt_state))
+  metrics = dict(metrics, grad_norm=grad_norm, nonfinite=1 - finite.astype(jnp.int32))
   if schedule is not None:
     metrics["learning_rate"] = schedule(state.step)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
-  """Sums of loss and correct predictions over the real (weight > 0) examples of `batch`."""
-  _, metrics = classification_loss(model, params, batch, None, True)
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module,
+              loss_fn=classification_loss) -> dict[str, jax.Array]:
+  """Sums of the loss and its metrics over the real (weight > 0) examples of `batch`."""
+  _, metrics = loss_fn(model, params, batch, None, True)
   return metrics
 
 

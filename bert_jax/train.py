@@ -1,14 +1,16 @@
-"""The fine-tuning loop: `train_and_evaluate(config, workdir)`.
+"""The training loop of fine-tuning and pretraining alike: `train_and_evaluate(config, workdir)`.
 
 Owns: compiling the steps over the mesh, the loop with its periodic logging, validation and
-checkpoints, the final test evaluation and `results.json`. Steps, data, state and checkpoints
-live in their own modules.
+checkpoints, the final evaluation and `results.json`. What differs between tasks is in `tasks`;
+steps, data, state and checkpoints live in their own modules.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterable
 
@@ -28,6 +30,7 @@ from bert_jax import optim
 from bert_jax import partitioning
 from bert_jax import state as state_lib
 from bert_jax import steps
+from bert_jax import tasks
 
 
 def _in_mesh(jitted: Callable, mesh) -> Callable:
@@ -48,20 +51,20 @@ def compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps: int,
       functools.partial(steps.train_step, model=module, tx=tx, grad_accum_steps=grad_accum_steps,
                         schedule=schedule, loss_fn=loss_fn),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
-  eval_step, _ = compile_inference_steps(module, mesh)
+  eval_step, _ = compile_inference_steps(module, mesh, loss_fn)
   return _in_mesh(train_step, mesh), eval_step
 
 
-def compile_inference_steps(module, mesh):
-  """The jitted eval step (sums of loss and correct) and predict step (probabilities)."""
-  eval_step = jax.jit(functools.partial(steps.eval_step, model=module))
+def compile_inference_steps(module, mesh, loss_fn=steps.classification_loss):
+  """The jitted eval step (sums of the loss and its metrics) and predict step (class probabilities)."""
+  eval_step = jax.jit(functools.partial(steps.eval_step, model=module, loss_fn=loss_fn))
   predict_step = jax.jit(functools.partial(steps.predict_step, model=module))
   return _in_mesh(eval_step, mesh), _in_mesh(predict_step, mesh)
 
 
 def evaluate_arrays(eval_step, params, arrays: dict[str, np.ndarray], batch_size: int, mesh,
                     prefix: str) -> dict[str, float]:
-  """Loss and accuracy over every example of `arrays` (the last batch padded with weight 0)."""
+  """The loss and its metrics over every example of `arrays` (the last batch padded with weight 0)."""
   sums = None
   sharding = partitioning.batch_sharding(mesh)
   for batch in input_pipeline.eval_batches(arrays, batch_size=batch_size):
@@ -71,116 +74,208 @@ def evaluate_arrays(eval_step, params, arrays: dict[str, np.ndarray], batch_size
   return summary
 
 
-def resume_settings(config: ml_collections.ConfigDict, num_train_examples: int) -> dict[str, Any]:
+def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """`config.train.num_train_steps`, or (when 0) `num_epochs` worth of steps."""
+  if config.train.get("num_train_steps", 0):
+    return config.train.num_train_steps
+  return max(1, int(round(config.train.num_epochs * steps_per_epoch)))
+
+
+def resume_settings(config: ml_collections.ConfigDict, task: tasks.Task, num_train_examples: int,
+                    total_steps: int) -> dict[str, Any]:
   """Settings a resumed run must share with the run that wrote the checkpoint (data order, schedule)."""
-  return {"num_train_examples": num_train_examples, "batch_size": config.train.batch_size, "seed": config.seed,
-          "max_seq_length": config.data.max_seq_length, "num_epochs": config.train.num_epochs,
+  return {"task": config.get("task", "classify"), "num_train_examples": num_train_examples,
+          "batch_size": config.train.batch_size, "seed": config.seed,
+          "max_seq_length": config.data.max_seq_length, "num_train_steps": total_steps,
           "learning_rate": config.learning_rate, "warmup_fraction": config.optimizer.warmup_fraction,
-          "optimizer": config.optimizer.name, "validation_fraction": config.data.validation_fraction,
-          "max_train_examples": config.data.max_train_examples}
+          "optimizer": config.optimizer.name, **{key: config.data[key] for key in task.data_settings}}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Fine-tunes, resuming from the workdir's latest checkpoint if there is one; returns the results."""
+  """Trains `config.task` ('classify' or 'pretrain'), resuming from the workdir's latest checkpoint if
+  there is one, then scores the best checkpoint; returns the results (also in WORKDIR/results.json)."""
+  task = tasks.get(config)
   mesh = partitioning.make_mesh(config.mesh_shape)
   config_checks.check_batch_layout(config, partitioning.data_parallel_size(mesh))
-  module_config = state_lib.model_config(config)
+  tokenizer = state_lib.make_tokenizer(config)
+  module_config = state_lib.model_config(config, tokenizer)
   config_checks.check_model_fits(config, module_config, dict(mesh.shape))
-  module = models.BertForSequenceClassification(module_config)
-  ckpt = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+  config_checks.check_tokenizer_fits(tokenizer, module_config, exact=task.model_cls is models.BertForPreTraining)
+  module = task.model_cls(module_config)
+  ckpt = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                   best_metric=task.best_metric)
   latest = ckpt.latest_step()
   saved_meta = ckpt.read_meta(latest) if latest is not None else {}
   if saved_meta:  # Refuse a workdir of another model before spending time on data.
-    state_lib.check_resumable(saved_meta, module_config, ckpt.directory)
+    state_lib.check_resumable(saved_meta, module, ckpt.directory)
   metrics_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  tokenizer = state_lib.make_tokenizer(config)
-  config_checks.check_tokenizer_fits(tokenizer, module_config)
   tokenizer.hf_tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))  # evaluate/predict read it
 
-  data = input_pipeline.build_imdb(config.data, tokenizer, max_seq_length=config.data.max_seq_length,
-                                   seed=config.seed, cache_dir=config.data.cache_dir or os.path.join(workdir, "cache"))
-  num_train = len(data.train["labels"])
-  steps_per_epoch = input_pipeline.num_train_batches(num_train, config.train.batch_size)
+  data = task.build_data(config, tokenizer, config.data.cache_dir or os.path.join(workdir, "cache"))
+  steps_per_epoch = input_pipeline.num_train_batches(data.num_train_examples, config.train.batch_size)
   if steps_per_epoch == 0:
-    raise ValueError(f"{num_train} training examples make no batch of config.train.batch_size="
+    raise ValueError(f"{data.num_train_examples} training examples make no batch of config.train.batch_size="
                      f"{config.train.batch_size}; lower the batch size or use more data.")
-  num_train_steps = max(1, int(round(config.train.num_epochs * steps_per_epoch)))
-  tx, schedule = optim.make_optimizer(config.optimizer, config.learning_rate, num_train_steps)
+  total_steps = num_train_steps(config, steps_per_epoch)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.learning_rate, total_steps)
   abstract, shardings = state_lib.state_template(module, tx, config.seed, mesh)
 
-  settings = resume_settings(config, num_train)
+  settings = resume_settings(config, task, data.num_train_examples, total_steps)
   if saved_meta:
-    state_lib.check_resumable(saved_meta, module_config, ckpt.directory, **settings)
-    state = ckpt.restore(latest, abstract)
-    logging.info("Resuming from the checkpoint at step %d of %s.", latest, ckpt.directory)
+    state_lib.check_resumable(saved_meta, module, ckpt.directory, **settings)
+  restored = ckpt.restore_latest(abstract)  # skips damaged steps (logged); raises if none is intact
+  if restored:
+    saved_meta = restored.meta  # an older step's, if the latest was damaged
+    state_lib.check_resumable(saved_meta, module, ckpt.directory, **settings)
+    state = restored.state
+    logging.info("Resuming from the checkpoint at step %d of %s.", restored.step, ckpt.directory)
   else:
-    state = state_lib.initial_state(config, module, tx, shardings)
-  meta = state_lib.checkpoint_meta(module_config, **settings)
+    saved_meta = {}
+    state = state_lib.initial_state(config, module, tx, shardings, mesh)
+  meta = state_lib.checkpoint_meta(module, **settings)
 
-  train_step, eval_step = compile_steps(module, tx, schedule, shardings, mesh, config.train.grad_accum_steps)
+  train_step, eval_step = compile_steps(module, tx, schedule, shardings, mesh, config.train.grad_accum_steps,
+                                        task.loss_fn)
   writer = metrics_lib.Writer(os.path.join(workdir, "tensorboard"))
-  progress = metrics_lib.Progress(num_train_steps, config.train.batch_size, int(state.step),
+  progress = metrics_lib.Progress(total_steps, config.train.batch_size, int(state.step),
                                   **saved_meta.get("progress", {}))
   try:
     state = _train_loop(config, state, data, train_step, eval_step, ckpt, writer, meta, mesh, progress,
                         steps_per_epoch)
     step = int(state.step)
-    best = ckpt.best_step()
-    params = state.params if best == step else ckpt.restore(best, abstract).params
-    results = evaluate_arrays(eval_step, params, data.test, config.train.eval_batch_size, mesh, "test_")
-    writer.scalars(step, results)
+    best, params = ckpt.best_step(), state.params
+    if best != step:
+      restored_best = ckpt.restore_best(abstract)  # falls back to the next best if damaged
+      best, params = restored_best.step, restored_best.state.params
+    results = evaluate_arrays(eval_step, params, data.final, config.train.eval_batch_size, mesh,
+                              data.final_prefix)
+    writer.scalars(step, {f"final_{name}": value for name, value in results.items()})
   finally:  # Also on errors: let an in-flight checkpoint finish rather than abandon it.
     ckpt.close()
     writer.close()
-  results.update(
-      steps=step, test_checkpoint_step=best, num_train_examples=num_train, skipped_reviews=data.num_skipped,
-      **progress.results())
+  results.update(steps=step, checkpoint_step=best, num_train_examples=data.num_train_examples,
+                 **data.info, **progress.results())
   if config.checkpoint.export_hf and jax.process_index() == 0:
     hf.save_pretrained(module, jax.device_get(params), os.path.join(workdir, "hf_model"))
     tokenizer.hf_tokenizer.save_pretrained(os.path.join(workdir, "hf_model"))
   metrics_lib.write_json(os.path.join(workdir, "results.json"), results)
-  logging.info("Test (checkpoint of step %d): %s", best, _format(results))
+  logging.info("Final evaluation (checkpoint of step %d): %s", best, _format(results))
   return results
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM after saving a checkpoint of the current step; rerun to resume."""
+
+
+class Diverged(Exception):
+  """A step's loss or gradient was NaN or Inf and config.train.on_nonfinite is 'stop'."""
+
+
+class _NonFiniteGuard:
+  """Collects each step's NaN/Inf flag without a host sync per step; `check` reads them (before logs
+  and saves). The step itself already left the state unchanged; here the run stops or goes on."""
+
+  def __init__(self, action: str, progress: metrics_lib.Progress, ckpt: checkpointing.Checkpoints):
+    self.action, self.progress, self.ckpt = action, progress, ckpt
+    self._pending = []
+
+  def add(self, step: int, flag: jax.Array) -> None:
+    self._pending.append((step, flag))
+
+  def check(self) -> None:
+    flags = jax.device_get([flag for _, flag in self._pending])
+    bad = [step for (step, _), flag in zip(self._pending, flags) if flag]
+    self._pending = []
+    if not bad:
+      return
+    if self.action == "stop":
+      latest = self.ckpt.latest_step()
+      raise Diverged(
+          f"The loss or gradient of step {bad[0]} is NaN or Inf{f' (and of steps {bad[1:]})' if bad[1:] else ''}: "
+          f"training stopped. Those updates were not applied; the last checkpoint (step {latest}) is "
+          "untouched. Lower the learning rate or raise optimizer.warmup_fraction, check the data, or set "
+          "--config.train.on_nonfinite=skip to skip such steps.")
+    self.progress.nonfinite_steps += len(bad)
+    logging.warning("Skipped the update of non-finite step(s) %s (config.train.on_nonfinite=skip).", bad)
+
+
+class _PreemptionNotice:
+  """Notes SIGTERM, which TPU VM and cloud preemption send, for the loop to act on between steps.
+
+  The handler only sets a flag: a save inside it could run mid-step, with the state donated.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+    logging.warning("SIGTERM received: saving a checkpoint after the current step, then stopping.")
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # signals are only for the main thread
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _train_loop(config, state, data, train_step, eval_step, ckpt, writer, meta, mesh,
                 progress: metrics_lib.Progress, steps_per_epoch: int):
   """Steps from `state.step` to the end, logging every window and checkpointing (with validation)."""
+  with _PreemptionNotice() as preemption:
+    return _steps(config, state, data, train_step, eval_step, ckpt, writer, meta, mesh, progress,
+                  steps_per_epoch, preemption)
+
+
+def _steps(config, state, data, train_step, eval_step, ckpt, writer, meta, mesh, progress, steps_per_epoch,
+           preemption: _PreemptionNotice):
   step, num_train_steps = int(state.step), progress.num_train_steps
   logging.info("Training %d steps (%d per epoch, %d examples, batch %d) from step %d on mesh %s.",
-               num_train_steps, steps_per_epoch, len(data.train["labels"]), config.train.batch_size, step,
+               num_train_steps, steps_per_epoch, data.num_train_examples, config.train.batch_size, step,
                dict(mesh.shape))
   window = None
   batch_sharding = partitioning.batch_sharding(mesh)
-  for batch in _batches_from(data.train, config, steps_per_epoch, step, num_train_steps):
+  nonfinite = _NonFiniteGuard(config.train.on_nonfinite, progress, ckpt)
+  for batch in _batches_from(data.batches, steps_per_epoch, step, num_train_steps):
     state, step_metrics = train_step(state, input_pipeline.shard_batch(batch, batch_sharding))
     step += 1
+    nonfinite.add(step, step_metrics["nonfinite"])
     window = metrics_lib.add(window, step_metrics)
     if step % config.train.log_every_steps == 0 or step == num_train_steps:
+      nonfinite.check()
       writer.scalars(step, progress.window(step, window, step_metrics))
       window = None
     validate = step % config.train.eval_every_steps == 0 or step == num_train_steps
+    if validate or step % config.checkpoint.every_steps == 0 or preemption.requested:
+      nonfinite.check()  # a diverged run keeps its last good checkpoint
     if validate or step % config.checkpoint.every_steps == 0:
       pause_start = time.perf_counter()
       validation = {}
-      if validate and len(data.validation["labels"]):
+      if validate and len(next(iter(data.validation.values()))):
         validation = evaluate_arrays(eval_step, state.params, data.validation, config.train.eval_batch_size,
                                      mesh, "validation_")
         writer.scalars(step, validation)
       progress.exclude(time.perf_counter() - pause_start)
-      ckpt.save(step, state, dict(meta, progress=progress.state_dict(step)), metrics=validation or None)
-      logging.info("step %d: checkpoint saved. %s", step, _format(validation))
+      if ckpt.save(step, state, dict(meta, progress=progress.state_dict(step)), metrics=validation or None):
+        logging.info("step %d: checkpoint saved. %s", step, _format(validation))
+    if preemption.requested:
+      ckpt.save_now(step, state, dict(meta, progress=progress.state_dict(step)))  # durable before exit
+      raise Preempted(f"Stopped on SIGTERM at step {step} of {num_train_steps}; the checkpoint of step {step} "
+                      f"is saved in {ckpt.directory}. Rerun the same command to resume.")
   ckpt.wait()
   return state
 
 
-def _batches_from(train: dict[str, np.ndarray], config, steps_per_epoch: int, step: int,
+def _batches_from(batches: tasks.Batches, steps_per_epoch: int, step: int,
                   num_train_steps: int) -> Iterable[dict[str, np.ndarray]]:
   """Train batches from `step` on: the resumed run sees exactly the batches the first run would have."""
   while step < num_train_steps:
     epoch, start = divmod(step, steps_per_epoch)
-    for batch in input_pipeline.train_batches(train, batch_size=config.train.batch_size, seed=config.seed,
-                                               epoch=epoch, start_batch=start):
+    for batch in batches(epoch, start):
       yield batch
       step += 1
       if step == num_train_steps:

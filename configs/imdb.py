@@ -22,11 +22,11 @@ def model_overrides(**values) -> ml_collections.ConfigDict:
   """Every BertConfig field as a typed placeholder, so `--config.model.FIELD=...` works for all."""
   types = {"hidden_act": str, "dtype": str, "param_dtype": str, "hidden_dropout_prob": float,
            "attention_probs_dropout_prob": float, "classifier_dropout": float, "layer_norm_eps": float,
-           "initializer_range": float}
+           "initializer_range": float, "attention_impl": str, "remat_policy": str, "scan_layers": bool}
   fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
             "type_vocab_size", "layer_norm_eps", "initializer_range", "pad_token_id", "num_labels",
-            "classifier_dropout", "dtype", "param_dtype")
+            "classifier_dropout", "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers")
   overrides = ml_collections.ConfigDict({
       name: ml_collections.config_dict.placeholder(types.get(name, int)) for name in fields})
   overrides.update(values)
@@ -35,9 +35,11 @@ def model_overrides(**values) -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  config.task = "classify"  # see configs/pretrain.py for 'pretrain'
   config.mode = "train"  # train | evaluate | predict
   config.seed = 42
-  # A HF BERT directory, hub id, or 'pip:PACKAGE'; '' trains from random init (config.model sets the size).
+  # A HF BERT directory, hub id, 'pip:PACKAGE', or a bert_jax workdir (e.g. of configs/pretrain.py: its
+  # encoder); '' trains from random init (config.model sets the size).
   config.init_checkpoint = "bert-base-uncased"
   config.tokenizer = ""  # vocab directory/file or hub id; '' = init_checkpoint's
   # The value most often changed, so it sits at the top: --config.learning_rate=3e-5.
@@ -59,6 +61,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.train.batch_size = 32  # global, per optimizer update
   config.train.grad_accum_steps = 1  # micro-batches per update: batch_size / grad_accum_steps in memory
   config.train.num_epochs = 3.0
+  config.train.num_train_steps = 0  # > 0 overrides num_epochs
+  config.train.on_nonfinite = "stop"  # a NaN/Inf loss or gradient: 'stop' the run, or 'skip' the update
   config.train.eval_batch_size = 64
   config.train.log_every_steps = 50
   config.train.eval_every_steps = 500  # validation (and a checkpoint that records it); also at the end

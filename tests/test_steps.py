@@ -21,7 +21,8 @@ def _pretraining_batch(vocab=99, batch=3, seq=10, preds=4):
           "attention_mask": np.ones_like(input_ids),
           "masked_lm_positions": np.tile(np.arange(1, 1 + preds, dtype=np.int32), (batch, 1)),
           "masked_lm_ids": rng.integers(5, vocab, (batch, preds)).astype(np.int32),
-          "masked_lm_weights": weights, "next_sentence_label": np.array([0, 1, 1], np.int32)}
+          "masked_lm_weights": weights, "next_sentence_label": np.array([0, 1, 1], np.int32),
+          "weights": np.ones(batch, np.float32)}
 
 
 def test_pretraining_loss_is_mlm_mean_plus_nsp_mean(tiny_config):
@@ -37,6 +38,17 @@ def test_pretraining_loss_is_mlm_mean_plus_nsp_mean(tiny_config):
                                                                    batch["next_sentence_label"]).mean())
   assert float(loss_sum / metrics["count"]) == pytest.approx(mlm_mean + nsp_mean, rel=1e-5)
   assert float(metrics["mlm_count"]) == 10
+
+
+def test_pretraining_loss_ignores_rows_of_weight_zero(tiny_config):
+  module = models.BertForPreTraining(tiny_config)
+  params = hf.init_params(module)
+  batch = _pretraining_batch()
+  padded = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in batch.items()}  # a 4th, empty row
+  _, expected = steps.pretraining_loss(module, params, batch, None, True)
+  _, got = steps.pretraining_loss(module, params, padded, None, True)
+  for name in expected:
+    assert float(got[name]) == pytest.approx(float(expected[name]), rel=1e-5), name
 
 
 @pytest.mark.parametrize("model_cls, loss_fn, batch_fn", [

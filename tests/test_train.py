@@ -118,7 +118,7 @@ def test_evaluate_scores_the_same_test_set_as_training(trained, archive, minilm_
   workdir, results = trained
   config = tiny_config(archive, minilm_dir, mode="evaluate", **{"evaluate.checkpoint": "best"})
   scored = evaluate.evaluate(config, str(workdir))
-  assert scored["checkpoint_step"] == results["test_checkpoint_step"]
+  assert scored["checkpoint_step"] == results["checkpoint_step"]
   assert scored["test_accuracy"] == results["test_accuracy"]
   assert scored["test_loss"] == pytest.approx(results["test_loss"], rel=1e-6)
 

@@ -1,0 +1,104 @@
+"""BERT pretraining (masked LM + next sentence prediction) on raw text: `configs/pretrain.py[:PRESET]`.
+
+Presets: '' (BERT-base from scratch, the BERT paper's seq-128 phase), 'tiny' (a 2-layer model on a
+sample of the IMDB unlabelled reviews: minutes on a CPU), 'minilm' (MiniLM-L6 size from scratch),
+'continue' (continued in-domain pretraining of the all-MiniLM-L6-v2 checkpoint, whose missing MLM and
+NSP heads start fresh; its result is an `init_checkpoint` for configs/imdb.py).
+"""
+
+import ml_collections
+
+from configs import imdb
+
+
+def get_config(preset: str = "") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.task = "pretrain"  # the loop of bert_jax.train, with the MLM + NSP heads and loss
+  config.mode = "train"
+  config.seed = 42
+  # '' pretrains from random init (config.model sets the size); or a HF BERT directory, hub id,
+  # 'pip:PACKAGE', or a bert_jax workdir, to continue pretraining it.
+  config.init_checkpoint = ""
+  config.tokenizer = "bert-base-uncased"  # an existing WordPiece vocab, or one from `python -m bert_jax.vocab`
+  config.learning_rate = 1e-4
+
+  config.model = imdb.model_overrides()  # None keeps BertConfig's default (bert-base) or the checkpoint's
+
+  config.data = ml_collections.ConfigDict()
+  # A text file or folder of them (one sentence per line, blank line between documents), or an
+  # aclImdb archive/folder (its unlabelled train/unsup reviews). '' reads tfds_name instead.
+  config.data.data_dir = imdb.IMDB
+  config.data.tfds_name = ""  # a tensorflow-datasets text dataset, e.g. 'imdb_reviews'
+  config.data.tfds_split = "unsupervised"
+  config.data.tfds_text_key = "text"
+  config.data.max_documents = 0  # 0 = all
+  config.data.validation_fraction = 0.01  # of documents, held out for the MLM/NSP metrics
+  config.data.max_seq_length = 128
+  config.data.short_seq_prob = 0.1  # pairs shorter than max_seq_length, so short inputs are seen too
+  config.data.masked_lm_prob = 0.15
+  config.data.max_predictions_per_seq = 20
+  config.data.whole_word_masking = False
+  config.data.dupe_factor = 1  # pair constructions per document (masking is re-drawn every epoch anyway)
+  config.data.cache_dir = ""  # '' = WORKDIR/cache
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 256  # global, per optimizer update
+  config.train.grad_accum_steps = 1
+  config.train.num_train_steps = 900_000  # the BERT paper's seq-128 phase; 0 = from num_epochs
+  config.train.num_epochs = 1.0  # used when num_train_steps is 0
+  config.train.on_nonfinite = "stop"  # a NaN/Inf loss or gradient: 'stop' the run, or 'skip' the update
+  config.train.eval_batch_size = 256
+  config.train.log_every_steps = 100
+  config.train.eval_every_steps = 10_000  # held-out MLM/NSP metrics and a checkpoint; also at the end
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"  # adamw (BERT) | lamb (large batches)
+  config.optimizer.weight_decay = 0.01
+  config.optimizer.warmup_fraction = 0.01  # 10k of 1M steps in BERT
+  config.optimizer.max_grad_norm = 1.0
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-6
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 1000
+  config.checkpoint.keep = 2  # the latest K, plus the best by held-out MLM accuracy
+  config.checkpoint.export_hf = True  # BertForPreTraining in HF format at WORKDIR/hf_model
+
+  config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+
+  if preset == "tiny":
+    config.tokenizer = imdb.MINILM  # bert-base-uncased's vocab, available offline
+    config.learning_rate = 1e-3
+    config.model.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                        max_position_embeddings=128)
+    config.data.max_documents = 20_000
+    config.data.validation_fraction = 0.02
+    config.data.max_seq_length = 64
+    config.data.max_predictions_per_seq = 10
+    config.train.batch_size = 64
+    config.train.eval_batch_size = 128
+    config.train.num_train_steps = 600
+    config.train.log_every_steps = 50
+    config.train.eval_every_steps = 200
+    config.checkpoint.every_steps = 200
+    config.optimizer.warmup_fraction = 0.05
+  elif preset == "minilm":
+    config.tokenizer = imdb.MINILM
+    config.learning_rate = 5e-4
+    config.model.update(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+  elif preset == "continue":
+    config.init_checkpoint = imdb.MINILM
+    config.tokenizer = ""  # the checkpoint's vocab
+    config.learning_rate = 5e-5
+    config.train.batch_size = 32
+    config.train.eval_batch_size = 64
+    config.train.num_train_steps = 300  # a CPU-sized budget: ~30 minutes on 2 cores
+    config.train.log_every_steps = 25
+    config.train.eval_every_steps = 100
+    config.checkpoint.every_steps = 100
+    config.optimizer.warmup_fraction = 0.1
+  elif preset:
+    raise ValueError(f"Unknown preset {preset!r} for configs/pretrain.py; use one of '', 'tiny', 'minilm', "
+                     "'continue'.")
+  return config
