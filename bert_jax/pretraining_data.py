@@ -229,8 +229,9 @@ def build_pretraining(config_data: ml_collections.ConfigDict, tokenizer: tokeniz
   if source is None:  # TFDS: no files to stat, so the texts themselves key the cache.
     documents = _read(config_data)
     source = corpus.texts_fingerprint(documents)
+  # Not data_dir itself: `source` digests the files it names, so '../x.tar.gz' and '/abs/x.tar.gz' agree.
   settings = {name: config_data[name] for name in (
-      "data_dir", "tfds_name", "tfds_split", "tfds_text_key", "max_documents", "validation_fraction",
+      "tfds_name", "tfds_split", "tfds_text_key", "max_documents", "validation_fraction",
       "short_seq_prob", "dupe_factor")}
   settings.update(max_seq_length=max_seq_length, seed=seed, source=source)
   path = None
@@ -258,8 +259,8 @@ def build_pretraining(config_data: ml_collections.ConfigDict, tokenizer: tokeniz
                  len(documents), time.perf_counter() - started)
     if path:
       input_pipeline._save_cache(path, _to_cache(arrays))  # pylint: disable=protected-access
-  masked = masking.mask_fn(config_data, tokenizer)(arrays["validation"],
-                                           np.random.default_rng((seed, _VALIDATION_MASK_SALT)))
+  mask = masking.mask_fn(config_data, tokenizer)
+  masked = mask(arrays["validation"], np.random.default_rng((seed, _VALIDATION_MASK_SALT)))
   return PretrainingData(train=arrays["train"], validation=masked,
                          num_documents=int(arrays["counts"]["num_documents"]),
                          num_validation_documents=int(arrays["counts"]["num_validation_documents"]))
