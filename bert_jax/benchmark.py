@@ -9,6 +9,11 @@ FLOPs use one stated formula (matmuls only; layer norms, softmax and the optimiz
                        + 4*L*T^2*d               (attention scores and weighted values)
                        + 2*P*(d^2 + d*V)         (MLM head on P predicted positions; pretraining)
   train = 3 x forward (backward is twice the forward); eval = forward.
+
+The model's speed switches come from `config.model` like every other BertConfig field
+(`--config.model.attention_impl=dot_product`, `remat_policy`, `scan_layers`; `--config.dtype`).
+The case `compile_depth` times tracing and compiling the train step (no step is run) at each depth
+of `config.compile_depths`, with the layers unrolled and scanned: one JSON line per model.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import statistics
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -47,6 +53,9 @@ PEAK_TFLOPS = {
     ("TPU v5 lite", "bfloat16"): 197.0, ("TPU v5e", "bfloat16"): 197.0,
     ("TPU v5p", "bfloat16"): 459.0, ("TPU v5", "bfloat16"): 459.0,
 }
+
+
+CASES = ("train", "eval", "pretrain_train", "compile_depth")
 
 
 def forward_flops(config: models.BertConfig, seq_len: int, num_predictions: int = 0) -> float:
@@ -153,6 +162,37 @@ def _figures(case, bench, step_seconds: float, flops_per_sequence: float, compil
   }
 
 
+def time_compile_depth(bench: ml_collections.ConfigDict, model_config: models.BertConfig, mesh) -> list[dict]:
+  """Seconds to trace and to compile the classification train step, per depth, unrolled and scanned."""
+  rows = []
+  batch_sharding = partitioning.batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+           for k, v in _batch(model_config, bench.batch_size, bench.seq_len, 0).items()}
+  for depth in bench.compile_depths:
+    for scan_layers in (False, True):
+      config = model_config.replace(num_hidden_layers=depth, scan_layers=scan_layers)
+      module = models.BertForSequenceClassification(config)
+      tx, schedule = optim.make_optimizer(bench.optimizer, 1e-4, num_train_steps=1000)
+      abstract, shardings = state_lib.state_template(module, tx, 0, mesh)
+      train_step, _ = train.compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps=1)
+      # Ahead-of-time, on abstract inputs: the jitted step under the wrapper that puts the mesh and
+      # the logical rules in scope (`train._in_mesh`), in the same scope.
+      with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
+        start = time.perf_counter()
+        lowered = train_step.__wrapped__.lower(abstract, batch)
+        traced = time.perf_counter()
+        lowered.compile()
+        compiled = time.perf_counter()
+      rows.append({
+          "case": "compile_depth", "num_hidden_layers": depth, "scan_layers": scan_layers,
+          "remat_policy": config.remat_policy, "attention_impl": config.attention_impl,
+          "hidden_size": config.hidden_size, "trace_seconds": traced - start, "compile_seconds": compiled - traced,
+          "batch_size": bench.batch_size, "seq_len": bench.seq_len, "dtype": bench.dtype,
+          "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      })
+  return rows
+
+
 def time_torch_case(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig) -> dict:
   """transformers' PyTorch `BertForSequenceClassification` on the same work: AdamW train step, or eval."""
   import torch
@@ -186,10 +226,20 @@ def time_torch_case(case: str, bench: ml_collections.ConfigDict, model_config: m
 
 
 def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) -> list[dict]:
+  unknown = sorted(set(config.cases) - set(CASES))
+  if unknown:
+    raise ValueError(f"config.cases has unknown case(s) {unknown}; use any of {CASES}.")
   model_config = state_lib.model_config(config).replace(dtype=config.dtype)
+  if set(config.cases) - {"eval"}:
+    model_config.check_trainable()  # before any compile: e.g. dot_product attention with attention dropout
   mesh = partitioning.make_mesh(config.mesh_shape)
   rows = []
   for case in config.cases:
+    if case == "compile_depth":
+      for row in time_compile_depth(config, model_config, mesh):
+        emit(json.dumps(row))
+        rows.append(row)
+      continue
     row = time_jax_case(case, config, model_config, mesh)
     if config.compare_torch and case in ("train", "eval"):
       row.update(time_torch_case(case, config, model_config))

@@ -15,6 +15,7 @@ from bert_jax import tokenization
 
 MODES = ("train", "evaluate", "predict")
 TASKS = ("classify", "pretrain")
+PARALLELISMS = ("jit", "pmap")
 
 
 def _require(ok: bool, key: str, value, allowed: str) -> None:
@@ -56,6 +57,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   _require(config.optimizer.max_grad_norm > 0, "optimizer.max_grad_norm", config.optimizer.max_grad_norm, "> 0")
   _require(config.checkpoint.every_steps > 0, "checkpoint.every_steps", config.checkpoint.every_steps, "positive")
   _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, "at least 1")
+  _check_parallelism(config)
   if task == "classify":
     _require(config.evaluate.checkpoint in ("best", "latest"), "evaluate.checkpoint",
              config.evaluate.checkpoint, "'best' or 'latest'")
@@ -63,10 +65,24 @@ def check(config: ml_collections.ConfigDict) -> None:
   else:
     _check_pretraining_data(config.data)
   _check_paths(config)
+  # LAMB's trust ratio is per parameter: over a stacked [layers, ...] parameter it would mix layers.
+  _require(not (config.optimizer.name == "lamb" and config.model.get("scan_layers")), "optimizer.name",
+           config.optimizer.name, "'adamw' with --config.model.scan_layers=True (LAMB needs unstacked layers)")
   try:
     models.BertConfig().replace(**model_overrides(config))
   except ValueError as e:
     raise ValueError(f"config.model: {e}") from e
+
+
+def _check_parallelism(config: ml_collections.ConfigDict) -> None:
+  parallelism = config.get("parallelism", "jit")
+  _require(parallelism in PARALLELISMS, "parallelism", parallelism,
+           "'jit' (the mesh of config.mesh_shape) or 'pmap' (data parallel over every device)")
+  shape = tuple(config.mesh_shape)
+  if parallelism == "pmap" and (len(shape) != 3 or shape[1:] != (1, 1)):
+    raise ValueError(f"config.parallelism='pmap' is data parallel over every device, but config.mesh_shape="
+                     f"{shape} asks for fsdp or tensor parallelism; set --config.mesh_shape='(-1,1,1)', or use "
+                     "--config.parallelism=jit for that mesh.")
 
 
 def _check_pretraining_data(data: ml_collections.ConfigDict) -> None:
@@ -104,14 +120,17 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
                               f"from {os.getcwd()}).")
 
 
-def check_batch_layout(config: ml_collections.ConfigDict, data_parallel_size: int) -> None:
-  """Every (micro-)batch must split evenly over the data-parallel devices."""
+def check_batch_layout(config: ml_collections.ConfigDict, data_parallel_size: int,
+                       parallelism: str = "jit") -> None:
+  """Every (micro-)batch must split evenly over the data-parallel devices: the mesh's data x fsdp
+  under jit, every device under pmap."""
+  devices = (f"{data_parallel_size} data-parallel devices"
+             + (" (pmap: every device)" if parallelism == "pmap" else " (mesh data x fsdp)"))
   micro_batch = config.train.batch_size // config.train.grad_accum_steps
   _require(micro_batch % data_parallel_size == 0, "train.batch_size", config.train.batch_size,
-           f"divisible by grad_accum_steps ({config.train.grad_accum_steps}) x the {data_parallel_size} "
-           "data-parallel devices")
+           f"divisible by grad_accum_steps ({config.train.grad_accum_steps}) x the {devices}")
   _require(config.train.eval_batch_size % data_parallel_size == 0, "train.eval_batch_size",
-           config.train.eval_batch_size, f"divisible by the {data_parallel_size} data-parallel devices")
+           config.train.eval_batch_size, f"divisible by the {devices}")
 
 
 def check_model_fits(config: ml_collections.ConfigDict, model_config: models.BertConfig,

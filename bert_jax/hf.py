@@ -2,7 +2,9 @@
 
 Owns: the name and layout mapping between HF's PyTorch state dict (`encoder.layer.0.attention.self.
 query.weight`, `[out, in]`) and our Flax parameters (`encoder/layer_0/attention/query/kernel`,
-`[in, heads, head_dim]`). Does not own the models themselves (see `bert_jax.models`).
+`[in, heads, head_dim]`), including the stacking of HF's per-layer tensors into the
+`encoder/layers` parameters of scanned models (`scan_layers=True`). Does not own the models
+themselves (see `bert_jax.models`).
 """
 
 from __future__ import annotations
@@ -92,6 +94,46 @@ def from_hf_tensor(flax_path: tuple[str, ...], tensor: np.ndarray, shape: tuple[
   if flax_path[-1] == "kernel":
     return np.ascontiguousarray(tensor.T).reshape(shape)
   return tensor.reshape(shape)
+
+
+def unstack_layers(params: dict) -> dict:
+  """Scanned parameters (`encoder/layers/...`, leading `[num_layers]` axis) as `encoder/layer_{i}/...`.
+
+  The inverse of `stack_layers`; parameters of unscanned models are returned as they are.
+  """
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for name, child in params.items():
+    if name == "encoder" and isinstance(child, dict) and "layers" in child:
+      rest = {k: v for k, v in child.items() if k != "layers"}
+      num_layers = jax.tree_util.tree_leaves(child["layers"])[0].shape[0]
+      rest.update({f"layer_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], child["layers"])
+                   for i in range(num_layers)})
+      out[name] = rest
+    else:
+      out[name] = unstack_layers(child)
+  return out
+
+
+def stack_layers(params: dict) -> dict:
+  """`encoder/layer_{i}/...` parameters stacked into `encoder/layers/...` `[num_layers, ...]` (scanned)."""
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for name, child in params.items():
+    layer_names = [k for k in child if re.fullmatch(r"layer_\d+", k)] if isinstance(child, dict) else []
+    if name == "encoder" and layer_names:
+      num_layers = len(layer_names)
+      if sorted(layer_names) != sorted(f"layer_{i}" for i in range(num_layers)):
+        raise ValueError(f"Encoder layers {sorted(layer_names)} are not numbered 0..{num_layers - 1}.")
+      rest = {k: v for k, v in child.items() if k not in layer_names}
+      rest["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
+                                              *(child[f"layer_{i}"] for i in range(num_layers)))
+      out[name] = rest
+    else:
+      out[name] = stack_layers(child)
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,14 +244,15 @@ def load_pretrained(path_or_hub_id: str, model_cls: type[nn.Module] = models.Ber
   """Loads a HF BERT checkpoint into `model_cls`. Returns `(module, params)`.
 
   Parameters absent from the checkpoint (e.g. a classifier head) are initialised fresh from `seed`;
-  both they and checkpoint tensors left unused are named in the log.
+  both they and checkpoint tensors left unused are named in the log. With `scan_layers=True` the
+  per-layer tensors are stacked into the scanned `encoder/layers` parameters.
   """
   directory = resolve(path_or_hub_id)
   config = read_config(directory, **config_overrides)
   state = read_state_dict(directory)
   module = model_cls(config)
   params = init_params(module, seed)
-  flat = flax.traverse_util.flatten_dict(params)
+  flat = flax.traverse_util.flatten_dict(unstack_layers(params))
   used, missing = set(), []
   for path, value in flat.items():
     name = hf_name(path)
@@ -230,7 +273,8 @@ def load_pretrained(path_or_hub_id: str, model_cls: type[nn.Module] = models.Ber
     logging.info("Initialised fresh (not in %s): %s", path_or_hub_id, ", ".join(missing))
   if unused:
     logging.info("Checkpoint tensors not used by %s: %s", model_cls.__name__, ", ".join(unused))
-  return module, flax.traverse_util.unflatten_dict(flat)
+  params = flax.traverse_util.unflatten_dict(flat)
+  return module, stack_layers(params) if config.scan_layers else params
 
 
 def init_params(module: nn.Module, seed: int = 0) -> dict:
@@ -245,8 +289,8 @@ def init_params(module: nn.Module, seed: int = 0) -> dict:
 
 
 def to_state_dict(params: dict) -> dict[str, np.ndarray]:
-  """Our parameters as a HF state dict (float32 numpy, HF names and layouts)."""
-  flat = flax.traverse_util.flatten_dict(nn.meta.unbox(params))
+  """Our parameters (scanned or not) as a HF state dict (float32 numpy, HF names and layouts)."""
+  flat = flax.traverse_util.flatten_dict(unstack_layers(jax.device_get(nn.meta.unbox(params))))
   return {hf_name(path): to_hf_tensor(path, np.asarray(jax.device_get(value), dtype=np.float32))
           for path, value in flat.items()}
 

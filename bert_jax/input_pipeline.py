@@ -345,12 +345,35 @@ def eval_batches(arrays: dict[str, np.ndarray], *,
     yield batch
 
 
-def shard_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-  """Global arrays laid out by `sharding` (e.g. batch over the mesh's data axis).
+def process_rows(sharding: jax.sharding.Sharding, batch_size: int) -> np.ndarray:
+  """The rows of a global batch of `batch_size` that this process's devices hold under `sharding`
+  (split on the leading axis), in order: all of them with one process."""
+  indices = sharding.addressable_devices_indices_map((batch_size,)).values()
+  spans = sorted({index[0].indices(batch_size)[:2] for index in indices})
+  return np.concatenate([np.arange(start, stop) for start, stop in spans])
 
-  Each process passes its own slice of the global batch; with one process that is the whole batch.
+
+def shard_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """Global arrays laid out by `sharding` (rows over the mesh's data axes) from the global `batch`.
+
+  Every process holds the whole host batch (the same on all, built from the same seed) and places
+  only the rows of its own devices (`process_rows`); with one process, that is every row.
   """
-  return {name: jax.make_array_from_process_local_data(sharding, x) for name, x in batch.items()}
+  size = len(next(iter(batch.values())))
+  rows = process_rows(sharding, size)
+  return {name: jax.make_array_from_process_local_data(sharding, x if len(rows) == size else x[rows],
+                                                       (size,) + x.shape[1:])
+          for name, x in batch.items()}
+
+
+def pmap_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's rows of the global `batch`, split over its devices: `[local devices, rows per
+  device, ...]`, what `jax.pmap` maps over. Process p takes the p-th of equal blocks of rows."""
+  size = len(next(iter(batch.values())))
+  per_process = size // jax.process_count()
+  start = jax.process_index() * per_process
+  return {name: x[start:start + per_process].reshape((jax.local_device_count(), -1) + x.shape[1:])
+          for name, x in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Entry point: `python -m bert_jax.main --config=configs/imdb.py[:PRESET] --workdir=DIR [--config.KEY=V]`.
 
-Parses flags, checks the config and hands it to train (which saves it to the workdir), evaluate or predict.
+Parses flags, checks the config, joins the processes of a multi-host run (`partitioning.initialize_distributed`)
+and hands the config to train (which saves it to the workdir), evaluate or predict.
 """
 
 import logging as py_logging
@@ -14,6 +15,7 @@ from ml_collections import config_flags
 
 from bert_jax import config_checks
 from bert_jax import evaluate
+from bert_jax import partitioning
 from bert_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -39,6 +41,7 @@ def main(argv):
   config, workdir = flags.FLAGS.config, _WORKDIR.value
   try:
     config_checks.check(config)
+    partitioning.initialize_distributed()  # before anything asks JAX for its devices
     os.makedirs(workdir, exist_ok=True)
     if config.mode == "train":
       train.train_and_evaluate(config, workdir)
@@ -58,5 +61,22 @@ def main(argv):
     sys.exit(1)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a one-line error for a config key that does not exist (not a traceback)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a value of the wrong type, a missing required flag
+    if "--verbose" in argv:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except (KeyError, AttributeError) as e:  # ml_collections: unknown key, with "Did you mean ...?"
+    if "--verbose" in argv:
+      raise
+    message = " ".join(line.strip() for line in str(e.args[0] if e.args else e).splitlines())
+    print(f"error: unknown config key {message} (the config file lists the keys).", file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -31,7 +31,9 @@ from bert_jax import tokenization
 
 # BertConfig fields that fix parameter shapes: a checkpoint that differs in one cannot be resumed.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "num_labels")
+                "max_position_embeddings", "type_vocab_size", "num_labels", "scan_layers")
+# Their values in checkpoints written before the field existed.
+_SHAPE_DEFAULTS = {"scan_layers": False}
 
 
 def is_workdir(path: str) -> bool:
@@ -121,7 +123,7 @@ def check_resumable(meta: dict, module: nn.Module, directory: str, **data: Any) 
         "(config.task). Use a new --workdir; to start from that run, give it as --config.init_checkpoint. "
         "The checkpoint was left untouched.")
   for field in SHAPE_FIELDS:
-    if saved.get(field) != getattr(module.config, field):
+    if saved.get(field, _SHAPE_DEFAULTS.get(field)) != getattr(module.config, field):
       raise ValueError(
           f"The checkpoint in {directory} is of another model ({field}={saved.get(field)} there, "
           f"{getattr(module.config, field)} configured). Use a new --workdir, or configure the same model; "

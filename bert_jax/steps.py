@@ -1,7 +1,8 @@
 """Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`, for classification or pretraining.
 
 Owns: the loss, gradient accumulation and the optimizer update. Does not own compilation or
-sharding (see `train`, `partitioning`): every function here is device-count agnostic.
+sharding (see `train`, `partitioning`): every function here is device-count agnostic. Under `jax.pmap`
+the same `train_step` runs with `axis_name`, which sums gradients and metrics over the devices.
 """
 
 from __future__ import annotations
@@ -78,10 +79,18 @@ LOSSES = {"classify": classification_loss, "pretrain": pretraining_loss}
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, grad_accum_steps: int = 1,
-               schedule: optax.Schedule | None = None,
-               loss_fn=classification_loss) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on `batch` (`[batch_size, seq]` arrays), split in `grad_accum_steps` micro-batches."""
+               schedule: optax.Schedule | None = None, loss_fn=classification_loss,
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on `batch` (`[batch_size, seq]` arrays), split in `grad_accum_steps` micro-batches.
+
+  `axis_name` (under `jax.pmap`): `batch` is this device's share of the global batch; its sums of
+  gradients and metrics are added up over the devices of that axis (`psum`) before the division by
+  the global count, so every device applies the same update. None (under `jax.jit`): `batch` is the
+  whole batch. Dropout masks then differ from jit's (each device draws its own).
+  """
   dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  if axis_name is not None:  # each device its own dropout masks, as its rows are its own
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
   def micro_grads(params, micro_batch, rng):
     (_, metrics), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
@@ -106,6 +115,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
         micro_grads, state.params, jax.tree_util.tree_map(lambda x: x[0], micro), dropout_rng))
     (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
 
+  if axis_name is not None:  # the all-reduce of data parallelism: sums over every device's rows
+    grads, metrics = jax.lax.psum((grads, metrics), axis_name)
   # The loss is a sum over examples: dividing by the count gives the gradient of the batch mean.
   grads = jax.tree_util.tree_map(lambda g: g / metrics["count"], grads)
   grad_norm = optax.global_norm(grads)

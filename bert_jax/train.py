@@ -1,12 +1,14 @@
 """The training loop of fine-tuning and pretraining alike: `train_and_evaluate(config, workdir)`.
 
-Owns: compiling the steps over the mesh, the loop with its periodic logging, validation and
-checkpoints, the final evaluation and `results.json`. What differs between tasks is in `tasks`;
-steps, data, state and checkpoints live in their own modules.
+Owns: compiling the steps (over the mesh with `jax.jit`, or over the devices with `jax.pmap`: see
+`config.parallelism`), the loop with its periodic logging, validation and checkpoints, the final
+evaluation and `results.json`. What differs between tasks is in `tasks`; steps, data, state,
+shardings and checkpoints live in their own modules.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -44,15 +46,48 @@ def _in_mesh(jitted: Callable, mesh) -> Callable:
 
 
 def compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps: int,
-                  loss_fn=steps.classification_loss):
-  """The jitted train step (state donated) and eval step, laid out over `mesh`."""
-  batch_sharding = partitioning.batch_sharding(mesh)
-  train_step = jax.jit(
-      functools.partial(steps.train_step, model=module, tx=tx, grad_accum_steps=grad_accum_steps,
-                        schedule=schedule, loss_fn=loss_fn),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+                  loss_fn=steps.classification_loss, parallelism: str = "jit"):
+  """The train step (state donated) and the jitted eval step over `mesh`.
+
+  'jit': the train step is laid out over `mesh` by `shardings` and takes batches of `shard_batch`.
+  'pmap': the same `steps.train_step`, mapped over every device with `axis_name`, so gradients and
+  metrics are summed across devices; it takes `partitioning.replicate`d states and `pmap_batch`
+  batches, and returns the metrics once (every device holds the same sums). See `layout`.
+  """
+  step = functools.partial(steps.train_step, model=module, tx=tx, grad_accum_steps=grad_accum_steps,
+                           schedule=schedule, loss_fn=loss_fn)
   eval_step, _ = compile_inference_steps(module, mesh, loss_fn)
+  if parallelism == "pmap":
+    axis = partitioning.PMAP_AXIS
+    train_step = jax.pmap(functools.partial(step, axis_name=axis), axis_name=axis, out_axes=(0, None),
+                          donate_argnums=0)
+    return train_step, eval_step
+  batch_sharding = partitioning.batch_sharding(mesh)
+  train_step = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                       donate_argnums=0)
   return _in_mesh(train_step, mesh), eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How the train step of a parallelism takes the state and batches.
+
+  Checkpoints and evaluation always see the global state (arrays laid out by the state shardings),
+  so a checkpoint written under one parallelism resumes under the other.
+  """
+  put_batch: Callable[[dict[str, np.ndarray]], Any]  # the global host batch -> this process's share, placed
+  to_step: Callable[[Any], Any]  # a global state -> the train step's state
+  to_global: Callable[[Any], Any]  # the train step's state -> a global state
+
+
+def layout(parallelism: str, mesh, shardings) -> Layout:
+  """'jit' holds the global state itself; 'pmap' one copy per device (`mesh` is then data parallel)."""
+  if parallelism == "pmap":
+    return Layout(input_pipeline.pmap_batch, partitioning.replicate,
+                  functools.partial(partitioning.unreplicate, shardings=shardings))
+  same = lambda state: state  # noqa: E731
+  return Layout(functools.partial(input_pipeline.shard_batch, sharding=partitioning.batch_sharding(mesh)),
+                same, same)
 
 
 def compile_inference_steps(module, mesh, loss_fn=steps.classification_loss):
@@ -95,10 +130,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config.task` ('classify' or 'pretrain'), resuming from the workdir's latest checkpoint if
   there is one, then scores the best checkpoint; returns the results (also in WORKDIR/results.json)."""
   task = tasks.get(config)
-  mesh = partitioning.make_mesh(config.mesh_shape)
-  config_checks.check_batch_layout(config, partitioning.data_parallel_size(mesh))
+  parallelism = config.get("parallelism", "jit")
+  mesh = partitioning.make_mesh(config.mesh_shape)  # pmap: data parallel (config_checks.check saw to it)
+  config_checks.check_batch_layout(config, partitioning.data_parallel_size(mesh), parallelism)
   tokenizer = state_lib.make_tokenizer(config)
   module_config = state_lib.model_config(config, tokenizer)
+  module_config.check_trainable()
   config_checks.check_model_fits(config, module_config, dict(mesh.shape))
   config_checks.check_tokenizer_fits(tokenizer, module_config, exact=task.model_cls is models.BertForPreTraining)
   module = task.model_cls(module_config)
@@ -109,7 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if saved_meta:  # Refuse a workdir of another model before spending time on data.
     state_lib.check_resumable(saved_meta, module, ckpt.directory)
   metrics_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  tokenizer.hf_tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))  # evaluate/predict read it
+  if jax.process_index() == 0:  # the primary process writes the workdir's files; Orbax, all of them
+    tokenizer.hf_tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))  # evaluate/predict read it
 
   data = task.build_data(config, tokenizer, config.data.cache_dir or os.path.join(workdir, "cache"))
   steps_per_epoch = input_pipeline.num_train_batches(data.num_train_examples, config.train.batch_size)
@@ -135,13 +173,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   meta = state_lib.checkpoint_meta(module, **settings)
 
   train_step, eval_step = compile_steps(module, tx, schedule, shardings, mesh, config.train.grad_accum_steps,
-                                        task.loss_fn)
+                                        task.loss_fn, parallelism)
   writer = metrics_lib.Writer(os.path.join(workdir, "tensorboard"))
   progress = metrics_lib.Progress(total_steps, config.train.batch_size, int(state.step),
                                   **saved_meta.get("progress", {}))
   try:
     state = _train_loop(config, state, data, train_step, eval_step, ckpt, writer, meta, mesh, progress,
-                        steps_per_epoch)
+                        steps_per_epoch, layout(parallelism, mesh, shardings))
     step = int(state.step)
     best, params = ckpt.best_step(), state.params
     if best != step:
@@ -155,9 +193,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
   results.update(steps=step, checkpoint_step=best, num_train_examples=data.num_train_examples,
                  **data.info, **progress.results())
-  if config.checkpoint.export_hf and jax.process_index() == 0:
-    hf.save_pretrained(module, jax.device_get(params), os.path.join(workdir, "hf_model"))
-    tokenizer.hf_tokenizer.save_pretrained(os.path.join(workdir, "hf_model"))
+  if config.checkpoint.export_hf:
+    host_params = partitioning.to_host(params)  # every process: params sharded over hosts are gathered
+    if jax.process_index() == 0:
+      hf.save_pretrained(module, host_params, os.path.join(workdir, "hf_model"))
+      tokenizer.hf_tokenizer.save_pretrained(os.path.join(workdir, "hf_model"))
   metrics_lib.write_json(os.path.join(workdir, "results.json"), results)
   logging.info("Final evaluation (checkpoint of step %d): %s", best, _format(results))
   return results
@@ -192,8 +232,8 @@ class _NonFiniteGuard:
       latest = self.ckpt.latest_step()
       raise Diverged(
           f"The loss or gradient of step {bad[0]} is NaN or Inf{f' (and of steps {bad[1:]})' if bad[1:] else ''}: "
-          f"training stopped. Those updates were not applied; the last checkpoint (step {latest}) is "
-          "untouched. Lower the learning rate or raise optimizer.warmup_fraction, check the data, or set "
+          "training stopped. Those updates were not applied; "
+          f"{f'the last checkpoint (step {latest}) is untouched' if latest is not None else 'no checkpoint was written'}. Lower the learning rate or raise optimizer.warmup_fraction, check the data, or set "
           "--config.train.on_nonfinite=skip to skip such steps.")
     self.progress.nonfinite_steps += len(bad)
     logging.warning("Skipped the update of non-finite step(s) %s (config.train.on_nonfinite=skip).", bad)
@@ -224,24 +264,26 @@ class _PreemptionNotice:
 
 
 def _train_loop(config, state, data, train_step, eval_step, ckpt, writer, meta, mesh,
-                progress: metrics_lib.Progress, steps_per_epoch: int):
-  """Steps from `state.step` to the end, logging every window and checkpointing (with validation)."""
+                progress: metrics_lib.Progress, steps_per_epoch: int, placement: Layout):
+  """Steps from `state.step` to the end, logging every window and checkpointing (with validation).
+
+  Takes and returns a global state; in between, the state is laid out as `placement` says."""
   with _PreemptionNotice() as preemption:
     return _steps(config, state, data, train_step, eval_step, ckpt, writer, meta, mesh, progress,
-                  steps_per_epoch, preemption)
+                  steps_per_epoch, placement, preemption)
 
 
 def _steps(config, state, data, train_step, eval_step, ckpt, writer, meta, mesh, progress, steps_per_epoch,
-           preemption: _PreemptionNotice):
+           placement: Layout, preemption: _PreemptionNotice):
   step, num_train_steps = int(state.step), progress.num_train_steps
-  logging.info("Training %d steps (%d per epoch, %d examples, batch %d) from step %d on mesh %s.",
+  logging.info("Training %d steps (%d per epoch, %d examples, batch %d) from step %d with %s on mesh %s.",
                num_train_steps, steps_per_epoch, data.num_train_examples, config.train.batch_size, step,
-               dict(mesh.shape))
+               config.get("parallelism", "jit"), dict(mesh.shape))
   window = None
-  batch_sharding = partitioning.batch_sharding(mesh)
+  state = placement.to_step(state)
   nonfinite = _NonFiniteGuard(config.train.on_nonfinite, progress, ckpt)
   for batch in _batches_from(data.batches, steps_per_epoch, step, num_train_steps):
-    state, step_metrics = train_step(state, input_pipeline.shard_batch(batch, batch_sharding))
+    state, step_metrics = train_step(state, placement.put_batch(batch))
     step += 1
     nonfinite.add(step, step_metrics["nonfinite"])
     window = metrics_lib.add(window, step_metrics)
@@ -254,20 +296,21 @@ def _steps(config, state, data, train_step, eval_step, ckpt, writer, meta, mesh,
       nonfinite.check()  # a diverged run keeps its last good checkpoint
     if validate or step % config.checkpoint.every_steps == 0:
       pause_start = time.perf_counter()
+      snapshot = placement.to_global(state)
       validation = {}
       if validate and len(next(iter(data.validation.values()))):
-        validation = evaluate_arrays(eval_step, state.params, data.validation, config.train.eval_batch_size,
+        validation = evaluate_arrays(eval_step, snapshot.params, data.validation, config.train.eval_batch_size,
                                      mesh, "validation_")
         writer.scalars(step, validation)
       progress.exclude(time.perf_counter() - pause_start)
-      if ckpt.save(step, state, dict(meta, progress=progress.state_dict(step)), metrics=validation or None):
+      if ckpt.save(step, snapshot, dict(meta, progress=progress.state_dict(step)), metrics=validation or None):
         logging.info("step %d: checkpoint saved. %s", step, _format(validation))
-    if preemption.requested:
-      ckpt.save_now(step, state, dict(meta, progress=progress.state_dict(step)))  # durable before exit
+    if preemption.requested:  # durable before exit
+      ckpt.save_now(step, placement.to_global(state), dict(meta, progress=progress.state_dict(step)))
       raise Preempted(f"Stopped on SIGTERM at step {step} of {num_train_steps}; the checkpoint of step {step} "
                       f"is saved in {ckpt.directory}. Rerun the same command to resume.")
   ckpt.wait()
-  return state
+  return placement.to_global(state)
 
 
 def _batches_from(batches: tasks.Batches, steps_per_epoch: int, step: int,

@@ -83,6 +83,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   # Devices: a (data, fsdp, tensor) mesh; -1 takes the remaining devices.
   config.mesh_shape = (-1, 1, 1)
+  # 'jit' lays the step out over that mesh; 'pmap' maps it over every device (data parallel only).
+  config.parallelism = "jit"
 
   config.evaluate = ml_collections.ConfigDict()
   config.evaluate.checkpoint = "best"  # best | latest

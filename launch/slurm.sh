@@ -113,7 +113,8 @@ else
   die "not inside a SLURM job (no SLURM_JOB_NODELIST or scontrol): submit with sbatch, or use --dry-run"
 fi
 
-# Per task: the process count and this task's rank. With one task per node, every GPU the task sees is
+# Per task: the process count and this task's rank, which bert_jax.main hands to jax.distributed.initialize
+# with JAX_COORDINATOR_ADDRESS (bert_jax/partitioning.py). With one task per node, every GPU the task sees is
 # one of its local devices (JAX's SLURM detection would otherwise give each process only GPU
 # SLURM_LOCALID, i.e. GPU 0).
 # shellcheck disable=SC2016  # expanded by the task's shell, not here

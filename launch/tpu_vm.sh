@@ -271,7 +271,9 @@ cmd_run() {
   local dir log main arg cmd
   dir=$(quote_inner "$REMOTE_DIR")
   log="main-$(date +%Y%m%d-%H%M%S).log"
-  main="nohup env PYTHONUNBUFFERED=1 .venv/bin/python -m bert_jax.main"
+  # BERT_JAX_DISTRIBUTED=1: the program calls jax.distributed.initialize(), which finds the slice's
+  # workers from the TPU VM's metadata (one worker: a single process, as before).
+  main="nohup env PYTHONUNBUFFERED=1 BERT_JAX_DISTRIBUTED=1 .venv/bin/python -m bert_jax.main"
   main+=" $(quote_arg "--config=$CONFIG" quote_inner) $(quote_arg "--workdir=$WORKDIR" quote_inner)"
   for arg in ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; do
     main+=" $(quote_arg "$arg" quote_inner)"

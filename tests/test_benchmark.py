@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bert_jax import benchmark
 from configs import benchmark as benchmark_configs
 
@@ -35,3 +37,27 @@ def test_flops_formula_counts_attention_and_the_mlm_head():
   assert benchmark.forward_flops(model_config, T, 20) - benchmark.forward_flops(model_config, T) == (
       2 * 20 * (d * d + d * V))
   assert config.dtype == "bfloat16"
+
+
+def test_compile_depth_reports_trace_and_compile_seconds_unrolled_and_scanned():
+  lines = []
+  config = _tiny_benchmark_config(cases=("compile_depth",), compile_depths=(2,))  # each model: one compile
+  config.model.update(attention_impl="dot_product", attention_probs_dropout_prob=0.0, remat_policy="dots")
+  benchmark.run(config, emit=lines.append)
+  rows = [json.loads(line) for line in lines]
+  assert [(row["num_hidden_layers"], row["scan_layers"]) for row in rows] == [(2, False), (2, True)]
+  for row in rows:
+    assert row["case"] == "compile_depth" and row["compile_seconds"] > 0 and row["trace_seconds"] > 0
+    assert (row["attention_impl"], row["remat_policy"]) == ("dot_product", "dots")  # switches flow via config.model
+
+
+def test_training_cases_refuse_fused_attention_with_attention_dropout():
+  config = _tiny_benchmark_config(cases=("train",))
+  config.model.update(attention_impl="dot_product", attention_probs_dropout_prob=0.1)
+  with pytest.raises(ValueError, match="attention_probs_dropout_prob=0"):
+    benchmark.run(config, emit=lambda line: None)
+
+
+def test_unknown_case_is_named():
+  with pytest.raises(ValueError, match=r"unknown case\(s\) \['trian'\]"):
+    benchmark.run(_tiny_benchmark_config(cases=("trian",)), emit=lambda line: None)

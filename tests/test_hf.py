@@ -38,8 +38,9 @@ def minilm_inputs(minilm_dir):
   return tokenizer.encode(SENTENCES, max_seq_length=32)  # the short ones are padded
 
 
-def test_minilm_parity_with_transformers(minilm_dir, minilm_inputs):
-  module, params = hf.load_pretrained(str(minilm_dir), models.BertModel)
+@pytest.mark.parametrize("switches", [{}, {"attention_impl": "dot_product", "scan_layers": True}])
+def test_minilm_parity_with_transformers(minilm_dir, minilm_inputs, switches):
+  module, params = hf.load_pretrained(str(minilm_dir), models.BertModel, **switches)
   ours = jax.jit(lambda p, ids, kw: module.apply({"params": p}, ids, **kw))(
       params, minilm_inputs["input_ids"], _our_inputs(minilm_inputs))
   reference = transformers.BertModel.from_pretrained(str(minilm_dir)).eval()
@@ -100,6 +101,36 @@ def test_heads_load_with_parity_and_round_trip(tmp_path, hf_cls, our_cls):
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
   for ours, theirs in zip(_torch_logits(reloaded, arrays), expected):
     np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0)
+
+
+def test_scanned_model_loads_and_exports_like_the_unrolled_one(tmp_path):
+  torch.manual_seed(0)
+  reference = transformers.BertForSequenceClassification(_tiny_hf_config(num_labels=3))
+  reference.save_pretrained(tmp_path / "hf")
+  arrays = _tiny_inputs()
+  (expected,) = _torch_logits(reference, arrays)
+
+  module, params = hf.load_pretrained(str(tmp_path / "hf"), models.BertForSequenceClassification,
+                                      scan_layers=True)
+  assert params["bert"]["encoder"]["layers"]["intermediate"]["kernel"].shape == (2, 32, 37)
+  (ours,) = _our_logits(module, params, arrays)
+  np.testing.assert_allclose(ours, expected, atol=ATOL, rtol=0)
+  _, unrolled = hf.load_pretrained(str(tmp_path / "hf"), models.BertForSequenceClassification)
+  scanned_state, unrolled_state = hf.to_state_dict(params), hf.to_state_dict(unrolled)
+  assert scanned_state.keys() == unrolled_state.keys()
+  for name, tensor in unrolled_state.items():
+    np.testing.assert_array_equal(scanned_state[name], tensor, err_msg=name)  # the same tensors, exactly
+
+  hf.save_pretrained(module, params, str(tmp_path / "ours"))
+  config_json = json.loads((tmp_path / "ours" / "config.json").read_text())
+  assert "scan_layers" not in config_json and "attention_impl" not in config_json
+  reloaded, info = transformers.BertForSequenceClassification.from_pretrained(
+      str(tmp_path / "ours"), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+  np.testing.assert_allclose(_torch_logits(reloaded, arrays)[0], expected, atol=ATOL, rtol=0)
+  again, again_params = hf.load_pretrained(str(tmp_path / "ours"), models.BertForSequenceClassification,
+                                           scan_layers=True)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, again_params, params)
 
 
 def test_exported_encoder_loads_in_transformers_bert_model(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from bert_jax import hf
 from bert_jax import models
+from bert_jax.models import bert
 
 
 def _inputs(batch=2, seq=8, vocab=99):
@@ -77,6 +78,20 @@ def test_dropout_only_when_not_deterministic(tiny_config):
   assert not np.allclose(run(False, 0), run(False, 1))
 
 
+@pytest.mark.parametrize("shape", [(64, 256), (4, 3, 33)])  # even and odd last axis
+def test_dropout_drops_at_the_rate_and_keeps_the_mean(shape):
+  x = jnp.ones(shape)
+  y = bert.Dropout(0.1).apply({}, x, False, rngs={"dropout": jax.random.key(0)})
+  assert y.shape == shape and y.dtype == x.dtype
+  kept = np.asarray(y != 0)
+  # Binomial: 3 standard deviations of the kept fraction, sqrt(0.09 / n).
+  assert abs(kept.mean() - 0.9) <= 3 * np.sqrt(0.09 / kept.size)
+  np.testing.assert_allclose(np.asarray(y)[kept], 65536 / (65536 - 6554), rtol=1e-6)  # 1 / (1 - rounded rate)
+  assert not np.array_equal(kept, np.asarray(bert.Dropout(0.1).apply(
+      {}, x, False, rngs={"dropout": jax.random.key(1)}) != 0))
+  np.testing.assert_array_equal(bert.Dropout(0.1).apply({}, x, True), x)
+
+
 def test_initialisation_is_berts(tiny_config):
   config = tiny_config.replace(hidden_size=256, intermediate_size=512, num_attention_heads=4)
   params = hf.init_params(models.BertModel(config))
@@ -87,16 +102,20 @@ def test_initialisation_is_berts(tiny_config):
   np.testing.assert_array_equal(params["embeddings"]["LayerNorm"]["scale"], 1)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("model_cls", list(models.MODEL_CLASSES.values()))
-def test_every_parameter_has_logical_axis_names(tiny_config, model_cls):
-  module = model_cls(tiny_config)
+def test_every_parameter_has_logical_axis_names(tiny_config, model_cls, scan_layers):
+  module = model_cls(tiny_config.replace(scan_layers=scan_layers))
   variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   flat = flax.traverse_util.flatten_dict(variables["params"])
   for path, leaf in flat.items():
     assert isinstance(leaf, nn.LogicallyPartitioned), path
     assert len(leaf.names) == leaf.value.ndim, path
     assert len(set(leaf.names)) == len(leaf.names), path  # sharding needs distinct names
-    assert set(leaf.names) <= {"vocab", "embed", "embed_out", "mlp", "heads", "kv", "position", "token_type", "classes"}
+    assert set(leaf.names) <= {"vocab", "embed", "embed_out", "mlp", "heads", "kv", "position", "token_type", "classes",
+                               "layers"}
+    assert ("layers" in leaf.names) == (scan_layers and "encoder" in path), path  # stacked: leading axis
+    assert "layers" not in leaf.names or leaf.names[0] == "layers"
 
 
 def test_attention_kernels_name_heads_and_kv(tiny_config):
@@ -146,3 +165,162 @@ def test_bfloat16_compute_keeps_float32_params(tiny_config):
   assert logits_bf16.dtype == jnp.bfloat16
   # bf16 has 8 mantissa bits: agreement to a few 1e-2 on O(1) logits is what it can give.
   np.testing.assert_allclose(np.asarray(logits_bf16, np.float32), logits_f32, atol=5e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed switches: each must compute what the plain float32 path computes.
+
+# float32 agreement of two orderings of the same float32 arithmetic on O(1) values: measured <= 5e-8
+# on this tiny model (outputs, loss and every gradient); the bound leaves room for other CPUs' kernels.
+F32_ATOL = 2e-5
+
+
+def _speed_config(tiny_config, **overrides):
+  """The tiny model with 2 layers of width 32 and no dropout unless asked (outputs compare exactly)."""
+  return tiny_config.replace(**{"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **overrides})
+
+
+def _loss_and_grads(module, params, deterministic=True, seed=0):
+  """Summed classification cross-entropy of `_inputs()` and its gradients."""
+  input_ids, attention_mask, token_type_ids = _inputs()
+  labels = jnp.array([0, 1])
+
+  def loss(p):
+    logits = module.apply({"params": p}, input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+                          rngs={"dropout": jax.random.key(seed)})
+    logits = logits.astype(jnp.float32)
+    return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _assert_trees_close(actual, expected, atol):
+  assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol, rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_dot_product_attention_matches_einsum_with_padding(tiny_config):
+  config = _speed_config(tiny_config)
+  params = hf.init_params(models.BertModel(config))
+  input_ids, attention_mask, token_type_ids = _inputs()  # row 1 is half padding
+  einsum = models.BertModel(config).apply({"params": params}, input_ids, attention_mask, token_type_ids)
+  fused = models.BertModel(config.replace(attention_impl="dot_product")).apply(
+      {"params": params}, input_ids, attention_mask, token_type_ids)
+  np.testing.assert_allclose(fused.sequence_output, einsum.sequence_output, atol=F32_ATOL, rtol=0)
+  np.testing.assert_allclose(fused.pooled_output, einsum.pooled_output, atol=F32_ATOL, rtol=0)
+
+
+def test_dot_product_attention_gradients_match_einsum(tiny_config):
+  config = _speed_config(tiny_config, hidden_dropout_prob=0.1)  # hidden dropout on: training mode
+  params = hf.init_params(models.BertForSequenceClassification(config))
+  loss, grads = _loss_and_grads(models.BertForSequenceClassification(config), params, deterministic=False)
+  fused_loss, fused_grads = _loss_and_grads(
+      models.BertForSequenceClassification(config.replace(attention_impl="dot_product")), params,
+      deterministic=False)
+  np.testing.assert_allclose(fused_loss, loss, atol=F32_ATOL, rtol=0)
+  _assert_trees_close(fused_grads, grads, atol=F32_ATOL)
+
+
+def test_dot_product_attention_refuses_attention_dropout_in_training(tiny_config):
+  config = tiny_config.replace(attention_impl="dot_product", attention_probs_dropout_prob=0.1)
+  module = models.BertForSequenceClassification(config)
+  params = hf.init_params(module)  # inference (deterministic) is fine: no dropout to drop
+  with pytest.raises(ValueError, match=r"attention_probs_dropout_prob=0.*attention_impl=einsum"):
+    _loss_and_grads(module, params, deterministic=False)
+
+
+def test_cudnn_attention_is_refused_off_gpu_and_in_float32(tiny_config):
+  with pytest.raises(ValueError, match="needs dtype 'bfloat16'"):
+    tiny_config.replace(attention_impl="cudnn")
+  if jax.default_backend() != "gpu":
+    module = models.BertModel(tiny_config.replace(attention_impl="cudnn", dtype="bfloat16"))
+    with pytest.raises(ValueError, match="needs a GPU"):
+      hf.init_params(module)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_keeps_outputs_and_gradients(tiny_config, policy):
+  config = _speed_config(tiny_config, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+  params = hf.init_params(models.BertForSequenceClassification(config))
+  # Dropout on: the recomputed forward pass must draw the same masks as the first.
+  loss, grads = _loss_and_grads(models.BertForSequenceClassification(config), params, deterministic=False)
+  remat_loss, remat_grads = _loss_and_grads(
+      models.BertForSequenceClassification(config.replace(remat_policy=policy)), params, deterministic=False)
+  np.testing.assert_allclose(remat_loss, loss, atol=F32_ATOL, rtol=0)
+  _assert_trees_close(remat_grads, grads, atol=F32_ATOL)
+
+
+@pytest.mark.parametrize("remat_policy", ["none", "dots"])
+def test_scanned_layers_match_unrolled(tiny_config, remat_policy):
+  config = _speed_config(tiny_config)
+  scanned = models.BertForSequenceClassification(config.replace(scan_layers=True, remat_policy=remat_policy))
+  params = hf.init_params(models.BertForSequenceClassification(config))
+  stacked = hf.stack_layers(params)
+  assert stacked["bert"]["encoder"]["layers"]["attention"]["query"]["kernel"].shape == (2, 32, 4, 8)
+  assert jax.tree_util.tree_structure(stacked) == jax.tree_util.tree_structure(hf.init_params(scanned))
+  loss, grads = _loss_and_grads(models.BertForSequenceClassification(config), params)
+  scan_loss, scan_grads = _loss_and_grads(scanned, stacked)
+  np.testing.assert_allclose(scan_loss, loss, atol=F32_ATOL, rtol=0)
+  _assert_trees_close(hf.unstack_layers(scan_grads), grads, atol=F32_ATOL)
+
+
+def _all_eqns(jaxpr):
+  """Every equation of `jaxpr`, and of the jaxprs nested in its equations (jit, custom_jvp, scan)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from _all_eqns(sub)
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_statistics(tiny_config):
+  config = _speed_config(tiny_config, dtype="bfloat16")
+  module = models.BertForSequenceClassification(config)
+  params = hf.init_params(module)
+  input_ids, attention_mask, token_type_ids = _inputs()
+  jaxpr = jax.make_jaxpr(lambda p: module.apply({"params": p}, input_ids, attention_mask, token_type_ids))(params)
+  flat = list(_all_eqns(jaxpr.jaxpr))
+  dots = [e for e in flat if e.primitive.name == "dot_general"]
+  assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars), "a matmul ran in float32"
+  exps = [e for e in flat if e.primitive.name == "exp"]
+  assert exps and all(e.outvars[0].aval.dtype == jnp.float32 for e in exps)  # the softmax
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+
+
+def test_bfloat16_loss_and_gradients_track_float32(tiny_config):
+  config = _speed_config(tiny_config)
+  params = hf.init_params(models.BertForSequenceClassification(config))
+  loss, grads = _loss_and_grads(models.BertForSequenceClassification(config), params)
+  bf16_loss, bf16_grads = _loss_and_grads(
+      models.BertForSequenceClassification(config.replace(dtype="bfloat16")), params)
+  assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(bf16_grads))
+  # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per op). Measured here: loss within
+  # 1e-5 relative, gradient within 0.8% (relative L2); bounds: 2% and 5%.
+  np.testing.assert_allclose(bf16_loss, loss, rtol=2e-2)
+  flat, bf16_flat = (np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(t)]) for t in (grads, bf16_grads))
+  assert np.linalg.norm(bf16_flat - flat) <= 0.05 * np.linalg.norm(flat)
+
+
+def test_speed_switches_stay_out_of_hf_config(tiny_config):
+  config = tiny_config.replace(attention_impl="dot_product", remat_policy="dots", scan_layers=True,
+                               dtype="bfloat16")
+  hf_dict = config.to_hf_dict()
+  assert not {"attention_impl", "remat_policy", "scan_layers", "dtype", "param_dtype"} & set(hf_dict)
+  # A config.json that happens to carry such keys does not switch them on.
+  loaded = models.BertConfig.from_hf_dict(dict(hf_dict, scan_layers=True, attention_impl="cudnn"))
+  assert (loaded.scan_layers, loaded.attention_impl, loaded.remat_policy) == (False, "einsum", "none")
+  assert models.BertConfig.from_hf_dict(hf_dict, scan_layers=True).scan_layers
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"attention_impl": "flash"}, "attention_impl='flash' is not supported"),
+    ({"remat_policy": "some"}, "remat_policy='some' is not supported"),
+    ({"scan_layers": "yes"}, "scan_layers='yes' must be True or False"),
+])
+def test_bad_speed_switches_are_named(tiny_config, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    tiny_config.replace(**overrides)

@@ -1,52 +1,349 @@
-"""The same training on 1 device and on 8 simulated CPU devices under several meshes.
+"""The same training on 1 device, under `jax.pmap` over 8, and under jit on several 8-device meshes;
+checkpoints that move between meshes and parallelisms; the errors of layouts that do not fit.
 
-The 8-device runs happen in a subprocess: the device count is fixed when jax starts.
+The 8-device runs happen in subprocesses with `--xla_force_host_platform_device_count=8`: the device
+count is fixed when jax starts, and the rest of the suite keeps its one device.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
+import jax
+import ml_collections
+import numpy as np
 import pytest
 
-from bert_jax import train
+from bert_jax import checkpointing
+from bert_jax import config_checks
+from bert_jax import models
+from bert_jax import optim
+from bert_jax import partitioning
+from bert_jax import state as state_lib
 
+from imdb_testdata import make_archive, sentiment_reviews, write_imdb
 from test_train import REPO_ROOT, archive, tiny_config  # noqa: F401 (archive is a fixture)
 
-MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
+TESTS = str(REPO_ROOT / "tests")
 
-SCRIPT = textwrap.dedent("""
-    import json, sys
-    sys.path[:0] = [{tests!r}]
-    from bert_jax import train
-    from test_train import tiny_config
-    import pathlib
-    archive, minilm, workdir = sys.argv[1:4]
-    results = {{}}
-    for shape in {meshes!r}:
-      config = tiny_config(pathlib.Path(archive), pathlib.Path(minilm), **{overrides!r})
-      config.mesh_shape = shape
-      results[str(shape)] = train.train_and_evaluate(config, f"{{workdir}}/{{'x'.join(map(str, shape))}}")
-    print("RESULTS " + json.dumps(results))
-""")
 
-# Dropout off, a vocab that divides over a tensor axis of 2, micro-batches to exercise accumulation.
-OVERRIDES = {"model.hidden_dropout_prob": 0.0, "model.attention_probs_dropout_prob": 0.0,
-             "model.vocab_size": 30528, "train.batch_size": 16, "train.grad_accum_steps": 2}
+def run_python(script: str, *args: str, devices: int = 8, timeout: int = 900, env=None) -> dict:
+  """Runs `script` in a fresh interpreter with `devices` simulated CPU devices; returns the JSON it
+  prints on its last line."""
+  full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+              "JAX_PLATFORMS": "cpu", **(env or {})}
+  out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                       env=full_env, cwd=REPO_ROOT, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# A model whose sharded axes divide over every mesh below: embed 32 over fsdp 8, 4 heads, mlp 64 and
+# vocab 100 over tensor 2. Dropout off, so every layout computes the same function.
+MODEL = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+OPTIMIZER = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, warmup_fraction=0.0,
+                 max_grad_norm=1.0)
+
+# Shared by the subprocess scripts: the model, optimizer, a fixed state and batch, and a step runner.
+COMMON = f"""
+import json, sys
+import jax, numpy as np
+import ml_collections
+from bert_jax import checkpointing, hf, input_pipeline, models, optim, partitioning, steps, train
+from bert_jax import state as state_lib
+
+module = models.BertForSequenceClassification(models.BertConfig(**{MODEL!r}))
+optimizer = ml_collections.ConfigDict({OPTIMIZER!r})
+tx, schedule = optim.make_optimizer(optimizer, learning_rate=1e-3, num_train_steps=10)
+rng = np.random.default_rng(0)
+batch = dict(input_ids=rng.integers(5, 100, (16, 12)).astype(np.int32),
+             token_type_ids=np.zeros((16, 12), np.int32), attention_mask=np.ones((16, 12), np.int32),
+             labels=rng.integers(0, 2, 16).astype(np.int32), weights=np.ones(16, np.float32))
+batch["attention_mask"][::3, 8:] = 0  # some padding
+start = jax.device_get(steps.create_state(hf.init_params(module, seed=0), tx, seed=0))
+
+def one_step(parallelism, mesh):
+  _, shardings = state_lib.state_template(module, tx, 0, mesh)
+  train_step, _ = train.compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps=2,
+                                      parallelism=parallelism)
+  placement = train.layout(parallelism, mesh, shardings)
+  state, metrics = train_step(placement.to_step(jax.device_put(start, shardings)), placement.put_batch(batch))
+  return placement.to_global(state), float(metrics["loss_sum"] / metrics["count"])
+
+def spec(x):
+  return [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+"""
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  """One 8-device process: a train step from the same state and batch on 1 device (a mesh of one),
+  under pmap and on three meshes; then the fsdp=8 state saved and restored on other meshes."""
+  directory = tmp_path_factory.mktemp("fsdp8") / "checkpoints"
+  return directory, run_python(COMMON + textwrap.dedent("""
+    def summary(state, loss=None):
+      query = state.params["bert"]["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+      embedding = state.params["bert"]["embeddings"]["word_embeddings"]["embedding"]
+      mlp = state.params["bert"]["encoder"]["layer_0"]["intermediate"]["kernel"]
+      return dict(loss=loss, step=int(state.step), query_spec=spec(query), embedding_spec=spec(embedding),
+                  query_shard=list(query.addressable_shards[0].data.shape),
+                  embedding_shard=list(embedding.addressable_shards[0].data.shape),
+                  mlp_shard=list(mlp.addressable_shards[0].data.shape))
+
+    def max_diff(a, b):
+      diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
+                                     jax.device_get(a), jax.device_get(b))
+      return max(jax.tree_util.tree_leaves(diffs))
+
+    reference, reference_loss = one_step("jit", partitioning.make_mesh((1, 1, 1), jax.devices()[:1]))
+    steps_out, states = {"1 device": summary(reference, reference_loss)}, {}
+    for name, parallelism, shape in [("pmap", "pmap", (8, 1, 1)), ("data=8", "jit", (8, 1, 1)),
+                                     ("fsdp=8", "jit", (1, 8, 1)), ("2/2/2", "jit", (2, 2, 2))]:
+      states[name], loss = one_step(parallelism, partitioning.make_mesh(shape))
+      steps_out[name] = dict(summary(states[name], loss), max_param_diff=max_diff(states[name], reference))
+
+    directory = sys.argv[1]
+    saved = states["fsdp=8"]
+    ckpt = checkpointing.Checkpoints(directory)
+    ckpt.save(1, saved, {"note": "fsdp=8"})
+    ckpt.close()
+    np.savez(directory + "/../saved.npz", **{jax.tree_util.keystr(p): np.asarray(x)
+                                              for p, x in jax.tree_util.tree_leaves_with_path(jax.device_get(saved))})
+    restores = {}
+    for name, shape in [("data=4,tensor=2", (4, 1, 2)), ("pmap mesh", (8, 1, 1))]:
+      mesh = partitioning.make_mesh(shape)
+      abstract, shardings = state_lib.state_template(module, tx, 0, mesh)
+      restored = checkpointing.Checkpoints(directory, read_only=True).restore(1, abstract)
+      restores[name] = dict(summary(restored), max_diff=max_diff(restored, saved))
+      if name == "pmap mesh":  # one copy per device for pmap, and back: unchanged
+        back = partitioning.unreplicate(partitioning.replicate(restored), shardings)
+        restores[name]["round_trip_max_diff"] = max_diff(back, saved)
+    print(json.dumps({"steps": steps_out, "restores": restores}))
+  """), str(directory))
 
 
 @pytest.mark.slow
-def test_meshes_on_8_devices_match_one_device(tmp_path, archive, minilm_dir):
-  single = train.train_and_evaluate(tiny_config(archive, minilm_dir, **OVERRIDES), str(tmp_path / "one"))
-  script = SCRIPT.format(tests=str(REPO_ROOT / "tests"), meshes=MESHES, overrides=OVERRIDES)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", script, str(archive), str(minilm_dir), str(tmp_path)],
-                       capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900)
-  assert out.returncode == 0, out.stderr[-3000:]
-  results = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULTS "))[8:])
-  for shape, result in results.items():
-    # float32; summation order differs across shardings: agreement to 1e-5 relative.
-    assert result["final_train_loss"] == pytest.approx(single["final_train_loss"], rel=1e-5), shape
-    assert result["test_loss"] == pytest.approx(single["test_loss"], rel=1e-5), shape
+def test_one_step_is_the_same_on_1_device_pmap_and_every_mesh(eight_devices):
+  results = dict(eight_devices[1]["steps"])
+  reference = results.pop("1 device")
+  for name, got in results.items():
+    # float32, summation order differs between layouts: the loss to 1e-5 relative; parameters to 1e-6
+    # absolute, 1/1000 of this step's AdamW update (learning rate 1e-3).
+    assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5), name
+    assert got["max_param_diff"] < 1e-6, name
+    assert got["step"] == 1, name
+
+
+@pytest.mark.slow
+def test_parameters_are_sharded_as_the_rules_say(eight_devices):
+  results = eight_devices[1]["steps"]
+  # query kernel [embed, heads, kv] on (fsdp, tensor, -), word embeddings [vocab, embed] on
+  # (tensor, fsdp), the MLP kernel [embed, mlp] on (fsdp, tensor): partitioning.RULES.
+  mesh = results["2/2/2"]
+  assert mesh["query_spec"] == ["fsdp", "tensor", None] and mesh["query_shard"] == [16, 2, 8]
+  assert mesh["embedding_spec"] == ["tensor", "fsdp"] and mesh["embedding_shard"] == [50, 16]
+  assert mesh["mlp_shard"] == [16, 32]
+  assert results["fsdp=8"]["query_shard"] == [4, 4, 8] and results["fsdp=8"]["embedding_shard"] == [100, 4]
+  for name in ("data=8", "pmap"):  # data parallel: every device holds whole parameters
+    assert results[name]["query_shard"] == [32, 4, 8] and results[name]["embedding_shard"] == [100, 32], name
+
+
+@pytest.mark.slow
+def test_checkpoint_of_fsdp_8_restores_on_data_4_tensor_2_and_on_1_device(eight_devices):
+  """Saved under fsdp=8; restored under data=4/tensor=2 and on the pmap mesh in that 8-device
+  process, then in this 1-device process: equal values, laid out as the restoring mesh says."""
+  directory, result = eight_devices
+  restores = result["restores"]
+  assert restores["data=4,tensor=2"]["max_diff"] == 0
+  assert restores["data=4,tensor=2"]["query_spec"] == ["fsdp", "tensor", None]
+  assert restores["data=4,tensor=2"]["query_shard"] == [32, 2, 8]  # fsdp=1 here: embed whole, heads halved
+  assert restores["pmap mesh"]["max_diff"] == 0 and restores["pmap mesh"]["round_trip_max_diff"] == 0
+  assert restores["pmap mesh"]["query_shard"] == [32, 4, 8]
+
+  # This process has one device: the same checkpoint restores onto it.
+  assert jax.device_count() == 1
+  module = models.BertForSequenceClassification(models.BertConfig(**MODEL))
+  tx, _ = optim.make_optimizer(ml_collections.ConfigDict(OPTIMIZER), learning_rate=1e-3, num_train_steps=10)
+  abstract, _ = state_lib.state_template(module, tx, 0, partitioning.make_mesh((1, 1, 1)))
+  ckpt = checkpointing.Checkpoints(str(directory), read_only=True)
+  restored = jax.device_get(ckpt.restore(1, abstract))
+  ckpt.close()
+  saved = np.load(directory.parent / "saved.npz")
+  leaves = jax.tree_util.tree_leaves_with_path(restored)
+  assert len(leaves) == len(saved.files)
+  for path, leaf in leaves:
+    np.testing.assert_array_equal(leaf, saved[jax.tree_util.keystr(path)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Through the main command: configs/imdb.py:tiny on a small synthetic archive, dropout off.
+
+MAIN_ARGS = ["--config=configs/imdb.py:tiny", "--config.model.hidden_dropout_prob=0",
+             "--config.model.attention_probs_dropout_prob=0", "--config.data.max_train_examples=256",
+             "--config.data.max_test_examples=64", "--config.data.max_seq_length=32",
+             # 42 steps of 16 (micro-batches of 8, one row per device): enough for the loss to move.
+             "--config.train.batch_size=16", "--config.train.grad_accum_steps=2", "--config.train.num_epochs=3",
+             "--config.checkpoint.every_steps=21"]
+
+
+@pytest.fixture(scope="module")
+def imdb_256(tmp_path_factory):
+  """An archive in the real layout with 128 reviews per class in train and 32 in test."""
+  root = tmp_path_factory.mktemp("imdb_256")
+  reviews = {**sentiment_reviews("train", 128), **sentiment_reviews("test", 32)}
+  return make_archive(write_imdb(root / "unpacked", reviews=reviews), root / "aclImdb_v1.tar.gz")
+
+
+def run_main(workdir, devices: int, *args: str, env=None, processes: int = 1) -> dict:
+  """`python -m bert_jax.main` with MAIN_ARGS and `args` on `devices` simulated devices per process;
+  with `processes` > 1, that many processes joined through JAX_COORDINATOR_ADDRESS on this machine."""
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+         **(env or {})}
+  command = [sys.executable, "-m", "bert_jax.main", *MAIN_ARGS, f"--workdir={workdir}", *args]
+  if processes == 1:
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+  else:
+    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
+    running = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                                env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(processes)]
+    for i, process in enumerate(running):
+      _, err = process.communicate(timeout=900)
+      assert process.returncode == 0, f"process {i}: {err[-4000:]}"
+  return json.loads((workdir / "results.json").read_text())
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def main_runs(tmp_path_factory, imdb_256, minilm_dir):
+  root = tmp_path_factory.mktemp("main_runs")
+  data = [f"--config.data.data_dir={imdb_256}", f"--config.tokenizer={minilm_dir}"]
+  return root, data, {
+      "1 device": run_main(root / "one", 1, *data),
+      "pmap on 8": run_main(root / "pmap", 8, *data, "--config.parallelism=pmap"),
+      "(2,2,2) on 8": run_main(root / "mesh", 8, *data, "--config.mesh_shape=(2,2,2)"),
+  }
+
+
+@pytest.mark.slow
+def test_main_command_ends_with_the_same_loss_on_1_device_pmap_and_a_2x2x2_mesh(main_runs):
+  results = dict(main_runs[2])
+  single = results.pop("1 device")
+  assert single["steps"] == 42 and single["final_train_loss"] < 0.68  # it learned something
+  for name, result in results.items():
+    # float32; different summation orders over 42 steps (observed: 1e-6 relative)
+    assert result["final_train_loss"] == pytest.approx(single["final_train_loss"], rel=1e-3), name
+    assert result["test_loss"] == pytest.approx(single["test_loss"], rel=1e-3), name
+    assert result["steps"] == 42 and result["num_test_examples"] == 64, name
+
+
+@pytest.mark.slow
+def test_a_pmap_checkpoint_resumes_under_jit_on_another_mesh(main_runs):
+  """The pmap run's checkpoint of step 21 (global arrays, as jit writes them) resumed with jit on a
+  (2,2,2) mesh finishes where the pmap run did."""
+  root, data, results = main_runs
+  workdir = root / "pmap_then_jit"
+  shutil.copytree(root / "pmap", workdir)
+  shutil.rmtree(workdir / "checkpoints" / "42")
+  (workdir / "results.json").unlink()
+  resumed = run_main(workdir, 8, *data, "--config.mesh_shape=(2,2,2)")
+  assert resumed["steps"] == 42
+  assert resumed["final_train_loss"] == pytest.approx(results["pmap on 8"]["final_train_loss"], rel=1e-3)
+  assert resumed["test_loss"] == pytest.approx(results["pmap on 8"]["test_loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", ["jit", "pmap"])
+def test_two_processes_of_4_devices_train_as_one_device_does(tmp_path, main_runs, parallelism):
+  """Two processes on this machine, joined by jax.distributed (as launch/slurm.sh starts them): each
+  feeds its own rows; Orbax saves with both; the primary alone writes results, tokenizer and export."""
+  _, data, results = main_runs
+  mesh = ["--config.mesh_shape=(2,2,2)"] if parallelism == "jit" else ["--config.parallelism=pmap"]
+  result = run_main(tmp_path, 4, *data, *mesh, processes=2)
+  assert result["final_train_loss"] == pytest.approx(results["1 device"]["final_train_loss"], rel=1e-3)
+  assert result["test_loss"] == pytest.approx(results["1 device"]["test_loss"], rel=1e-3)
+  assert (tmp_path / "hf_model" / "model.safetensors").exists() and (tmp_path / "tokenizer").exists()
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [21, 42]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layouts that do not fit: refused at start, before any data is read or any file written.
+
+
+@pytest.mark.slow
+def test_layouts_that_do_not_fit_8_devices_are_refused_before_any_work(tmp_path, archive, minilm_dir):
+  cases = [
+      ({"mesh_shape": (3, -1, 1)}, r"config.mesh_shape=(3, -1, 1) does not divide the 8 devices"),
+      ({"mesh_shape": (1, 1, 8)}, "num_attention_heads=4 does not divide over the mesh's tensor axis of size 8"),
+      ({"train.batch_size": 12}, "config.train.batch_size=12 is out of range: divisible by grad_accum_steps (1) x "
+                                 "the 8 data-parallel devices (mesh data x fsdp)"),
+      ({"mesh_shape": (2, 4, 1), "train.batch_size": 16, "train.grad_accum_steps": 4},
+       "x the 8 data-parallel devices (mesh data x fsdp)"),
+      ({"parallelism": "pmap", "train.batch_size": 8, "train.grad_accum_steps": 2},
+       "divisible by grad_accum_steps (2) x the 8 data-parallel devices (pmap: every device)"),
+      ({"parallelism": "pmap", "train.eval_batch_size": 4},
+       "config.train.eval_batch_size=4 is out of range: divisible by the 8 data-parallel devices (pmap: every"),
+  ]
+  result = run_python(textwrap.dedent(f"""
+    import json, os, sys
+    sys.path[:0] = [{TESTS!r}]
+    from pathlib import Path
+    from bert_jax import config_checks, train
+    from test_train import tiny_config
+    archive, minilm, root = sys.argv[1:4]
+    out = []
+    for i, overrides in enumerate({[case for case, _ in cases]!r}):
+      config = tiny_config(Path(archive), Path(minilm), **overrides)
+      workdir = os.path.join(root, str(i))
+      try:
+        config_checks.check(config)
+        train.train_and_evaluate(config, workdir)
+        out.append(["no error", None])
+      except ValueError as e:
+        out.append([str(e), os.listdir(workdir) if os.path.exists(workdir) else []])
+    print(json.dumps(out))
+  """), str(archive), str(minilm_dir), str(tmp_path))
+  for (message, files), (overrides, expected) in zip(result, cases):
+    assert expected in message, (overrides, message)
+    assert files == [], overrides  # nothing written, no data read (it would fill WORKDIR/cache)
+
+
+@pytest.mark.slow
+def test_main_command_names_a_batch_pmap_cannot_split_without_traceback(tmp_path, archive, minilm_dir):
+  out = subprocess.run(
+      [sys.executable, "-m", "bert_jax.main", "--config=configs/imdb.py:tiny", f"--workdir={tmp_path}",
+       f"--config.data.data_dir={archive}", f"--config.tokenizer={minilm_dir}", "--config.parallelism=pmap",
+       "--config.train.batch_size=12"],
+      capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 1
+  assert "error: config.train.batch_size=12 is out of range" in out.stderr and "(pmap: every device)" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"parallelism": "pjit"}, "config.parallelism='pjit' is out of range: 'jit' .* or 'pmap'"),
+    ({"parallelism": "pmap", "mesh_shape": (2, 2, 2)},
+     r"config.parallelism='pmap' is data parallel over every device, but config.mesh_shape=\(2, 2, 2\)"),
+    ({"parallelism": "pmap", "mesh_shape": (-1, 8, 1)}, "use --config.parallelism=jit for that mesh"),
+])
+def test_parallelism_settings_that_cannot_work_are_named_before_any_device_is_touched(archive, minilm_dir,
+                                                                                     overrides, message):
+  with pytest.raises(ValueError, match=message):
+    config_checks.check(tiny_config(archive, minilm_dir, **overrides))
+
+
+def test_pmap_accepts_a_data_parallel_mesh(archive, minilm_dir):
+  for shape in [(-1, 1, 1), (8, 1, 1)]:
+    config_checks.check(tiny_config(archive, minilm_dir, parallelism="pmap", mesh_shape=shape))

@@ -45,3 +45,36 @@ def test_every_logical_axis_of_the_model_has_a_rule(tiny_config):
   names = {name for leaf in jax.tree_util.tree_leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
            for name in leaf.names}
   assert names <= {logical for logical, _ in partitioning.RULES}
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, None),  # one process: nothing to join
+    ({"JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "gpu007:24242", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1",
+      "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_STEP_NODELIST": "gpu[007-008]"},  # launch/slurm.sh
+     {"coordinator_address": "gpu007:24242", "num_processes": 2, "process_id": 1}),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_STEP_NODELIST": "gpu[001-004]"}, {}),  # srun: JAX reads SLURM
+    ({"SLURM_NTASKS": "4"}, None),  # inside salloc, but not a task of srun
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "gpu001"}, None),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}, {}),
+    ({"BERT_JAX_DISTRIBUTED": "1"}, {}),  # launch/tpu_vm.sh: JAX finds the TPU VM's workers itself
+    ({"BERT_JAX_DISTRIBUTED": "0", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_STEP_NODELIST": "n1"}, None),
+])
+def test_distributed_settings_follow_the_environment(environ, expected):
+  assert partitioning.distributed_settings(environ) == expected
+
+
+@pytest.mark.parametrize("environ, match", [
+    ({"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS and JAX_PROCESS_ID are not set"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_PROCESS_ID is not set"),
+    ({"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' is not an integer"),
+    ({"BERT_JAX_DISTRIBUTED": "yes"}, "BERT_JAX_DISTRIBUTED='yes': use 1"),
+])
+def test_incomplete_distributed_settings_are_named(environ, match):
+  with pytest.raises(ValueError, match=match):
+    partitioning.distributed_settings(environ)
+
+
+def test_one_process_joins_nothing():
+  partitioning.initialize_distributed({})  # no error, no coordinator
+  assert jax.process_count() == 1

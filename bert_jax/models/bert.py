@@ -60,6 +60,29 @@ def layer_norm(config: config_lib.BertConfig, name: str) -> nn.LayerNorm:
       bias_init=zeros_init(EMBED), name=name)
 
 
+class Dropout(nn.Module):
+  """Inverted dropout that draws 16 random bits per element: two elements per 32-bit PRNG word.
+
+  The distribution of `nn.Dropout`, but with the rate rounded to a multiple of 1/65536 (0.1 ->
+  0.100006) and the kept values scaled by that rounded rate, so the output stays unbiased. Half
+  the PRNG work of `nn.Dropout`: on XLA:CPU, threefry bits were a fifth of a MiniLM train step.
+  The leading axes keep their shape, so a batch-sharded input draws batch-sharded bits.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    drop_below = round(self.rate * 65536)  # keep where the 16 bits are >= this
+    width = x.shape[-1] if x.ndim else 1
+    words = jax.random.bits(self.make_rng("dropout"), x.shape[:-1] + ((width + 1) // 2,), jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(words, jnp.uint16)  # [..., ceil(width / 2), 2]
+    bits = bits.reshape(x.shape[:-1] + (-1,))[..., :width].reshape(x.shape)
+    scale = jnp.asarray(65536 / (65536 - drop_below), x.dtype)
+    return jnp.where(bits >= drop_below, x * scale, jnp.zeros((), x.dtype))
+
+
 class Projection(nn.Module):
   """`x[..., *in] @ kernel[*in, *out] + bias[*out]`, both parameters tagged with logical axis names.
 
@@ -105,7 +128,7 @@ class BertEmbeddings(nn.Module):
     self.position_embeddings = embed(c.max_position_embeddings, embedding_init=kernel_init(c, POSITION, EMBED))
     self.token_type_embeddings = embed(c.type_vocab_size, embedding_init=kernel_init(c, TOKEN_TYPE, EMBED))
     self.LayerNorm = layer_norm(c, "LayerNorm")
-    self.dropout = nn.Dropout(c.hidden_dropout_prob)
+    self.dropout = Dropout(c.hidden_dropout_prob)
 
   def __call__(self, input_ids, token_type_ids, position_ids, *, deterministic: bool):
     x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
@@ -119,23 +142,52 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-  """Multi-head scaled dot-product self-attention with an additive padding mask."""
+  """Multi-head scaled dot-product self-attention over the unpadded keys.
+
+  `config.attention_impl` picks the kernel: 'einsum' (ours: float32 softmax, attention dropout),
+  'dot_product' (`jax.nn.dot_product_attention`, implementation=None: XLA in jax 0.10) or 'cudnn'
+  (the same, forced onto cuDNN's fused kernel). The last two have no attention dropout.
+  """
   config: config_lib.BertConfig
 
   @nn.compact
-  def __call__(self, x, attention_bias, *, deterministic: bool):
+  def __call__(self, x, attention_mask, *, deterministic: bool):
+    """`x` [batch, seq, hidden], `attention_mask` bool [batch, 1, 1, seq] (True: a real key)."""
     c = self.config
     heads = (c.num_attention_heads, c.head_dim)
     query = dense(c, heads, (EMBED,), (HEADS, KV), "query")(x)  # [batch, seq, heads, head_dim]
     key = dense(c, heads, (EMBED,), (HEADS, KV), "key")(x)
     value = dense(c, heads, (EMBED,), (HEADS, KV), "value")(x)
-    query = query / jnp.sqrt(c.head_dim).astype(query.dtype)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key)  # [batch, heads, q_seq, k_seq]
-    # Softmax in float32: with bf16 scores the normaliser loses the small probabilities.
-    probs = jax.nn.softmax(scores.astype(jnp.float32) + attention_bias, axis=-1).astype(c.compute_dtype)
-    probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-    context = jnp.einsum("bhqk,bkhd->bqhd", probs, value)  # [batch, seq, heads, head_dim]
+    if c.attention_impl == "einsum":
+      context = self._einsum_attention(query, key, value, attention_mask, deterministic)
+    else:
+      if not deterministic:
+        c.check_trainable()  # dropout on: refuse to silently drop the attention dropout
+      if c.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"BertConfig.attention_impl='cudnn' needs a GPU; this is {jax.default_backend()!r}. "
+                         "Use --config.model.attention_impl=dot_product (or einsum).")
+      context = jax.nn.dot_product_attention(
+          query, key, value, mask=attention_mask,
+          implementation="cudnn" if c.attention_impl == "cudnn" else None)  # [batch, seq, heads, head_dim]
     return dense(c, c.hidden_size, (HEADS, KV), (EMBED,), "output")(context)
+
+  def _einsum_attention(self, query, key, value, attention_mask, deterministic: bool):
+    c = self.config
+    # Heads before positions ([batch, heads, seq, head_dim]): the batched matmuls then run on
+    # contiguous [seq, head_dim] blocks, as in HF's PyTorch BERT. On XLA:CPU this is faster than
+    # contracting over the projections' [batch, seq, heads, head_dim] layout directly.
+    query, key, value = (jnp.swapaxes(t, 1, 2) for t in (query, key, value))
+    query = query / jnp.sqrt(c.head_dim).astype(query.dtype)
+    # Scores accumulate and stay in float32 (a no-op for float32 compute): with bf16 scores the
+    # softmax would see logits rounded to 3 significant digits and lose the small probabilities.
+    scores = jnp.einsum("bhqd,bhkd->bhqk", query, key,
+                        preferred_element_type=jnp.float32)  # [batch, heads, q_seq, k_seq]
+    # Padding keys get the most negative float32 (as HF does), so they take exactly zero weight.
+    scores = jnp.where(attention_mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
+    probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+    context = jnp.einsum("bhqk,bhkd->bhqd", probs, value)  # [batch, heads, seq, head_dim]
+    return jnp.swapaxes(context, 1, 2)  # [batch, seq, heads, head_dim]
 
 
 class BertLayer(nn.Module):
@@ -143,10 +195,11 @@ class BertLayer(nn.Module):
   config: config_lib.BertConfig
 
   @nn.compact
-  def __call__(self, x, attention_bias, *, deterministic: bool):
+  def __call__(self, x, attention_mask, deterministic: bool):
+    # `deterministic` is positional (argnum 3, counting self) so `nn.remat` can hold it static.
     c = self.config
-    dropout = nn.Dropout(c.hidden_dropout_prob)
-    attended = BertSelfAttention(c, name="attention")(x, attention_bias, deterministic=deterministic)
+    dropout = Dropout(c.hidden_dropout_prob)
+    attended = BertSelfAttention(c, name="attention")(x, attention_mask, deterministic=deterministic)
     x = layer_norm(c, "attention_output_LayerNorm")(x + dropout(attended, deterministic=deterministic))
     x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
     h = dense(c, c.intermediate_size, (EMBED,), (MLP,), "intermediate")(x)  # [batch, seq, intermediate]
@@ -156,14 +209,50 @@ class BertLayer(nn.Module):
     return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
 
+# `remat_policy` -> what each layer keeps for the backward pass (the rest is recomputed).
+# 'dots' keeps the outputs of matmuls without batch dimensions: the Q/K/V, output and feed-forward
+# projections (O(seq * hidden) each). It recomputes the attention scores and probabilities (their
+# einsums batch over batch and heads, and they are O(seq^2 * heads)), GELU, LayerNorm and dropout:
+# most of the memory saved for little recomputation (two small matmuls per layer and elementwise
+# work). `checkpoint_dots` would also keep the O(seq^2) attention tensors, the largest at long
+# sequences.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# The logical name of the stacked layer axis of scanned parameters (`partitioning.RULES` maps it).
+LAYERS = "layers"
+
+
+def _scan_body(layer: nn.Module, x, attention_mask, deterministic: bool):
+  return layer(x, attention_mask, deterministic), None
+
+
 class BertEncoder(nn.Module):
-  """The stack of `num_hidden_layers` layers, named `layer_{i}` as in HF's `encoder.layer.{i}`."""
+  """The stack of `num_hidden_layers` layers `[batch, seq, hidden] -> [batch, seq, hidden]`.
+
+  Unrolled, the layers are named `layer_{i}` as in HF's `encoder.layer.{i}`. With
+  `config.scan_layers` they run as one `nn.scan` over `layers`, whose parameters carry a leading
+  `[num_hidden_layers]` axis named LAYERS (`bert_jax.hf` stacks and unstacks them for HF).
+  """
   config: config_lib.BertConfig
 
   @nn.compact
-  def __call__(self, x, attention_bias, *, deterministic: bool):
-    for i in range(self.config.num_hidden_layers):
-      x = BertLayer(self.config, name=f"layer_{i}")(x, attention_bias, deterministic=deterministic)
+  def __call__(self, x, attention_mask, *, deterministic: bool):
+    c = self.config
+    layer_cls = BertLayer
+    if c.remat_policy != "none":
+      # Inside a scan the loop already keeps XLA from merging recomputation with the forward pass.
+      layer_cls = nn.remat(BertLayer, policy=REMAT_POLICIES[c.remat_policy], static_argnums=(3,),
+                           prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      scan = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                     in_axes=(nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                     metadata_params={nn.PARTITION_NAME: LAYERS})
+      x, _ = scan(layer_cls(c, name="layers"), x, attention_mask, deterministic)
+      return x
+    for i in range(c.num_hidden_layers):
+      x = layer_cls(c, name=f"layer_{i}")(x, attention_mask, deterministic)
     return x
 
 
@@ -218,10 +307,8 @@ class BertModel(nn.Module):
       position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic)
     x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
-    # Padding keys get the most negative float32 (as HF does), so they take exactly zero weight.
-    attention_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
-                               jnp.finfo(jnp.float32).min).astype(jnp.float32)  # [batch, 1, 1, seq]
-    x = self.encoder(x, attention_bias, deterministic=deterministic)
+    key_mask = attention_mask[:, None, None, :] > 0  # [batch, 1, 1, seq], True for real tokens
+    x = self.encoder(x, key_mask, deterministic=deterministic)
     pooled = self.pooler(x) if self.add_pooling_layer else None
     return BertOutput(sequence_output=x, pooled_output=pooled)
 

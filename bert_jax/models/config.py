@@ -13,6 +13,15 @@ import jax.numpy as jnp
 
 # HF `hidden_act` values we implement, so that checkpoints trained with them load with parity.
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
+# How attention is computed: our einsums (with attention dropout), `jax.nn.dot_product_attention`
+# with `implementation=None` (XLA in jax 0.10), or the same forced onto cuDNN's fused kernel (GPU,
+# bfloat16/float16 only). The last two have no attention-probability dropout.
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")
+# Rematerialisation of each encoder layer in the backward pass: none, all of it, or all but the
+# outputs of the weight matmuls (see `bert.REMAT_POLICIES`).
+REMAT_POLICIES = ("none", "full", "dots")
+# Fields that say how to compute, not what the model is: never read from or written to config.json.
+NON_HF_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +43,15 @@ class BertConfig:
   # Sequence classification: HF stores these too (num_labels through id2label).
   num_labels: int = 2
   classifier_dropout: float | None = None
-  # Not HF fields: the dtype of activations/matmuls and of the stored parameters.
+  # Not HF fields (NON_HF_FIELDS): the dtype of activations/matmuls and of the stored parameters,
+  # and the speed switches. None changes the function the model computes beyond rounding.
   dtype: str = "float32"
   param_dtype: str = "float32"
+  attention_impl: str = "einsum"  # one of ATTENTION_IMPLS
+  remat_policy: str = "none"  # one of REMAT_POLICIES
+  # One `nn.scan` over the layers: parameters stacked as `encoder/layers/...` with a leading
+  # `layers` axis (compile time independent of depth), instead of `encoder/layer_{i}/...`.
+  scan_layers: bool = False
 
   def __post_init__(self):
     positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -63,6 +78,27 @@ class BertConfig:
       except TypeError as e:
         raise ValueError(f"BertConfig.{name}={getattr(self, name)!r} is not a dtype name "
                          "(use 'float32' or 'bfloat16').") from e
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"BertConfig.attention_impl={self.attention_impl!r} is not supported; use one of "
+                       f"{ATTENTION_IMPLS}.")
+    if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+      raise ValueError(f"BertConfig.attention_impl='cudnn' needs dtype 'bfloat16' or 'float16' (cuDNN's fused "
+                       f"attention has no float32 kernel); got dtype={self.dtype!r}. Set "
+                       "--config.model.dtype=bfloat16 or use attention_impl='dot_product'.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"BertConfig.remat_policy={self.remat_policy!r} is not supported; use one of "
+                       f"{REMAT_POLICIES}.")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"BertConfig.scan_layers={self.scan_layers!r} must be True or False.")
+
+  def check_trainable(self) -> None:
+    """Raises if training (dropout on) cannot run with this config; call before compiling a train step."""
+    if self.attention_impl != "einsum" and self.attention_probs_dropout_prob > 0:
+      raise ValueError(
+          f"BertConfig.attention_impl={self.attention_impl!r} has no attention-probability dropout, but "
+          f"attention_probs_dropout_prob={self.attention_probs_dropout_prob} and the model is training. Set "
+          "--config.model.attention_probs_dropout_prob=0 (hidden dropout still applies), or use "
+          "--config.model.attention_impl=einsum.")
 
   @property
   def head_dim(self) -> int:
@@ -96,7 +132,8 @@ class BertConfig:
                        "(the original BERT) is implemented.")
     fields = {f.name for f in dataclasses.fields(cls)}
     # HF's own `dtype`/`torch_dtype` say how the weights were stored, not how to compute: not ours.
-    values = {k: v for k, v in hf.items() if k in fields - {"dtype", "param_dtype"}}
+    # Nor are the speed switches, should a config.json carry keys of those names.
+    values = {k: v for k, v in hf.items() if k in fields - set(NON_HF_FIELDS)}
     if "id2label" in hf and "num_labels" not in hf:
       values["num_labels"] = len(hf["id2label"])
     values.update(overrides)
@@ -107,7 +144,7 @@ class BertConfig:
 
   def to_hf_dict(self) -> dict[str, Any]:
     hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-          if f.name not in ("dtype", "param_dtype", "num_labels")}
+          if f.name not in NON_HF_FIELDS + ("num_labels",)}
     hf.update(model_type="bert", position_embedding_type="absolute",
               id2label={str(i): f"LABEL_{i}" for i in range(self.num_labels)},
               label2id={f"LABEL_{i}": i for i in range(self.num_labels)})

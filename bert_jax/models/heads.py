@@ -68,5 +68,5 @@ class BertForSequenceClassification(nn.Module):
     outputs = bert.BertModel(c, name="bert")(input_ids, attention_mask, token_type_ids, position_ids,
                                              deterministic=deterministic)
     rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
-    pooled = nn.Dropout(rate)(outputs.pooled_output, deterministic=deterministic)
+    pooled = bert.Dropout(rate)(outputs.pooled_output, deterministic=deterministic)
     return bert.dense(c, c.num_labels, (bert.EMBED,), (bert.CLASSES,), "classifier")(pooled)
