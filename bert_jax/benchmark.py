@@ -14,6 +14,9 @@ The model's speed switches come from `config.model` like every other BertConfig 
 (`--config.model.attention_impl=dot_product`, `remat_policy`, `scan_layers`; `--config.dtype`).
 The case `compile_depth` times tracing and compiling the train step (no step is run) at each depth
 of `config.compile_depths`, with the layers unrolled and scanned: one JSON line per model.
+The case `length_buckets` prices one fine-tuning epoch over real IMDB review lengths, every batch
+padded to `seq_len` vs cut to `config.length_buckets`: the train step is timed at each batch width
+the epoch uses (on real batches), and the epoch costs the sum over its batches.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from bert_jax import hf
+from bert_jax import input_pipeline
 from bert_jax import models
 from bert_jax import optim
 from bert_jax import partitioning
@@ -55,7 +59,7 @@ PEAK_TFLOPS = {
 }
 
 
-CASES = ("train", "eval", "pretrain_train", "compile_depth")
+CASES = ("train", "eval", "pretrain_train", "compile_depth", "length_buckets")
 
 
 def forward_flops(config: models.BertConfig, seq_len: int, num_predictions: int = 0) -> float:
@@ -193,6 +197,52 @@ def time_compile_depth(bench: ml_collections.ConfigDict, model_config: models.Be
   return rows
 
 
+def time_length_buckets(bench: ml_collections.ConfigDict, model_config: models.BertConfig, mesh) -> dict:
+  """One epoch of `bench.num_reviews` IMDB train reviews (a seeded sample, batch `bench.batch_size`):
+  seconds with every batch padded to `seq_len` vs cut to `bench.length_buckets` (see module docstring)."""
+  reviews = input_pipeline.load_imdb_split(bench.data_dir or None, "train")
+  sample = np.sort(np.random.default_rng(0).choice(len(reviews.texts), min(bench.num_reviews, len(reviews.texts)),
+                                                   replace=False))
+  arrays = state_lib.make_tokenizer(bench).encode([reviews.texts[i] for i in sample], max_seq_length=bench.seq_len)
+  arrays["labels"] = reviews.labels[sample]
+  plans = {name: list(input_pipeline.train_batches(arrays, batch_size=bench.batch_size, seed=0, epoch=0,
+                                                   length_buckets=buckets))
+           for name, buckets in (("padded", ()), ("bucketed", tuple(bench.length_buckets)))}
+  module = models.BertForSequenceClassification(model_config)
+  tx, schedule = optim.make_optimizer(bench.optimizer, 1e-4, num_train_steps=1000)
+  _, shardings = state_lib.state_template(module, tx, 0, mesh)
+  holder = [jax.device_put(steps.create_state(hf.init_params(module), tx, 0), shardings)]
+  train_step, _ = train.compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps=1)
+  step_seconds, compile_seconds = {}, 0.0
+  for batch in plans["padded"][:1] + plans["bucketed"]:  # a real batch of each width
+    width = batch["input_ids"].shape[1]
+    if width in step_seconds:
+      continue
+    placed = input_pipeline.shard_batch(batch, partitioning.batch_sharding(mesh))
+
+    def step():
+      holder[0], metrics = train_step(holder[0], placed)
+      jax.block_until_ready(metrics)
+
+    first, step_seconds[width] = _median_step_seconds(step, bench.num_steps, bench.num_warmup_steps)
+    compile_seconds += first
+  row = {"case": "length_buckets", "length_buckets": list(bench.length_buckets), "num_reviews": len(sample),
+         "num_batches": len(plans["padded"])}
+  for name, batches in plans.items():
+    widths = [b["input_ids"].shape[1] for b in batches]
+    seconds = sum(step_seconds[w] for w in widths)
+    row[f"{name}_epoch_seconds"] = seconds
+    row[f"{name}_examples_per_second"] = len(batches) * bench.batch_size / seconds
+    row[f"{name}_real_token_fraction"] = (sum(int(b["attention_mask"].sum()) for b in batches)
+                                          / sum(b["input_ids"].size for b in batches))
+    row[f"{name}_batches_by_length"] = {str(w): widths.count(w) for w in sorted(set(widths))}
+  row.update(speedup=row["padded_epoch_seconds"] / row["bucketed_epoch_seconds"],
+             step_seconds_by_length={str(w): s for w, s in sorted(step_seconds.items())},
+             compile_seconds=compile_seconds, batch_size=bench.batch_size, seq_len=bench.seq_len, dtype=bench.dtype,
+             device=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+  return row
+
+
 def time_torch_case(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig) -> dict:
   """transformers' PyTorch `BertForSequenceClassification` on the same work: AdamW train step, or eval."""
   import torch
@@ -239,6 +289,10 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
       for row in time_compile_depth(config, model_config, mesh):
         emit(json.dumps(row))
         rows.append(row)
+      continue
+    if case == "length_buckets":
+      rows.append(time_length_buckets(config, model_config, mesh))
+      emit(json.dumps(rows[-1]))
       continue
     row = time_jax_case(case, config, model_config, mesh)
     if config.compare_torch and case in ("train", "eval"):

@@ -62,6 +62,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     _require(config.evaluate.checkpoint in ("best", "latest"), "evaluate.checkpoint",
              config.evaluate.checkpoint, "'best' or 'latest'")
     _require(config.predict.batch_size > 0, "predict.batch_size", config.predict.batch_size, "a positive integer")
+    buckets = tuple(config.data.get("length_buckets", ()))
+    _require(all(isinstance(b, int) and 0 < b <= config.data.max_seq_length for b in buckets)
+             and list(buckets) == sorted(set(buckets)), "data.length_buckets", buckets,
+             f"increasing whole numbers of tokens up to data.max_seq_length={config.data.max_seq_length}, "
+             "e.g. (128, 256, 384), or () for none")
   else:
     _check_pretraining_data(config.data)
   _check_paths(config)

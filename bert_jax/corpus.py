@@ -7,15 +7,12 @@ cheap fingerprint of the source for caches. Does not own: tokenization or instan
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import re
-import tarfile
-import zlib
 from typing import Iterable
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+from bert_jax import archives
 
 _HINT = ("set --config.data.data_dir to a .txt file (one sentence per line, a blank line between "
          "documents), a folder of .txt files, aclImdb_v1.tar.gz or its unpacked aclImdb/ folder; or "
@@ -122,7 +119,7 @@ def _source_kind(path: str) -> str:
     raise FileNotFoundError(f"Pretraining data_dir {path!r} does not exist; {_HINT}.")
   if os.path.isdir(path):
     return "imdb_folder" if _imdb_root(path) else "text"
-  if path.endswith(ARCHIVE_SUFFIXES):
+  if path.endswith(archives.SUFFIXES):
     return "archive"
   if path.endswith(".txt"):
     return "text"
@@ -157,19 +154,8 @@ def _unsup_files(path: str) -> list[str]:
 
 def _read_unsup_archive(path: str) -> list[str]:
   """The archive's `train/unsup` reviews sorted by id, in one streaming pass (no seeking)."""
-  found, first_members = [], []
-  # tarfile's own gzip stream ends silently on a truncated download; GzipFile raises EOFError.
-  opener = gzip.open if path.endswith((".gz", ".tgz")) else open
-  try:
-    with opener(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
-      for member in archive:
-        if len(first_members) < 3:
-          first_members.append(member.name)
-        if member.isfile() and _UNSUP_MEMBER_RE.match(member.name):
-          found.append((_review_key(member.name), archive.extractfile(member).read()))
-  except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-    raise ValueError(f"Cannot read archive {path!r} ({type(e).__name__}: {e}); it is corrupt, "
-                     f"truncated or unreadable. Download it again or {_HINT}.") from e
+  members, first_members = archives.read_matching(path, _UNSUP_MEMBER_RE, hint=_HINT)
+  found = [(_review_key(match.string), data) for match, data in members]
   if not found:
     raise ValueError(f"No [aclImdb/]train/unsup/*.txt reviews in archive {path!r} (its first members: "
                      f"{first_members}); pretraining reads the unlabelled reviews of the full "

@@ -40,7 +40,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = input_pipeline.build_imdb_test_only(config.data, tokenizer, max_seq_length=max_seq_length,
                                              cache_dir=config.data.cache_dir or os.path.join(workdir, "cache"))
   eval_step, _ = train.compile_inference_steps(module, mesh)
-  results = train.evaluate_arrays(eval_step, params, data.test, config.train.eval_batch_size, mesh, "test_")
+  results = train.evaluate_arrays(eval_step, params, data.test, config.train.eval_batch_size, mesh, "test_",
+                                  tuple(config.data.get("length_buckets", ())))
   results.update(checkpoint_step=step, data_dir=config.data.data_dir or "tfds:imdb_reviews",
                  skipped_reviews=data.num_skipped)
   metrics_lib.write_json(os.path.join(workdir, "evaluate_results.json"), results)

@@ -98,7 +98,11 @@ def initial_state(config: ml_collections.ConfigDict, module: nn.Module, tx: opta
     return create_random()
   if is_workdir(config.init_checkpoint):
     _, saved, _, step = restore_params(config, config.init_checkpoint, "best", mesh)
-    params = dict(create_random().params, bert=saved["bert"])
+    # Only the parameters are initialised for the heads: no optimizer state is built just to be dropped.
+    init_params = jax.jit(lambda: nn.meta.unbox(
+        module.init(jax.random.key(config.seed), jnp.zeros((1, 2), jnp.int32))["params"]),
+                          out_shardings=shardings.params)
+    params = dict(init_params(), bert=saved["bert"])
     logging.info("Initialised the encoder from step %d of %s; the %s heads start fresh.", step,
                  config.init_checkpoint, type(module).__name__)
   else:

@@ -37,6 +37,7 @@ class TaskData:
   final: dict[str, np.ndarray]
   final_prefix: str
   info: dict[str, Any]  # more entries for results.json
+  length_buckets: tuple[int, ...] = ()  # evaluation batches are cut to these lengths too (input_pipeline)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +59,15 @@ def _classification_data(config: ml_collections.ConfigDict, tokenizer: tokenizat
   data = input_pipeline.build_imdb(config.data, tokenizer, max_seq_length=config.data.max_seq_length,
                                    seed=config.seed, cache_dir=cache_dir)
 
+  length_buckets = tuple(config.data.get("length_buckets", ()))
+
   def batches(epoch: int, start_batch: int):
     return input_pipeline.train_batches(data.train, batch_size=config.train.batch_size, seed=config.seed,
-                                        epoch=epoch, start_batch=start_batch)
+                                        epoch=epoch, start_batch=start_batch, length_buckets=length_buckets)
 
   return TaskData(num_train_examples=len(data.train["labels"]), batches=batches, validation=data.validation,
-                  final=data.test, final_prefix="test_", info={"skipped_reviews": data.num_skipped})
+                  final=data.test, final_prefix="test_", info={"skipped_reviews": data.num_skipped},
+                  length_buckets=length_buckets)
 
 
 def _pretraining_data(config: ml_collections.ConfigDict, tokenizer: tokenization.Tokenizer,
@@ -95,7 +99,7 @@ def unigram_accuracy(train: dict[str, np.ndarray], held_out: dict[str, np.ndarra
 
 TASKS = {
     "classify": Task(models.BertForSequenceClassification, steps.classification_loss, "validation_accuracy",
-                     _classification_data, ("validation_fraction", "max_train_examples")),
+                     _classification_data, ("validation_fraction", "max_train_examples", "length_buckets")),
     "pretrain": Task(models.BertForPreTraining, steps.pretraining_loss, "validation_mlm_accuracy",
                      _pretraining_data,
                      ("data_dir", "tfds_name", "tfds_split", "max_documents", "validation_fraction",

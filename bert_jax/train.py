@@ -98,11 +98,12 @@ def compile_inference_steps(module, mesh, loss_fn=steps.classification_loss):
 
 
 def evaluate_arrays(eval_step, params, arrays: dict[str, np.ndarray], batch_size: int, mesh,
-                    prefix: str) -> dict[str, float]:
-  """The loss and its metrics over every example of `arrays` (the last batch padded with weight 0)."""
+                    prefix: str, length_buckets: tuple[int, ...] = ()) -> dict[str, float]:
+  """The loss and its metrics over every example of `arrays` (the last batch padded with weight 0),
+  in batches cut to `length_buckets` if given."""
   sums = None
   sharding = partitioning.batch_sharding(mesh)
-  for batch in input_pipeline.eval_batches(arrays, batch_size=batch_size):
+  for batch in input_pipeline.eval_batches(arrays, batch_size=batch_size, length_buckets=length_buckets):
     sums = metrics_lib.add(sums, eval_step(params, input_pipeline.shard_batch(batch, sharding)))
   summary = metrics_lib.summarize(sums, prefix)
   summary[f"num_{prefix}examples"] = int(round(float(sums["count"])))
@@ -123,7 +124,10 @@ def resume_settings(config: ml_collections.ConfigDict, task: tasks.Task, num_tra
           "batch_size": config.train.batch_size, "seed": config.seed,
           "max_seq_length": config.data.max_seq_length, "num_train_steps": total_steps,
           "learning_rate": config.learning_rate, "warmup_fraction": config.optimizer.warmup_fraction,
-          "optimizer": config.optimizer.name, **{key: config.data[key] for key in task.data_settings}}
+          "optimizer": config.optimizer.name,
+          # JSON has no tuples: lists compare equal to the meta read back from a checkpoint.
+          **{key: list(value) if isinstance(value, tuple) else value
+             for key, value in ((key, config.data.get(key)) for key in task.data_settings)}}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -186,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       restored_best = ckpt.restore_best(abstract)  # falls back to the next best if damaged
       best, params = restored_best.step, restored_best.state.params
     results = evaluate_arrays(eval_step, params, data.final, config.train.eval_batch_size, mesh,
-                              data.final_prefix)
+                              data.final_prefix, data.length_buckets)
     writer.scalars(step, {f"final_{name}": value for name, value in results.items()})
   finally:  # Also on errors: let an in-flight checkpoint finish rather than abandon it.
     ckpt.close()
@@ -298,9 +302,9 @@ def _steps(config, state, data, train_step, eval_step, ckpt, writer, meta, mesh,
       pause_start = time.perf_counter()
       snapshot = placement.to_global(state)
       validation = {}
-      if validate and len(next(iter(data.validation.values()))):
+      if validate and input_pipeline.num_rows(data.validation):
         validation = evaluate_arrays(eval_step, snapshot.params, data.validation, config.train.eval_batch_size,
-                                     mesh, "validation_")
+                                     mesh, "validation_", data.length_buckets)
         writer.scalars(step, validation)
       progress.exclude(time.perf_counter() - pause_start)
       if ckpt.save(step, snapshot, dict(meta, progress=progress.state_dict(step)), metrics=validation or None):

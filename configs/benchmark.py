@@ -2,25 +2,24 @@
 
 Presets: 'minilm_cpu' (MiniLM-L6 size, batch 32, seq 128, float32: the CPU comparison with PyTorch),
 'base_gpu' (BERT-base, batch 64, seq 128, bf16), 'base_gpu_512' (BERT-base, batch 16, seq 512, bf16)
-and 'compile_cpu' (compile time of a narrow model at 2 and 24 layers, unrolled vs scanned).
+'compile_cpu' (compile time of a narrow model at 2 and 24 layers, unrolled vs scanned) and
+'buckets_cpu' (MiniLM-L6 size, batch 8, seq 512: an IMDB epoch padded vs cut to length buckets).
 
 The model's speed switches are `config.model` fields like any other, e.g.
 `--config.model.attention_impl=dot_product --config.model.attention_probs_dropout_prob=0`,
 `--config.model.remat_policy=dots`, `--config.model.scan_layers=True`, `--config.dtype=bfloat16`.
 """
 
-import os
-
 import ml_collections
 
-from configs import imdb
+from configs import common
 
 
 def get_config(preset: str = "minilm_cpu") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Only the model's config.json is read: the weights do not change the step time.
   config.init_checkpoint = ""
-  config.model = imdb.model_overrides(num_labels=2)
+  config.model = common.model_overrides(num_labels=2)
   config.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
   config.batch_size = 32
   config.seq_len = 128
@@ -30,14 +29,26 @@ def get_config(preset: str = "minilm_cpu") -> ml_collections.ConfigDict:
   config.num_steps = 10  # timed steps per case; the median is reported
   config.num_warmup_steps = 2
   config.compare_torch = False
-  config.mesh_shape = (-1, 1, 1)
-  config.optimizer = imdb.get_config().optimizer
+  # The length_buckets case: real IMDB train reviews (a seeded sample), tokenized with the checkpoint's vocab.
+  config.tokenizer = ""  # '' = init_checkpoint's
+  config.data_dir = common.IMDB  # aclImdb archive or folder; '' = tfds imdb_reviews
+  config.num_reviews = 2000
+  config.length_buckets = (128, 256, 384)
+  config.mesh_shape = common.MESH_SHAPE
+  config.optimizer = common.optimizer(warmup_fraction=0.1)
 
   if preset == "minilm_cpu":
-    config.init_checkpoint = imdb.MINILM
+    config.init_checkpoint = common.MINILM
   elif preset == "compile_cpu":
     config.model.update(hidden_size=128, num_attention_heads=2, intermediate_size=512)
     config.cases = ("compile_depth",)
+  elif preset == "buckets_cpu":
+    config.init_checkpoint = common.MINILM
+    config.cases = ("length_buckets",)
+    config.batch_size = 8
+    config.seq_len = 512
+    config.num_steps = 3
+    config.num_warmup_steps = 1
   elif preset == "base_gpu":
     config.dtype = "bfloat16"
     config.batch_size = 64
@@ -46,7 +57,9 @@ def get_config(preset: str = "minilm_cpu") -> ml_collections.ConfigDict:
     config.batch_size = 16
     config.seq_len = 512
     config.num_predictions = 76
+    config.cases = ("train", "eval", "pretrain_train", "length_buckets")
+    config.tokenizer = common.MINILM  # bert-base-uncased's vocab, available offline
   else:
-    raise ValueError(f"Unknown preset {preset!r}; use 'minilm_cpu', 'compile_cpu', 'base_gpu' or "
-                     "'base_gpu_512'.")
+    raise ValueError(f"Unknown preset {preset!r}; use 'minilm_cpu', 'compile_cpu', 'buckets_cpu', 'base_gpu' "
+                     "or 'base_gpu_512'.")
   return config

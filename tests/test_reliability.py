@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 
 from bert_jax import train
+from configs import imdb as imdb_configs
 
 from imdb_testdata import make_archive, sentiment_reviews, write_imdb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "configs"))
-import imdb as imdb_configs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +145,7 @@ def _diverging_config(archive, minilm_dir, **overrides):
   config.optimizer.warmup_fraction = 0.0
   config.train.update(batch_size=8, num_epochs=1.0, log_every_steps=4, eval_every_steps=100)
   config.checkpoint.update(every_steps=1, export_hf=False)
-  for key, value in overrides.items():
-    section, _, name = key.rpartition(".")
-    (config[section] if section else config)[name] = value
+  config.update_from_flattened_dict(overrides)  # keys like "train.batch_size"
   return config
 
 

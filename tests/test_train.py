@@ -14,12 +14,11 @@ from ml_collections import config_flags  # noqa: F401  (keeps the import cost ou
 from bert_jax import config_checks
 from bert_jax import evaluate
 from bert_jax import train
+from configs import imdb as imdb_configs
 
 from imdb_testdata import make_archive, sentiment_reviews, write_imdb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "configs"))
-import imdb as imdb_configs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +41,7 @@ def tiny_config(archive, minilm_dir, **overrides):
   config.checkpoint.every_steps = 4
   config.train.eval_every_steps = 4
   config.checkpoint.export_hf = False
-  for key, value in overrides.items():
-    section, _, name = key.rpartition(".")
-    (config[section] if section else config)[name] = value
+  config.update_from_flattened_dict(overrides)  # keys like "train.batch_size"
   return config
 
 
@@ -123,6 +120,23 @@ def test_evaluate_scores_the_same_test_set_as_training(trained, archive, minilm_
   assert scored["test_loss"] == pytest.approx(results["test_loss"], rel=1e-6)
 
 
+def test_evaluate_with_length_buckets_scores_as_with_full_padding(trained, archive, minilm_dir):
+  """The test reviews hold 7-9 tokens: batches cut to 8 or 12 columns score as at 16 (float32 sums)."""
+  workdir, results = trained
+  config = tiny_config(archive, minilm_dir, mode="evaluate", **{"data.length_buckets": (8, 12)})
+  scored = evaluate.evaluate(config, str(workdir))
+  assert scored["test_accuracy"] == results["test_accuracy"]
+  assert scored["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
+
+
+def test_a_run_with_length_buckets_refuses_to_resume_with_other_buckets(tmp_path, archive, minilm_dir):
+  bucketed = train.train_and_evaluate(
+      tiny_config(archive, minilm_dir, **{"data.length_buckets": (8, 12), "train.num_epochs": 0.25}), str(tmp_path))
+  assert bucketed["steps"] == 2 and np.isfinite(bucketed["test_loss"])
+  with pytest.raises(ValueError, match=r"length_buckets=\[8, 12\], the config now gives \[\]"):
+    train.train_and_evaluate(tiny_config(archive, minilm_dir, **{"train.num_epochs": 0.25}), str(tmp_path))
+
+
 def test_predict_writes_label_and_probability_per_line(tmp_path, trained, archive, minilm_dir):
   workdir, _ = trained
   texts = tmp_path / "texts.txt"
@@ -161,6 +175,8 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, archive, minilm_
     ("optimizer.name", "sgd", r"one of \('adamw', 'lamb'\)"),
     ("mode", "serve", "config.mode='serve'"),
     ("model.hidden_dropout_prob", 2.0, r"config.model: BertConfig.hidden_dropout_prob=2.0 must be in \[0, 1\)"),
+    ("data.length_buckets", (12, 8), r"config.data.length_buckets=\(12, 8\) is out of range: increasing"),
+    ("data.length_buckets", (8, 32), r"up to data.max_seq_length=16"),
 ])
 def test_out_of_range_values_are_named_before_any_work(archive, minilm_dir, key, value, message):
   with pytest.raises(ValueError, match=message):

