@@ -99,7 +99,7 @@ _Raw = tuple[int, str, bytes | str]
 
 def _read_archive(path: str, splits: Sequence[str]) -> dict[str, list[_Raw]]:
   """Streams the archive once (no seeking), keeping only the wanted reviews."""
-  members, first_members = archives.read_matching(path, _MEMBER_RE, hint=_DATA_DIR_HINT)
+  members, first_members = archives.read_matching(path, _MEMBER_RE, hint=_DATA_DIR_HINT, what="IMDB archive")
   found: dict[str, list[_Raw]] = {split: [] for split in splits}
   prefix = "aclImdb/"
   for match, data in members:

@@ -118,6 +118,10 @@ def checkpoint_meta(module: nn.Module, **data: Any) -> dict:
   return {"model": dataclasses.asdict(module.config), "model_class": type(module).__name__, **data}
 
 
+# Data settings added after checkpoints already existed: what a checkpoint without them was trained with.
+_SETTINGS_BEFORE_RECORDED = {"length_buckets": []}
+
+
 def check_resumable(meta: dict, module: nn.Module, directory: str, **data: Any) -> None:
   saved = meta.get("model", {})
   saved_class = meta.get("model_class", "BertForSequenceClassification")
@@ -133,9 +137,10 @@ def check_resumable(meta: dict, module: nn.Module, directory: str, **data: Any) 
           f"{getattr(module.config, field)} configured). Use a new --workdir, or configure the same model; "
           "the checkpoint was left untouched.")
   for key, value in data.items():
-    if key in meta and meta[key] != value:
+    saved_value = meta.get(key, _SETTINGS_BEFORE_RECORDED.get(key, value))
+    if saved_value != value:
       raise ValueError(
-          f"The checkpoint in {directory} was trained with {key}={meta[key]}, the config now gives {value}: "
+          f"The checkpoint in {directory} was trained with {key}={saved_value}, the config now gives {value}: "
           "resuming would not continue the same data order. Use a new --workdir or the same setting; the "
           "checkpoint was left untouched.")
 

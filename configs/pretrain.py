@@ -63,19 +63,21 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   if preset == "tiny":
     config.tokenizer = common.MINILM  # bert-base-uncased's vocab, available offline
-    config.learning_rate = 1e-3
-    config.model.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+    # More, smaller updates at a higher rate learn faster per CPU-minute than 600 of batch 64 at 1e-3
+    # with hidden 64 (held-out MLM accuracy 0.060 then; see docs/pretraining.md).
+    config.learning_rate = 2e-3
+    config.model.update(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
                         max_position_embeddings=128)
     config.data.max_documents = 20_000
     config.data.validation_fraction = 0.02
     config.data.max_seq_length = 64
     config.data.max_predictions_per_seq = 10
-    config.train.batch_size = 64
+    config.train.batch_size = 32
     config.train.eval_batch_size = 128
-    config.train.num_train_steps = 600
+    config.train.num_train_steps = 1200
     config.train.log_every_steps = 50
-    config.train.eval_every_steps = 200
-    config.checkpoint.every_steps = 200
+    config.train.eval_every_steps = 300
+    config.checkpoint.every_steps = 300
     config.optimizer.warmup_fraction = 0.05
   elif preset == "minilm":
     config.tokenizer = common.MINILM

@@ -85,3 +85,4 @@ def test_length_buckets_case_prices_a_padded_and_a_bucketed_epoch(tmp_path, mini
                    for width, count in row[f"{name}_batches_by_length"].items())
     assert row[f"{name}_epoch_seconds"] == pytest.approx(expected)
   assert row["speedup"] == pytest.approx(row["padded_epoch_seconds"] / row["bucketed_epoch_seconds"])
+  assert row["bucketed_compile_seconds"] > 0 and row["padded_compile_seconds"] > 0

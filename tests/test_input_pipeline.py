@@ -335,7 +335,7 @@ def test_length_buckets_cut_each_batch_to_the_first_bucket_holding_its_longest_e
 
 
 def test_length_buckets_keep_the_epoch_s_examples_and_cut_most_padding():
-  arrays = varied_lengths(1000)
+  arrays = varied_lengths(1003)  # 3 left over: both drop the same ones
   plain = list(input_pipeline.train_batches(arrays, batch_size=8, seed=3, epoch=1))
   bucketed = list(input_pipeline.train_batches(arrays, batch_size=8, seed=3, epoch=1, length_buckets=(8, 16, 24)))
   assert len(bucketed) == len(plain) == 125

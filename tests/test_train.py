@@ -120,21 +120,36 @@ def test_evaluate_scores_the_same_test_set_as_training(trained, archive, minilm_
   assert scored["test_loss"] == pytest.approx(results["test_loss"], rel=1e-6)
 
 
-def test_evaluate_with_length_buckets_scores_as_with_full_padding(trained, archive, minilm_dir):
-  """The test reviews hold 7-9 tokens: batches cut to 8 or 12 columns score as at 16 (float32 sums)."""
-  workdir, results = trained
-  config = tiny_config(archive, minilm_dir, mode="evaluate", **{"data.length_buckets": (8, 12)})
-  scored = evaluate.evaluate(config, str(workdir))
-  assert scored["test_accuracy"] == results["test_accuracy"]
-  assert scored["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
+@pytest.fixture(scope="module")
+def varied_archive(tmp_path_factory):
+  """Reviews of 5 to 20+ tokens (the longest truncated at max_seq_length 16), in both splits."""
+  root = tmp_path_factory.mktemp("varied")
+  filler = "and then the story goes on".split()
+  reviews = {(split, cls): [f"a {word} movie {' '.join(filler[:i % 7] * (1 + i % 3))}".encode() for i in range(count)]
+             for split, count in (("train", 40), ("test", 12))
+             for cls, word in (("neg", "bad"), ("pos", "good"))}
+  return make_archive(write_imdb(root / "unpacked", reviews=reviews), root / "aclImdb_v1.tar.gz")
 
 
-def test_a_run_with_length_buckets_refuses_to_resume_with_other_buckets(tmp_path, archive, minilm_dir):
-  bucketed = train.train_and_evaluate(
-      tiny_config(archive, minilm_dir, **{"data.length_buckets": (8, 12), "train.num_epochs": 0.25}), str(tmp_path))
+def test_evaluate_with_length_buckets_scores_as_with_full_padding(trained, varied_archive, archive, minilm_dir):
+  """Batches cut to 8 or 12 columns (shortest reviews first) score as padded to 16 (float32 sums)."""
+  workdir, _ = trained
+  scored = {buckets: evaluate.evaluate(tiny_config(archive, minilm_dir, mode="evaluate", **{
+      "data.data_dir": str(varied_archive), "data.length_buckets": buckets}), str(workdir)) for buckets in ((), (8, 12))}
+  assert scored[()]["num_test_examples"] == scored[(8, 12)]["num_test_examples"] == 24
+  assert scored[(8, 12)]["test_accuracy"] == scored[()]["test_accuracy"]
+  assert scored[(8, 12)]["test_loss"] == pytest.approx(scored[()]["test_loss"], rel=1e-5)
+
+
+def test_a_run_with_length_buckets_resumes_only_with_the_same_buckets(tmp_path, varied_archive, minilm_dir):
+  def config(**overrides):
+    return tiny_config(varied_archive, minilm_dir, **{"train.num_epochs": 0.25, **overrides})
+  bucketed = train.train_and_evaluate(config(**{"data.length_buckets": (8, 12)}), str(tmp_path))
   assert bucketed["steps"] == 2 and np.isfinite(bucketed["test_loss"])
+  # The same buckets again: the settings read back from the checkpoint match (JSON lists vs tuples).
+  assert train.train_and_evaluate(config(**{"data.length_buckets": (8, 12)}), str(tmp_path)) == bucketed
   with pytest.raises(ValueError, match=r"length_buckets=\[8, 12\], the config now gives \[\]"):
-    train.train_and_evaluate(tiny_config(archive, minilm_dir, **{"train.num_epochs": 0.25}), str(tmp_path))
+    train.train_and_evaluate(config(), str(tmp_path))
 
 
 def test_predict_writes_label_and_probability_per_line(tmp_path, trained, archive, minilm_dir):
