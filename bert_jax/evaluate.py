@@ -65,8 +65,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str, out: TextIO = sys.s
   sharding = partitioning.batch_sharding(mesh)
   probabilities = []
   for batch in input_pipeline.eval_batches(arrays, batch_size=config.predict.batch_size):
-    probs = np.asarray(jax.device_get(predict_step(params, input_pipeline.shard_batch(batch, sharding))))
+    # A collective with several processes: each holds only its rows of the batch's predictions.
+    probs = np.asarray(partitioning.to_host(predict_step(params, input_pipeline.shard_batch(batch, sharding))))
     probabilities.append(probs[batch["weights"] > 0])
+  if jax.process_index() != 0:  # every process computed them; one prints
+    return
   for probs in np.concatenate(probabilities):
     label = int(np.argmax(probs))
     out.write(f"{LABELS[label]}\t{probs[label]:.4f}\n")
