@@ -37,6 +37,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from bert_jax import hf
+from bert_jax import batching
 from bert_jax import input_pipeline
 from bert_jax import models
 from bert_jax import optim
@@ -206,7 +207,7 @@ def time_length_buckets(bench: ml_collections.ConfigDict, model_config: models.B
                                                    replace=False))
   arrays = state_lib.make_tokenizer(bench).encode([reviews.texts[i] for i in sample], max_seq_length=bench.seq_len)
   arrays["labels"] = reviews.labels[sample]
-  plans = {name: list(input_pipeline.train_batches(arrays, batch_size=bench.batch_size, seed=0, epoch=0,
+  plans = {name: list(batching.train_batches(arrays, batch_size=bench.batch_size, seed=0, epoch=0,
                                                    length_buckets=buckets))
            for name, buckets in (("padded", ()), ("bucketed", tuple(bench.length_buckets)))}
   module = models.BertForSequenceClassification(model_config)
@@ -219,7 +220,7 @@ def time_length_buckets(bench: ml_collections.ConfigDict, model_config: models.B
     width = batch["input_ids"].shape[1]
     if width in step_seconds:
       continue
-    placed = input_pipeline.shard_batch(batch, partitioning.batch_sharding(mesh))
+    placed = batching.shard_batch(batch, partitioning.batch_sharding(mesh))
 
     def step():
       holder[0], metrics = train_step(holder[0], placed)

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from bert_jax import batching
 from bert_jax import input_pipeline
 from bert_jax import metrics as metrics_lib
 from bert_jax import partitioning
@@ -64,9 +65,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, out: TextIO = sys.s
   _, predict_step = train.compile_inference_steps(module, mesh)
   sharding = partitioning.batch_sharding(mesh)
   probabilities = []
-  for batch in input_pipeline.eval_batches(arrays, batch_size=config.predict.batch_size):
+  for batch in batching.eval_batches(arrays, batch_size=config.predict.batch_size):
     # A collective with several processes: each holds only its rows of the batch's predictions.
-    probs = np.asarray(partitioning.to_host(predict_step(params, input_pipeline.shard_batch(batch, sharding))))
+    probs = np.asarray(partitioning.to_host(predict_step(params, batching.shard_batch(batch, sharding))))
     probabilities.append(probs[batch["weights"] > 0])
   if jax.process_index() != 0:  # every process computed them; one prints
     return

@@ -3,7 +3,7 @@ and batch, and the per-device copies of the state that `jax.pmap` takes.
 
 Owns: every decision about where arrays live, and joining the processes of a multi-host run. The
 model only names logical axes (see `bert_jax.models.bert`); this module maps them to the mesh axes
-`data`, `fsdp` and `tensor`. Batches are placed by `input_pipeline.shard_batch`.
+`data`, `fsdp` and `tensor`. Batches are placed by `batching.shard_batch`.
 """
 
 from __future__ import annotations

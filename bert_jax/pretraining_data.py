@@ -2,7 +2,7 @@
 
 Owns: tokenizing documents, sentence pairs as google-research/bert's `create_pretraining_data.py` makes
 them, their cache, the held-out split, and batches masked anew every epoch (by `masking`). Does not own:
-reading the corpus (`corpus`), WordPiece (`tokenization`), global arrays (`input_pipeline.shard_batch`).
+reading the corpus (`corpus`), WordPiece (`tokenization`), global arrays (`batching.shard_batch`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from bert_jax import corpus
+from bert_jax import batching
 from bert_jax import input_pipeline
 from bert_jax import masking
 from bert_jax import tokenization
@@ -200,11 +201,11 @@ def pretraining_batches(arrays: dict[str, np.ndarray], *, batch_size: int, seed:
                         ) -> Iterator[dict[str, np.ndarray]]:
   """Yields one epoch of shuffled full batches, masked anew, from batch `start_batch` on.
 
-  `input_pipeline.train_batches` (order from (seed, epoch), float32 `weights` [batch_size] of ones),
+  `batching.train_batches` (order from (seed, epoch), float32 `weights` [batch_size] of ones),
   then `mask(batch, default_rng((seed, epoch, batch_index, 7)))`: masks change every epoch,
   and a run resumed at `start_batch` sees exactly the batches an uninterrupted one would.
   """
-  batches = input_pipeline.train_batches(arrays, batch_size=batch_size, seed=seed, epoch=epoch,
+  batches = batching.train_batches(arrays, batch_size=batch_size, seed=seed, epoch=epoch,
                                          start_batch=start_batch)
   for b, batch in enumerate(batches, start_batch):
     yield mask(batch, np.random.default_rng((seed, epoch, b, _MASK_SALT)))

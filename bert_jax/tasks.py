@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 import ml_collections
 import numpy as np
 
+from bert_jax import batching
 from bert_jax import input_pipeline
 from bert_jax import masking
 from bert_jax import models
@@ -62,7 +63,7 @@ def _classification_data(config: ml_collections.ConfigDict, tokenizer: tokenizat
   length_buckets = tuple(config.data.get("length_buckets", ()))
 
   def batches(epoch: int, start_batch: int):
-    return input_pipeline.train_batches(data.train, batch_size=config.train.batch_size, seed=config.seed,
+    return batching.train_batches(data.train, batch_size=config.train.batch_size, seed=config.seed,
                                         epoch=epoch, start_batch=start_batch, length_buckets=length_buckets)
 
   return TaskData(num_train_examples=len(data.train["labels"]), batches=batches, validation=data.validation,

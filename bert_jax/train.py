@@ -25,7 +25,7 @@ from absl import logging
 from bert_jax import checkpointing
 from bert_jax import config_checks
 from bert_jax import hf
-from bert_jax import input_pipeline
+from bert_jax import batching
 from bert_jax import metrics as metrics_lib
 from bert_jax import models
 from bert_jax import optim
@@ -83,10 +83,10 @@ class Layout:
 def layout(parallelism: str, mesh, shardings) -> Layout:
   """'jit' holds the global state itself; 'pmap' one copy per device (`mesh` is then data parallel)."""
   if parallelism == "pmap":
-    return Layout(input_pipeline.pmap_batch, partitioning.replicate,
+    return Layout(batching.pmap_batch, partitioning.replicate,
                   functools.partial(partitioning.unreplicate, shardings=shardings))
   same = lambda state: state  # noqa: E731
-  return Layout(functools.partial(input_pipeline.shard_batch, sharding=partitioning.batch_sharding(mesh)),
+  return Layout(functools.partial(batching.shard_batch, sharding=partitioning.batch_sharding(mesh)),
                 same, same)
 
 
@@ -103,8 +103,8 @@ def evaluate_arrays(eval_step, params, arrays: dict[str, np.ndarray], batch_size
   in batches cut to `length_buckets` if given."""
   sums = None
   sharding = partitioning.batch_sharding(mesh)
-  for batch in input_pipeline.eval_batches(arrays, batch_size=batch_size, length_buckets=length_buckets):
-    sums = metrics_lib.add(sums, eval_step(params, input_pipeline.shard_batch(batch, sharding)))
+  for batch in batching.eval_batches(arrays, batch_size=batch_size, length_buckets=length_buckets):
+    sums = metrics_lib.add(sums, eval_step(params, batching.shard_batch(batch, sharding)))
   summary = metrics_lib.summarize(sums, prefix)
   summary[f"num_{prefix}examples"] = int(round(float(sums["count"])))
   return summary
@@ -154,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tokenizer.hf_tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))  # evaluate/predict read it
 
   data = task.build_data(config, tokenizer, config.data.cache_dir or os.path.join(workdir, "cache"))
-  steps_per_epoch = input_pipeline.num_train_batches(data.num_train_examples, config.train.batch_size)
+  steps_per_epoch = batching.num_train_batches(data.num_train_examples, config.train.batch_size)
   if steps_per_epoch == 0:
     raise ValueError(f"{data.num_train_examples} training examples make no batch of config.train.batch_size="
                      f"{config.train.batch_size}; lower the batch size or use more data.")
@@ -302,7 +302,7 @@ def _steps(config, state, data, train_step, eval_step, ckpt, writer, meta, mesh,
       pause_start = time.perf_counter()
       snapshot = placement.to_global(state)
       validation = {}
-      if validate and input_pipeline.num_rows(data.validation):
+      if validate and batching.num_rows(data.validation):
         validation = evaluate_arrays(eval_step, snapshot.params, data.validation, config.train.eval_batch_size,
                                      mesh, "validation_", data.length_buckets)
         writer.scalars(step, validation)

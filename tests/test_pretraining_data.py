@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from bert_jax import batching
 from bert_jax import corpus
-from bert_jax import input_pipeline
 from bert_jax import masking
 from bert_jax import pretraining_data
 from bert_jax import tokenization
@@ -397,7 +397,7 @@ def test_build_holds_out_documents_masks_validation_once_and_caches(tokenizer, t
   assert data.train["input_ids"].shape[1] == 32 and len(data.train["input_ids"]) >= 16
   assert data.validation["masked_lm_positions"].shape == (len(data.validation["input_ids"]), 5)
   assert data.validation["masked_lm_weights"].sum(1).min() >= 1
-  evaluated = list(input_pipeline.eval_batches(data.validation, batch_size=4))
+  evaluated = list(batching.eval_batches(data.validation, batch_size=4))
   assert sum(batch["weights"].sum() for batch in evaluated) == len(data.validation["input_ids"])
 
   def no_reading(*args, **kwargs):

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from bert_jax import batching
 from bert_jax import hf
 from bert_jax import models
 from bert_jax import steps
@@ -72,9 +73,8 @@ def test_repeated_train_steps_lower_the_loss(tiny_config, model_cls, loss_fn, ba
 
 
 def test_batches_cut_to_length_buckets_give_the_float32_loss_and_gradient_of_full_padding(tiny_config):
-  """Length bucketing (input_pipeline) drops all-padding columns: the classification loss and the
+  """Length bucketing (batching) drops all-padding columns: the classification loss and the
   gradient must be those of the batch padded to full length (float32, dropout off; tolerance 1e-6)."""
-  from bert_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   module = models.BertForSequenceClassification(tiny_config)
   params = hf.init_params(module)
   rng = np.random.default_rng(0)
@@ -82,7 +82,7 @@ def test_batches_cut_to_length_buckets_give_the_float32_loss_and_gradient_of_ful
   mask = (np.arange(24)[None, :] < lengths[:, None]).astype(np.int32)
   full = {"input_ids": rng.integers(5, 99, mask.shape).astype(np.int32) * mask, "token_type_ids": np.zeros_like(mask),
           "attention_mask": mask, "labels": np.array([0, 1, 1, 0], np.int32), "weights": np.ones(4, np.float32)}
-  cut = next(input_pipeline.eval_batches(full, batch_size=4, length_buckets=(8, 16)))
+  cut = next(batching.eval_batches(full, batch_size=4, length_buckets=(8, 16)))
   assert cut["input_ids"].shape == (4, 16)
 
   def loss(params, batch):
