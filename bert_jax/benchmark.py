@@ -123,6 +123,22 @@ def _peak_memory_bytes(device: jax.Device) -> int | None:
   return (stats or {}).get("peak_bytes_in_use")
 
 
+def train_step_runner(module: nn.Module, bench: ml_collections.ConfigDict, mesh,
+                      loss_fn=steps.classification_loss) -> Callable[[dict[str, jax.Array]], None]:
+  """A function that runs one train step (AdamW, state donated) of `module` on a placed batch and
+  waits for it; the first call on each batch shape compiles."""
+  tx, schedule = optim.make_optimizer(bench.optimizer, 1e-4, num_train_steps=1000)
+  _, shardings = state_lib.state_template(module, tx, 0, mesh)
+  holder = [jax.device_put(steps.create_state(hf.init_params(module), tx, 0), shardings)]
+  train_step, _ = train.compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps=1, loss_fn=loss_fn)
+
+  def run_step(batch):
+    holder[0], metrics = train_step(holder[0], batch)
+    jax.block_until_ready(metrics)
+
+  return run_step
+
+
 def time_jax_case(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig,
                   mesh) -> dict[str, Any]:
   """Times one case (`train`, `eval` or `pretrain_train`) of bert_jax."""
@@ -137,17 +153,9 @@ def time_jax_case(case: str, bench: ml_collections.ConfigDict, model_config: mod
     params = hf.init_params(module)
     step = lambda: jax.block_until_ready(eval_step(params, batch))  # noqa: E731
   else:
-    tx, schedule = optim.make_optimizer(bench.optimizer, 1e-4, num_train_steps=1000)
-    _, shardings = state_lib.state_template(module, tx, 0, mesh)
-    state = jax.device_put(steps.create_state(hf.init_params(module), tx, 0), shardings)
-    loss_fn = steps.pretraining_loss if pretraining else steps.classification_loss
-    train_step, _ = train.compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps=1,
-                                        loss_fn=loss_fn)
-    holder = [state]
-
-    def step():
-      holder[0], metrics = train_step(holder[0], batch)
-      jax.block_until_ready(metrics)
+    run_step = train_step_runner(module, bench, mesh,
+                                 steps.pretraining_loss if pretraining else steps.classification_loss)
+    step = lambda: run_step(batch)  # noqa: E731
 
   compile_seconds, step_seconds = _median_step_seconds(step, bench.num_steps, bench.num_warmup_steps)
   flops = forward_flops(model_config, bench.seq_len, num_predictions) * (1 if case == "eval" else 3)
@@ -210,24 +218,15 @@ def time_length_buckets(bench: ml_collections.ConfigDict, model_config: models.B
   plans = {name: list(batching.train_batches(arrays, batch_size=bench.batch_size, seed=0, epoch=0,
                                                    length_buckets=buckets))
            for name, buckets in (("padded", ()), ("bucketed", tuple(bench.length_buckets)))}
-  module = models.BertForSequenceClassification(model_config)
-  tx, schedule = optim.make_optimizer(bench.optimizer, 1e-4, num_train_steps=1000)
-  _, shardings = state_lib.state_template(module, tx, 0, mesh)
-  holder = [jax.device_put(steps.create_state(hf.init_params(module), tx, 0), shardings)]
-  train_step, _ = train.compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps=1)
+  run_step = train_step_runner(models.BertForSequenceClassification(model_config), bench, mesh)
   step_seconds, compile_seconds = {}, {}
   for batch in plans["padded"][:1] + plans["bucketed"]:  # a real batch of each width
     width = batch["input_ids"].shape[1]
     if width in step_seconds:
       continue
     placed = batching.shard_batch(batch, partitioning.batch_sharding(mesh))
-
-    def step():
-      holder[0], metrics = train_step(holder[0], placed)
-      jax.block_until_ready(metrics)
-
-    compile_seconds[width], step_seconds[width] = _median_step_seconds(step, bench.num_steps,
-                                                                      bench.num_warmup_steps)
+    compile_seconds[width], step_seconds[width] = _median_step_seconds(
+        lambda: run_step(placed), bench.num_steps, bench.num_warmup_steps)  # noqa: B023  # run at once
   row = {"case": "length_buckets", "length_buckets": list(bench.length_buckets), "num_reviews": len(sample),
          "num_batches": len(plans["padded"])}
   for name, batches in plans.items():
@@ -248,42 +247,53 @@ def time_length_buckets(bench: ml_collections.ConfigDict, model_config: models.B
 
 
 def time_torch_case(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig) -> dict:
-  """transformers' PyTorch `BertForSequenceClassification` on the same work: AdamW train step, or eval."""
+  """transformers' PyTorch `BertForSequenceClassification` on the same work: AdamW train step, or eval.
+
+  On the device JAX runs on when that is a GPU (else the CPU), under bf16 autocast when `bench.dtype`
+  is bfloat16 (float32 parameters and optimizer state, as ours)."""
   import torch
   import transformers
   torch.manual_seed(0)
+  device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=bench.dtype == "bfloat16")  # noqa: E731
   hf_config = transformers.BertConfig(**model_config.to_hf_dict())
-  model = transformers.BertForSequenceClassification(hf_config)
+  model = transformers.BertForSequenceClassification(hf_config).to(device)
   batch = _batch(model_config, bench.batch_size, bench.seq_len, 0)
-  inputs = {k: torch.from_numpy(batch[k]).long() for k in ("input_ids", "token_type_ids", "attention_mask")}
-  labels = torch.from_numpy(batch["labels"]).long()
+  inputs = {k: torch.from_numpy(batch[k]).long().to(device)
+            for k in ("input_ids", "token_type_ids", "attention_mask")}
+  labels = torch.from_numpy(batch["labels"]).long().to(device)
   if case == "eval":
     model.eval()
 
     def step():
-      with torch.no_grad():
+      with torch.no_grad(), autocast():
         model(**inputs)
+      synchronize()
   else:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
     def step():
-      loss = model(**inputs, labels=labels).loss
+      with autocast():
+        loss = model(**inputs, labels=labels).loss
       loss.backward()
       torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
       optimizer.step()
       optimizer.zero_grad(set_to_none=True)
+      synchronize()
 
   _, step_seconds = _median_step_seconds(step, bench.num_steps, bench.num_warmup_steps)
   return {"torch_step_seconds": step_seconds, "torch_examples_per_second": bench.batch_size / step_seconds,
-          "torch_threads": torch.get_num_threads()}
+          "torch_threads": torch.get_num_threads(), "torch_device": device,
+          "torch_attention": model.config._attn_implementation}
 
 
 def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) -> list[dict]:
   unknown = sorted(set(config.cases) - set(CASES))
   if unknown:
     raise ValueError(f"config.cases has unknown case(s) {unknown}; use any of {CASES}.")
-  model_config = state_lib.model_config(config).replace(dtype=config.dtype)
+  model_config = state_lib.model_config(config)  # config.model.dtype refers to config.dtype
   if set(config.cases) - {"eval"}:
     model_config.check_trainable()  # before any compile: e.g. dot_product attention with attention dropout
   mesh = partitioning.make_mesh(config.mesh_shape)
@@ -299,6 +309,8 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
       emit(json.dumps(rows[-1]))
       continue
     row = time_jax_case(case, config, model_config, mesh)
+    row.update({name: getattr(model_config, name) for name in (
+        "hidden_size", "num_hidden_layers", "attention_impl", "remat_policy", "scan_layers")})
     if config.compare_torch and case in ("train", "eval"):
       row.update(time_torch_case(case, config, model_config))
       row["ratio"] = row["examples_per_second"] / row["torch_examples_per_second"]

@@ -21,6 +21,7 @@ def get_config(preset: str = "minilm_cpu") -> ml_collections.ConfigDict:
   config.init_checkpoint = ""
   config.model = common.model_overrides(num_labels=2)
   config.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
+  config.model.dtype = config.get_ref("dtype")  # one value: --config.dtype and --config.model.dtype set both
   config.batch_size = 32
   config.seq_len = 128
   config.num_predictions = 20  # masked positions per sequence in pretrain_train (15% of 128)

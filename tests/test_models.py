@@ -305,6 +305,22 @@ def test_bfloat16_loss_and_gradients_track_float32(tiny_config):
   assert np.linalg.norm(bf16_flat - flat) <= 0.05 * np.linalg.norm(flat)
 
 
+def test_bfloat16_embedding_gradients_add_up_in_float32(tiny_config):
+  # A lookup's gradient is a scatter-add into its table. In bfloat16 on an H200 the scatters took
+  # 78% of a BERT-base train step (95.8 ms -> 20.2 ms once fixed): the tables are read in float32,
+  # and the two token-type rows, which every token adds into, are a one-hot matmul instead.
+  config = _speed_config(tiny_config, dtype="bfloat16")
+  module = models.BertForSequenceClassification(config)
+  params = hf.init_params(module)
+  input_ids, attention_mask, token_type_ids = _inputs()
+  loss = lambda p: module.apply({"params": p}, input_ids, attention_mask, token_type_ids).astype(jnp.float32).sum()  # noqa: E731
+  scatters = [e for e in _all_eqns(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+              if e.primitive.name.startswith("scatter")]
+  tables = {(config.vocab_size, config.hidden_size), (config.max_position_embeddings, config.hidden_size)}
+  assert {e.outvars[0].aval.shape for e in scatters} == tables  # words and positions, not token types
+  assert all(e.outvars[0].aval.dtype == jnp.float32 for e in scatters)
+
+
 def test_speed_switches_stay_out_of_hf_config(tiny_config):
   config = tiny_config.replace(attention_impl="dot_product", remat_policy="dots", scan_layers=True,
                                dtype="bfloat16")

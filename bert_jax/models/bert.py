@@ -122,7 +122,9 @@ class BertEmbeddings(nn.Module):
 
   def setup(self):
     c = self.config
-    embed = functools.partial(nn.Embed, features=c.hidden_size, dtype=c.compute_dtype,
+    # Looked up in the parameter dtype, then cast: the gradient of a lookup is a scatter-add into
+    # the table, and in bfloat16 on a GPU that scatter took 78% of a BERT-base train step.
+    embed = functools.partial(nn.Embed, features=c.hidden_size, dtype=c.parameter_dtype,
                               param_dtype=c.parameter_dtype)
     self.word_embeddings = embed(c.vocab_size, embedding_init=kernel_init(c, VOCAB, EMBED))
     self.position_embeddings = embed(c.max_position_embeddings, embedding_init=kernel_init(c, POSITION, EMBED))
@@ -131,14 +133,22 @@ class BertEmbeddings(nn.Module):
     self.dropout = Dropout(c.hidden_dropout_prob)
 
   def __call__(self, input_ids, token_type_ids, position_ids, *, deterministic: bool):
-    x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
-         + self.token_type_embeddings(token_type_ids))  # [batch, seq, hidden]
+    c = self.config
+    # Token types (2 rows) as a one-hot matmul: every token of the batch adds into one of two rows,
+    # so the scatter-add of a lookup's gradient would serialise on them. The product picks exact
+    # values (one term per output; HIGHEST keeps float32 off TF32).
+    token_types = jnp.dot(jax.nn.one_hot(token_type_ids, c.type_vocab_size, dtype=c.compute_dtype),
+                          self.token_type_embeddings.embedding.astype(c.compute_dtype),
+                          precision=jax.lax.Precision.HIGHEST)
+    x = (self.word_embeddings(input_ids).astype(c.compute_dtype)
+         + self.position_embeddings(position_ids).astype(c.compute_dtype) + token_types)  # [batch, seq, hidden]
     x = self.LayerNorm(x)
     return self.dropout(x, deterministic=deterministic)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Scores `x` `[..., hidden]` against every word embedding: `[..., vocab]` (the tied MLM decoder)."""
-    return self.word_embeddings.attend(x)
+    x, table = nn.dtypes.promote_dtype(x, self.word_embeddings.embedding, dtype=self.config.compute_dtype)
+    return jnp.dot(x, table.T)
 
 
 class BertSelfAttention(nn.Module):
@@ -166,9 +176,14 @@ class BertSelfAttention(nn.Module):
       if c.attention_impl == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"BertConfig.attention_impl='cudnn' needs a GPU; this is {jax.default_backend()!r}. "
                          "Use --config.model.attention_impl=dot_product (or einsum).")
-      context = jax.nn.dot_product_attention(
-          query, key, value, mask=attention_mask,
-          implementation="cudnn" if c.attention_impl == "cudnn" else None)  # [batch, seq, heads, head_dim]
+      if c.attention_impl == "cudnn":
+        # cuDNN takes padding as per-row key lengths (it has no broadcast [batch, 1, 1, seq] mask):
+        # BERT's inputs are right-padded, real tokens first. Padded queries still see every real key.
+        context = jax.nn.dot_product_attention(
+            query, key, value, key_value_seq_lengths=jnp.sum(attention_mask[:, 0, 0, :], axis=-1, dtype=jnp.int32),
+            implementation="cudnn")  # [batch, seq, heads, head_dim]
+      else:
+        context = jax.nn.dot_product_attention(query, key, value, mask=attention_mask)
     return dense(c, c.hidden_size, (HEADS, KV), (EMBED,), "output")(context)
 
   def _einsum_attention(self, query, key, value, attention_mask, deterministic: bool):

@@ -1,0 +1,100 @@
+"""GPU numerics: each speed switch against the plain float32 einsum path, on the GPU itself.
+
+The unit suite checks 'dot_product' attention and bf16 on the CPU; cuDNN's fused attention exists
+only on a GPU, so this script is its test. Run on a GPU machine from the repo root:
+  python -m scripts.check_gpu
+It prints one line per variant and exits 1 if any is outside its stated tolerance.
+
+Inputs: a 2-layer model (hidden 256, 4 heads of 64, as cuDNN needs head_dim a multiple of 8),
+batch 8 of 128 tokens, each row padded after a random length in [16, 128]. Reference: einsum
+attention in float32 with 'highest' matmul precision (no TF32). Compared: the classification loss
+(summed cross-entropy), every parameter's gradient (relative L2 over all of them), and the
+encoder output at real positions (relative L2), in deterministic mode (no dropout masks to match).
+Tolerances: float32 variants 1e-4 (TF32 off, only summation order differs); bfloat16 variants
+2e-2 on the loss and 5e-2 on gradients and outputs, the bounds of tests/test_models.py's bf16 test
+(bf16 keeps 8 significant bits, 0.4% relative rounding per op).
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bert_jax import hf
+from bert_jax import models
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+BATCH, SEQ = 8, 128
+TOLERANCES = {"float32": (1e-4, 1e-4), "bfloat16": (2e-2, 5e-2)}  # (loss rel, gradient/output rel L2)
+
+
+def _inputs(config: models.BertConfig):
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(16, SEQ + 1, BATCH)
+  lengths[0] = SEQ  # one full row
+  attention_mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int32)  # [batch, seq]
+  input_ids = np.where(attention_mask, rng.integers(1000, config.vocab_size, (BATCH, SEQ)), 0).astype(np.int32)
+  token_type_ids = (np.arange(SEQ)[None, :] >= lengths[:, None] // 2).astype(np.int32) * attention_mask
+  labels = rng.integers(0, 2, BATCH).astype(np.int32)
+  return input_ids, attention_mask, token_type_ids, labels
+
+
+def _loss_grads_and_output(config: models.BertConfig, params, inputs):
+  input_ids, attention_mask, token_type_ids, labels = inputs
+  classifier = models.BertForSequenceClassification(config)
+  encoder = models.BertModel(config)
+
+  def loss(p):
+    logits = classifier.apply({"params": p}, input_ids, attention_mask, token_type_ids, deterministic=True)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+
+  def sequence_output(p):
+    return encoder.apply({"params": p["bert"]}, input_ids, attention_mask, token_type_ids,
+                         deterministic=True).sequence_output  # [batch, seq, hidden]
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  return value, grads, jax.jit(sequence_output)(params)
+
+
+def _rel_l2(actual, expected) -> float:
+  return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def main() -> int:
+  print(f"devices: {jax.devices()}")
+  base = models.BertConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  inputs = _inputs(base)
+  params = hf.init_params(models.BertForSequenceClassification(base))
+  ref_loss, ref_grads, ref_out = _loss_grads_and_output(base, params, inputs)
+  real = inputs[1].astype(bool)  # [batch, seq]: compare the encoder output at real tokens only
+  flat = lambda tree: np.concatenate([np.ravel(np.asarray(g, np.float32)) for g in jax.tree_util.tree_leaves(tree)])  # noqa: E731
+  ref_flat, ref_real = flat(ref_grads), np.asarray(ref_out, np.float32)[real]
+  failures = 0
+  for attention_impl, dtype in (("dot_product", "float32"), ("einsum", "bfloat16"),
+                                ("dot_product", "bfloat16"), ("cudnn", "bfloat16")):
+    config = base.replace(attention_impl=attention_impl, dtype=dtype)
+    try:
+      loss, grads, out = _loss_grads_and_output(config, params, inputs)
+    except Exception as e:  # pylint: disable=broad-except  # report every variant, then fail
+      failures += 1
+      print(f"{attention_impl:>11} {dtype:>8}: ERROR {type(e).__name__}: {str(e)[:300]}")
+      continue
+    loss_rel = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
+    grad_rel = _rel_l2(flat(grads), ref_flat)
+    out_rel = _rel_l2(np.asarray(out, np.float32)[real], ref_real)
+    finite = bool(np.isfinite(flat(grads)).all() and np.isfinite(np.asarray(out, np.float32)).all())
+    loss_tol, tol = TOLERANCES[dtype]
+    ok = finite and loss_rel <= loss_tol and grad_rel <= tol and out_rel <= tol
+    failures += not ok
+    print(f"{attention_impl:>11} {dtype:>8}: loss rel {loss_rel:.2e} (tol {loss_tol:.0e}), gradients rel L2 "
+          f"{grad_rel:.2e}, output rel L2 {out_rel:.2e} (tol {tol:.0e}) {'ok' if ok else 'FAIL'}")
+  print("all within tolerance" if not failures else f"{failures} variant(s) FAILED")
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

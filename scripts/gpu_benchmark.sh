@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/performance.md in one device call: cuDNN numerics against float32, then
+# BERT-base bf16 step times (seq 128 and 512, with transformers' PyTorch BERT on the same GPU), the
+# pretraining MFU at batch 256, the length-bucket epoch and the default einsum attention for contrast.
+#
+# Needs the git-ignored .gpu/ folder (bash scripts/prepare_gpu_carry.sh). On the lent machine:
+#   device run, carry [".gpu"], command "bash scripts/gpu_benchmark.sh"
+# Results: $OUT/bench.jsonl (one JSON line per case), $OUT/check_gpu.txt, $OUT/env.txt, logs.
+# STAGES="check profile" runs a subset (default: all, in the order below). A dry run elsewhere: ATTENTION=dot_product BENCH_EXTRA="--config.dtype=float32 ..." bash scripts/gpu_benchmark.sh
+set -u
+out=${OUT:-/tmp/bert_jax_gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6  # leave room for PyTorch in the same process
+attention=${ATTENTION:-cudnn}
+extra=${BENCH_EXTRA:-}
+
+# Packages the CUDA image lacks; the image's own flax/optax/orbax unless they cannot import ours.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .gpu/whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if ! python3 -c "import bert_jax.benchmark, bert_jax.train" 2> "$out/stderr.log"; then
+  tail -n 3 "$out/stderr.log"
+  echo "the image's packages cannot import bert_jax: installing the carried flax/optax/orbax"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu/fallback/*.whl
+fi
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
+  python3 -c "import jax, flax, optax, transformers, torch; print('jax', jax.__version__, jax.devices(), \
+'flax', flax.__version__, 'optax', optax.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+} 2>&1 | tee "$out/env.txt"
+
+fast="--config.model.attention_impl=$attention --config.model.attention_probs_dropout_prob=0"
+run_case() {  # run_case NAME SECONDS FLAGS...: JSON lines to bench.jsonl, stderr to stderr.log
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name" | tee -a "$out/stderr.log"
+  # shellcheck disable=SC2086  # $extra holds several flags
+  timeout "$seconds" python3 -m bert_jax.benchmark "$@" $extra >> "$out/bench.jsonl" 2>> "$out/stderr.log" \
+    || { echo "$name failed"; grep -v "^[IW][0-9]" "$out/stderr.log" | tail -n 4; }
+}
+profile() {  # profile SECONDS FLAGS...: kernel table to profile.txt
+  # shellcheck disable=SC2086
+  timeout "$1" python3 -m scripts.profile_gpu "${@:2}" $extra --xplane_dir="$out" >> "$out/profile.txt" \
+    2>> "$out/stderr.log" || echo "profile failed"
+}
+for stage in ${STAGES:-check profile base128 base512 b256 einsum128}; do
+  case $stage in
+    check)
+      echo "== numerics: speed switches vs float32 einsum"
+      timeout 150 python3 -m scripts.check_gpu > "$out/check_gpu.txt" 2>> "$out/stderr.log"
+      echo "check_gpu exit $?"; cat "$out/check_gpu.txt";;
+    profile)
+      echo "== profile"
+      [ "${PROFILE_EINSUM:-1}" = 1 ] && profile 120 --config=configs/benchmark.py:base_gpu  # PROFILE_EINSUM=0: skip
+      profile 120 --config=configs/benchmark.py:base_gpu $fast
+      cat "$out/profile.txt";;
+    base128) run_case base128 200 --config=configs/benchmark.py:base_gpu $fast --config.compare_torch=True;;
+    b256) run_case pretrain128_b256 100 --config=configs/benchmark.py:base_gpu $fast --config.batch_size=256 \
+      "--config.cases=('pretrain_train',)";;
+    base512) run_case base512 220 --config=configs/benchmark.py:base_gpu_512 $fast --config.compare_torch=True \
+      --config.tokenizer=.gpu/minilm --config.data_dir=.gpu/imdb ${CASES_512:+"--config.cases=$CASES_512"};;
+    einsum128) run_case einsum128 120 --config=configs/benchmark.py:base_gpu "--config.cases=('train','pretrain_train')";;
+    *) echo "unknown stage $stage";;
+  esac
+done
+
+[ -f "$out/bench.jsonl" ] && python3 - "$out/bench.jsonl" <<'PY'
+import json, sys
+print(f"{'case':<15}{'dtype':<9}{'batch':>6}{'seq':>5}{'attn':>12}{'ex/s':>10}{'MFU':>7}{'torch ex/s':>11}{'ratio':>7}"
+      f"{'compile s':>10}")
+for line in open(sys.argv[1]):
+  row = json.loads(line)
+  if row["case"] == "length_buckets":
+    print(f"length_buckets: padded {row['padded_epoch_seconds']:.1f} s, bucketed {row['bucketed_epoch_seconds']:.1f} s,"
+          f" speedup {row['speedup']:.2f}, step s by length {row['step_seconds_by_length']}")
+    continue
+  mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-"
+  torch_ex = f"{row['torch_examples_per_second']:.0f}" if "torch_examples_per_second" in row else "-"
+  ratio = f"{row['ratio']:.2f}" if "ratio" in row else "-"
+  print(f"{row['case']:<15}{row['dtype']:<9}{row['batch_size']:>6}{row['seq_len']:>5}"
+        f"{row.get('attention_impl', '?'):>12}{row['examples_per_second']:>10.1f}{mfu:>7}{torch_ex:>11}{ratio:>7}"
+        f"{row['compile_seconds']:>10.1f}")
+PY
