@@ -9,6 +9,7 @@ import os
 
 import ml_collections
 
+from bert_jax import input_pipeline
 from bert_jax import models
 from bert_jax import optim
 from bert_jax import tokenization
@@ -62,11 +63,19 @@ def check(config: ml_collections.ConfigDict) -> None:
     _require(config.evaluate.checkpoint in ("best", "latest"), "evaluate.checkpoint",
              config.evaluate.checkpoint, "'best' or 'latest'")
     _require(config.predict.batch_size > 0, "predict.batch_size", config.predict.batch_size, "a positive integer")
+    num_labels = config.model.get("num_labels")
+    _require(num_labels is None or num_labels >= len(input_pipeline.CLASSES), "model.num_labels", num_labels,
+             f"at least {len(input_pipeline.CLASSES)}: IMDB has the classes {input_pipeline.CLASSES}, and labels "
+             "would fall outside the classifier")
     buckets = tuple(config.data.get("length_buckets", ()))
-    _require(all(isinstance(b, int) and 0 < b <= config.data.max_seq_length for b in buckets)
+    # Evaluate and predict score at the checkpoint's max_seq_length, not the config's; there a bucket
+    # at or beyond the texts' length cuts nothing.
+    longest = config.data.max_seq_length if config.mode == "train" else float("inf")
+    _require(all(isinstance(b, int) and 0 < b <= longest for b in buckets)
              and list(buckets) == sorted(set(buckets)), "data.length_buckets", buckets,
-             f"increasing whole numbers of tokens up to data.max_seq_length={config.data.max_seq_length}, "
-             "e.g. (128, 256, 384), or () for none")
+             "increasing whole numbers of tokens" + (
+                 f" up to data.max_seq_length={config.data.max_seq_length}" if config.mode == "train" else "")
+             + ", e.g. (128, 256, 384), or () for none")
   else:
     _check_pretraining_data(config.data)
   _check_paths(config)

@@ -28,8 +28,6 @@ ENCODE_CHUNK = 4096  # Texts per tokenizer call: bounds peak memory of the fast 
 
 _DATA_DIR_HINT = ("pass --config.data.data_dir=/path/to/aclImdb_v1.tar.gz or the folder it unpacks to "
                   "(aclImdb/ or its parent)")
-# An archive member of a labelled review; the aclImdb/ top folder (and a leading ./) are optional.
-_MEMBER_RE = re.compile(r"^(?:\./)?(aclImdb/)?(train|test)/(neg|pos)/([^/]+\.txt)$")
 # Keeps the train-subsample stream apart from split_validation's (seed) and train_batches' (seed, epoch).
 _SUBSAMPLE_SALT = 1_000_003
 
@@ -97,16 +95,22 @@ def _load_splits(data_dir: str | None, splits: Sequence[str]) -> dict[str, ImdbS
 _Raw = tuple[int, str, bytes | str]
 
 
+def _member_re(splits: Sequence[str]) -> re.Pattern[str]:
+  """Archive members that are labelled reviews of `splits` (the others are not kept in memory); the
+  aclImdb/ top folder and a leading ./ are optional."""
+  return re.compile(r"^(?:\./)?(aclImdb/)?(" + "|".join(map(re.escape, splits)) + r")/(neg|pos)/([^/]+\.txt)$")
+
+
 def _read_archive(path: str, splits: Sequence[str]) -> dict[str, list[_Raw]]:
   """Streams the archive once (no seeking), keeping only the wanted reviews."""
-  members, first_members = archives.read_matching(path, _MEMBER_RE, hint=_DATA_DIR_HINT, what="IMDB archive")
+  members, first_members = archives.read_matching(path, _member_re(splits), hint=_DATA_DIR_HINT,
+                                                  what="IMDB archive")
   found: dict[str, list[_Raw]] = {split: [] for split in splits}
   prefix = "aclImdb/"
   for match, data in members:
     top, split, cls, _ = match.groups()
     prefix = top or ""  # For messages: name paths the way this archive spells them.
-    if split in found:
-      found[split].append((CLASSES.index(cls), match.string, data))
+    found[split].append((CLASSES.index(cls), match.string, data))
   for split in splits:
     labels = {label for label, _, _ in found[split]}
     for label, cls in enumerate(CLASSES):

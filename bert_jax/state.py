@@ -48,7 +48,7 @@ def model_config(config: ml_collections.ConfigDict,
   overrides = config_checks.model_overrides(config)
   if is_workdir(config.init_checkpoint):
     directory = os.path.join(config.init_checkpoint, "checkpoints")
-    ckpt = checkpointing.Checkpoints(directory, read_only=True, best_metric=_best_metric(directory))
+    ckpt = _open_finished_run(directory)
     step = ckpt.best_step()
     if step is None:
       raise FileNotFoundError(f"config.init_checkpoint={config.init_checkpoint!r} is a workdir without a "
@@ -152,7 +152,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"No checkpoints in {directory}; train first with --config.mode=train "
                             f"--workdir={workdir}.")
-  ckpt = checkpointing.Checkpoints(directory, read_only=True, best_metric=_best_metric(directory))
+  ckpt = _open_finished_run(directory)
   step = ckpt.best_step() if which == "best" else ckpt.latest_step()
   if step is None:
     damaged = ckpt.damaged_steps()
@@ -172,10 +172,11 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
   return module, restored.state.params, restored.meta, restored.step
 
 
-def _best_metric(directory: str) -> str:
-  """The metric that picked the best checkpoint of the run in `directory` (it says its task)."""
+def _open_finished_run(directory: str) -> checkpointing.Checkpoints:
+  """The run's checkpoints in `directory`, read-only, ranked by the metric its task picks the best by
+  (the latest step's meta says the task)."""
   ckpt = checkpointing.Checkpoints(directory, read_only=True)
   latest = ckpt.latest_step()
   meta = ckpt.read_meta(latest) if latest is not None else {}
-  ckpt.close()
-  return tasks.TASKS[meta.get("task", "classify")].best_metric
+  ckpt.best_metric = tasks.TASKS[meta.get("task", "classify")].best_metric
+  return ckpt

@@ -52,11 +52,6 @@ class Task:
 
 def _classification_data(config: ml_collections.ConfigDict, tokenizer: tokenization.Tokenizer,
                          cache_dir: str) -> TaskData:
-  num_labels = config.model.num_labels
-  if num_labels is not None and num_labels < len(input_pipeline.CLASSES):
-    raise ValueError(f"config.model.num_labels={num_labels}, but IMDB has {len(input_pipeline.CLASSES)} classes "
-                     f"{input_pipeline.CLASSES}: labels would fall outside the classifier. Set "
-                     f"--config.model.num_labels={len(input_pipeline.CLASSES)}.")
   data = input_pipeline.build_imdb(config.data, tokenizer, max_seq_length=config.data.max_seq_length,
                                    seed=config.seed, cache_dir=cache_dir)
 

@@ -198,6 +198,23 @@ def test_out_of_range_values_are_named_before_any_work(archive, minilm_dir, key,
     config_checks.check(tiny_config(archive, minilm_dir, **{key: value}))
 
 
+def test_label_count_below_imdb_s_classes_is_refused_before_any_work(archive, minilm_dir):
+  with pytest.raises(ValueError, match=r"config.model.num_labels=1 is out of range: at least 2"):
+    config_checks.check(tiny_config(archive, minilm_dir, **{"model.num_labels": 1}))
+
+
+def test_evaluate_takes_buckets_beyond_the_config_s_max_seq_length(trained, varied_archive, archive, minilm_dir):
+  """It scores at the checkpoint's max_seq_length (16 here), whatever the config's (8): a bucket of 16
+  passes the checks and cuts nothing."""
+  workdir, _ = trained
+  config = tiny_config(archive, minilm_dir, mode="evaluate", **{
+      "data.data_dir": str(varied_archive), "data.max_seq_length": 8, "data.length_buckets": (8, 16)})
+  config_checks.check(config)
+  reference = tiny_config(archive, minilm_dir, mode="evaluate", **{"data.data_dir": str(varied_archive)})
+  assert evaluate.evaluate(config, str(workdir))["test_loss"] == pytest.approx(
+      evaluate.evaluate(reference, str(workdir))["test_loss"], rel=1e-5)
+
+
 def test_max_seq_length_beyond_positions_is_refused(tmp_path, archive, minilm_dir):
   config = tiny_config(archive, minilm_dir, **{"data.max_seq_length": 33})
   with pytest.raises(ValueError, match="data.max_seq_length=33.*max_position_embeddings=32"):
