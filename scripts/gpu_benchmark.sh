@@ -6,14 +6,15 @@
 # Needs the git-ignored .gpu/ folder (bash scripts/prepare_gpu_carry.sh). On the lent machine:
 #   device run, carry [".gpu"], command "bash scripts/gpu_benchmark.sh"
 # Results: $OUT/bench.jsonl (one JSON line per case), $OUT/check_gpu.txt, $OUT/env.txt, logs.
-# STAGES="check profile" runs a subset (default: all, in the order below). A dry run elsewhere: ATTENTION=dot_product BENCH_EXTRA="--config.dtype=float32 ..." bash scripts/gpu_benchmark.sh
+# STAGES="check profile" runs a subset (default: all, in the order below); PROFILE_EINSUM=0 profiles
+# only the cuDNN step; CASES_512="('train','length_buckets')" narrows the seq-512 stage. A dry run elsewhere: ATTENTION=dot_product BENCH_EXTRA="--config.dtype=float32 ..." bash scripts/gpu_benchmark.sh
 set -u
 out=${OUT:-/tmp/bert_jax_gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6  # leave room for PyTorch in the same process
 attention=${ATTENTION:-cudnn}
-extra=${BENCH_EXTRA:-}
+read -ra extra <<< "${BENCH_EXTRA:-}"  # flags added to every benchmark and profile run
 
 # Packages the CUDA image lacks; the image's own flax/optax/orbax unless they cannot import ours.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -30,18 +31,16 @@ fi
 'flax', flax.__version__, 'optax', optax.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
 } 2>&1 | tee "$out/env.txt"
 
-fast="--config.model.attention_impl=$attention --config.model.attention_probs_dropout_prob=0"
+fast=(--config.model.attention_impl="$attention" --config.model.attention_probs_dropout_prob=0)
 run_case() {  # run_case NAME SECONDS FLAGS...: JSON lines to bench.jsonl, stderr to stderr.log
   local name=$1 seconds=$2
   shift 2
   echo "== $name" | tee -a "$out/stderr.log"
-  # shellcheck disable=SC2086  # $extra holds several flags
-  timeout "$seconds" python3 -m bert_jax.benchmark "$@" $extra >> "$out/bench.jsonl" 2>> "$out/stderr.log" \
+  timeout "$seconds" python3 -m bert_jax.benchmark "$@" "${extra[@]}" >> "$out/bench.jsonl" 2>> "$out/stderr.log" \
     || { echo "$name failed"; grep -v "^[IW][0-9]" "$out/stderr.log" | tail -n 4; }
 }
 profile() {  # profile SECONDS FLAGS...: kernel table to profile.txt
-  # shellcheck disable=SC2086
-  timeout "$1" python3 -m scripts.profile_gpu "${@:2}" $extra --xplane_dir="$out" >> "$out/profile.txt" \
+  timeout "$1" python3 -m scripts.profile_gpu "${@:2}" "${extra[@]}" --xplane_dir="$out" >> "$out/profile.txt" \
     2>> "$out/stderr.log" || echo "profile failed"
 }
 for stage in ${STAGES:-check profile base128 base512 b256 einsum128}; do
@@ -53,12 +52,12 @@ for stage in ${STAGES:-check profile base128 base512 b256 einsum128}; do
     profile)
       echo "== profile"
       [ "${PROFILE_EINSUM:-1}" = 1 ] && profile 120 --config=configs/benchmark.py:base_gpu  # PROFILE_EINSUM=0: skip
-      profile 120 --config=configs/benchmark.py:base_gpu $fast
+      profile 120 --config=configs/benchmark.py:base_gpu "${fast[@]}"
       cat "$out/profile.txt";;
-    base128) run_case base128 200 --config=configs/benchmark.py:base_gpu $fast --config.compare_torch=True;;
-    b256) run_case pretrain128_b256 100 --config=configs/benchmark.py:base_gpu $fast --config.batch_size=256 \
+    base128) run_case base128 200 --config=configs/benchmark.py:base_gpu "${fast[@]}" --config.compare_torch=True;;
+    b256) run_case pretrain128_b256 100 --config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 \
       "--config.cases=('pretrain_train',)";;
-    base512) run_case base512 220 --config=configs/benchmark.py:base_gpu_512 $fast --config.compare_torch=True \
+    base512) run_case base512 220 --config=configs/benchmark.py:base_gpu_512 "${fast[@]}" --config.compare_torch=True \
       --config.tokenizer=.gpu/minilm --config.data_dir=.gpu/imdb ${CASES_512:+"--config.cases=$CASES_512"};;
     einsum128) run_case einsum128 120 --config=configs/benchmark.py:base_gpu "--config.cases=('train','pretrain_train')";;
     *) echo "unknown stage $stage";;

@@ -16,6 +16,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TPU_VM = REPO_ROOT / "launch" / "tpu_vm.sh"
 SLURM = REPO_ROOT / "launch" / "slurm.sh"
 SCRIPTS = [TPU_VM, SLURM]
+SHELL_SCRIPTS = SCRIPTS + sorted((REPO_ROOT / "scripts").glob("*.sh"))  # and the GPU machine's
 BASH = shutil.which("bash")
 POD = ["--name", "bert-pod", "--zone", "us-central2-b"]
 
@@ -48,12 +49,12 @@ def shellcheck_binary() -> str:
   return found
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_bash_syntax(script):
   subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_clean(script):
   result = subprocess.run([shellcheck_binary(), str(script)], capture_output=True, text=True, timeout=60)
   assert result.returncode == 0 and not result.stdout, result.stdout + result.stderr
