@@ -7,7 +7,8 @@
 #   device run, carry [".gpu"], command "bash scripts/gpu_benchmark.sh"
 # Results: $OUT/bench.jsonl (one JSON line per case), $OUT/check_gpu.txt, $OUT/env.txt, logs.
 # STAGES="check profile" runs a subset (default: all, in the order below); PROFILE_EINSUM=0 profiles
-# only the cuDNN step; CASES_512="('train','length_buckets')" narrows the seq-512 stage. A dry run elsewhere: ATTENTION=dot_product BENCH_EXTRA="--config.dtype=float32 ..." bash scripts/gpu_benchmark.sh
+# only the cuDNN step; CASES_512="('train','length_buckets')" narrows the seq-512 stage.
+# A dry run elsewhere: ATTENTION=dot_product BENCH_EXTRA="--config.dtype=float32 ..." bash scripts/gpu_benchmark.sh
 set -u
 out=${OUT:-/tmp/bert_jax_gpu}
 mkdir -p "$out"
