@@ -139,22 +139,33 @@ def train_step_runner(module: nn.Module, bench: ml_collections.ConfigDict, mesh,
   return run_step
 
 
+def case_inputs(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig, mesh):
+  """The module, loss and placed random batch of a `train`, `eval` or `pretrain_train` case."""
+  pretraining = case == "pretrain_train"
+  module_cls = models.BertForPreTraining if pretraining else models.BertForSequenceClassification
+  batch = _batch(model_config, bench.batch_size, bench.seq_len, bench.num_predictions if pretraining else 0)
+  batch = {k: jax.device_put(v, partitioning.batch_sharding(mesh)) for k, v in batch.items()}
+  return (module_cls(model_config), steps.pretraining_loss if pretraining else steps.classification_loss,
+          batch)
+
+
+def sample_reviews(reviews: input_pipeline.ImdbSplit, num_reviews: int) -> np.ndarray:
+  """Indices of the length_buckets case's reviews: a seeded sample, in the split's order."""
+  count = min(num_reviews, len(reviews.texts))
+  return np.sort(np.random.default_rng(0).choice(len(reviews.texts), count, replace=False))
+
+
 def time_jax_case(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig,
                   mesh) -> dict[str, Any]:
   """Times one case (`train`, `eval` or `pretrain_train`) of bert_jax."""
-  pretraining = case == "pretrain_train"
-  module_cls = models.BertForPreTraining if pretraining else models.BertForSequenceClassification
-  module = module_cls(model_config)
-  num_predictions = bench.num_predictions if pretraining else 0
-  batch = _batch(model_config, bench.batch_size, bench.seq_len, num_predictions)
-  batch = {k: jax.device_put(v, partitioning.batch_sharding(mesh)) for k, v in batch.items()}
+  module, loss_fn, batch = case_inputs(case, bench, model_config, mesh)
+  num_predictions = bench.num_predictions if case == "pretrain_train" else 0
   if case == "eval":
     eval_step, _ = train.compile_inference_steps(module, mesh)
     params = hf.init_params(module)
     step = lambda: jax.block_until_ready(eval_step(params, batch))  # noqa: E731
   else:
-    run_step = train_step_runner(module, bench, mesh,
-                                 steps.pretraining_loss if pretraining else steps.classification_loss)
+    run_step = train_step_runner(module, bench, mesh, loss_fn)
     step = lambda: run_step(batch)  # noqa: E731
 
   compile_seconds, step_seconds = _median_step_seconds(step, bench.num_steps, bench.num_warmup_steps)
@@ -211,8 +222,7 @@ def time_length_buckets(bench: ml_collections.ConfigDict, model_config: models.B
   """One epoch of `bench.num_reviews` IMDB train reviews (a seeded sample, batch `bench.batch_size`):
   seconds with every batch padded to `seq_len` vs cut to `bench.length_buckets` (see module docstring)."""
   reviews = input_pipeline.load_imdb_split(bench.data_dir or None, "train")
-  sample = np.sort(np.random.default_rng(0).choice(len(reviews.texts), min(bench.num_reviews, len(reviews.texts)),
-                                                   replace=False))
+  sample = sample_reviews(reviews, bench.num_reviews)
   arrays = state_lib.make_tokenizer(bench).encode([reviews.texts[i] for i in sample], max_seq_length=bench.seq_len)
   arrays["labels"] = reviews.labels[sample]
   plans = {name: list(batching.train_batches(arrays, batch_size=bench.batch_size, seed=0, epoch=0,

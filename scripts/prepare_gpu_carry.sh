@@ -17,11 +17,9 @@ for f in config.json vocab.txt tokenizer.json tokenizer_config.json special_toke
 done
 python3 - "$shared/data/aclImdb_v1.tar.gz" <<'PY'
 import os, sys
-import numpy as np
-from bert_jax import input_pipeline
-# The sample of bert_jax.benchmark.time_length_buckets (seed 0 over the sorted train split, 2,000).
+from bert_jax import benchmark, input_pipeline
 reviews = input_pipeline.load_imdb_split(sys.argv[1], "train")
-sample = np.sort(np.random.default_rng(0).choice(len(reviews.texts), 2000, replace=False))
+sample = benchmark.sample_reviews(reviews, 2000)  # the length_buckets case's sample of the full split
 for rank, i in enumerate(sample):
   folder = os.path.join(".gpu/imdb/aclImdb/train", input_pipeline.CLASSES[reviews.labels[i]])
   os.makedirs(folder, exist_ok=True)

@@ -21,10 +21,8 @@ from absl import app
 from absl import flags
 
 from bert_jax import benchmark
-from bert_jax import models
 from bert_jax import partitioning
 from bert_jax import state as state_lib
-from bert_jax import steps
 
 # --config is bert_jax.benchmark's flag (a benchmark config file).
 flags.DEFINE_enum("case", "train", ["train", "pretrain_train"], "Which train step to trace.")
@@ -37,14 +35,9 @@ def main(argv):
   del argv
   config, case = flags.FLAGS.config, flags.FLAGS.case
   model_config = state_lib.model_config(config)
-  pretraining = case == "pretrain_train"
-  module = (models.BertForPreTraining if pretraining else models.BertForSequenceClassification)(model_config)
   mesh = partitioning.make_mesh(config.mesh_shape)
-  batch = benchmark._batch(model_config, config.batch_size, config.seq_len,  # pylint: disable=protected-access
-                           config.num_predictions if pretraining else 0)
-  batch = {k: jax.device_put(v, partitioning.batch_sharding(mesh)) for k, v in batch.items()}
-  run_step = benchmark.train_step_runner(module, config, mesh,
-                                         steps.pretraining_loss if pretraining else steps.classification_loss)
+  module, loss_fn, batch = benchmark.case_inputs(case, config, model_config, mesh)
+  run_step = benchmark.train_step_runner(module, config, mesh, loss_fn)
   for _ in range(3):
     run_step(batch)
   wall = []
