@@ -23,6 +23,7 @@ per width, is reported beside it).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -320,7 +321,10 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
       continue
     row = time_jax_case(case, config, model_config, mesh)
     row.update({name: getattr(model_config, name) for name in (
-        "hidden_size", "num_hidden_layers", "attention_impl", "remat_policy", "scan_layers")})
+        "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "attention_impl", "remat_policy",
+        "scan_layers")})
+    # What else sets the step's speed from outside the config: the PRNG behind dropout, XLA's flags.
+    row.update(prng_impl=jax.config.jax_default_prng_impl, xla_flags=os.environ.get("XLA_FLAGS", ""))
     if config.compare_torch and case in ("train", "eval"):
       row.update(time_torch_case(case, config, model_config))
       row["ratio"] = row["examples_per_second"] / row["torch_examples_per_second"]

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/performance.md in one device call: cuDNN numerics against float32, then
-# BERT-base bf16 step times (seq 128 and 512, with transformers' PyTorch BERT on the same GPU), the
-# pretraining MFU at batch 256, the length-bucket epoch and the default einsum attention for contrast.
+# The GPU figures of docs/performance.md in one device call: the chip's measured ceilings, cuDNN
+# numerics against float32, a kernel profile, BERT-base bf16 step times (seq 128 and 512, with
+# transformers' PyTorch BERT on the same GPU), the pretraining MFU at batch 256 with each speed
+# variant, the length-bucket epoch and the default einsum attention for contrast.
 #
 # Needs the git-ignored .gpu/ folder (bash scripts/prepare_gpu_carry.sh). On the lent machine:
 #   device run, carry [".gpu"], command "bash scripts/gpu_benchmark.sh"
 # Results: $OUT/bench.jsonl (one JSON line per case), $OUT/check_gpu.txt, $OUT/env.txt, logs.
 # STAGES="check profile" runs a subset (default: all, in the order below); PROFILE_EINSUM=0 profiles
-# only the cuDNN step; CASES_512="('train','length_buckets')" narrows the seq-512 stage.
+# only the cuDNN step; PROFILE_ARGS="--case=pretrain_train --config.batch_size=256" picks the traced
+# step; DUMP_HLO=1 also keeps its optimized HLO ($OUT/hlo_after_optimizations.txt.gz);
+# CASES_512="('train','length_buckets')" narrows the seq-512 stage; SWEEP="default rbg" narrows the
+# batch-256 pretraining variants.
 # A dry run elsewhere: ATTENTION=dot_product BENCH_EXTRA="--config.dtype=float32 ..." bash scripts/gpu_benchmark.sh
 set -u
 out=${OUT:-/tmp/bert_jax_gpu}
@@ -44,20 +48,44 @@ profile() {  # profile SECONDS FLAGS...: kernel table to profile.txt
   timeout "$1" python3 -m scripts.profile_gpu "${@:2}" "${extra[@]}" --xplane_dir="$out" >> "$out/profile.txt" \
     2>> "$out/stderr.log" || echo "profile failed"
 }
-for stage in ${STAGES:-check profile base128 base512 b256 einsum128}; do
+for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; do
   case $stage in
     check)
       echo "== numerics: speed switches vs float32 einsum"
       timeout 150 python3 -m scripts.check_gpu > "$out/check_gpu.txt" 2>> "$out/stderr.log"
       echo "check_gpu exit $?"; cat "$out/check_gpu.txt";;
+    ceilings)
+      echo "== ceilings"
+      timeout 60 python3 -m scripts.measure_ceilings | tee -a "$out/env.txt";;
     profile)
       echo "== profile"
+      read -ra profile_args <<< "${PROFILE_ARGS:-}"
       [ "${PROFILE_EINSUM:-1}" = 1 ] && profile 120 --config=configs/benchmark.py:base_gpu  # PROFILE_EINSUM=0: skip
-      profile 120 --config=configs/benchmark.py:base_gpu "${fast[@]}"
+      if [ "${DUMP_HLO:-0}" = 1 ]; then
+        XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/hlo --xla_dump_hlo_module_re=jit_train_step" \
+          profile 150 --config=configs/benchmark.py:base_gpu "${fast[@]}" "${profile_args[@]}"
+        cat /tmp/hlo/*jit_train_step*after_optimizations.txt | gzip > "$out/hlo_after_optimizations.txt.gz"
+      else
+        profile 150 --config=configs/benchmark.py:base_gpu "${fast[@]}" "${profile_args[@]}"
+      fi
       cat "$out/profile.txt";;
     base128) run_case base128 200 --config=configs/benchmark.py:base_gpu "${fast[@]}" --config.compare_torch=True;;
-    b256) run_case pretrain128_b256 100 --config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 \
-      "--config.cases=('pretrain_train',)";;
+    b256|sweep)
+      # BERT's pretraining batch (256 x 128 tokens); sweep: each speed variant, one process apiece.
+      b256=(--config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 "--config.cases=('pretrain_train',)")
+      variants=${SWEEP:-default no_triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm}
+      [ "$stage" = b256 ] && variants=default
+      for variant in $variants; do
+        case $variant in
+          default) run_case pretrain128_b256 100 "${b256[@]}";;
+          no_triton_gemm) XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run_case "$variant" 100 "${b256[@]}";;
+          cudnn_layer_norm) XLA_FLAGS="--xla_gpu_enable_cudnn_layer_norm=true" run_case "$variant" 100 "${b256[@]}";;
+          rbg) JAX_DEFAULT_PRNG_IMPL=rbg run_case "$variant" 100 "${b256[@]}";;
+          gelu_tanh) run_case "$variant" 100 "${b256[@]}" --config.model.hidden_act=gelu_new;;
+          no_hidden_dropout) run_case "$variant" 100 "${b256[@]}" --config.model.hidden_dropout_prob=0;;
+          *) echo "unknown variant $variant";;
+        esac
+      done;;
     base512) run_case base512 220 --config=configs/benchmark.py:base_gpu_512 "${fast[@]}" --config.compare_torch=True \
       --config.tokenizer=.gpu/minilm --config.data_dir=.gpu/imdb ${CASES_512:+"--config.cases=$CASES_512"};;
     einsum128) run_case einsum128 120 --config=configs/benchmark.py:base_gpu "--config.cases=('train','pretrain_train')";;
@@ -68,7 +96,7 @@ done
 [ -f "$out/bench.jsonl" ] && python3 - "$out/bench.jsonl" <<'PY'
 import json, sys
 print(f"{'case':<15}{'dtype':<9}{'batch':>6}{'seq':>5}{'attn':>12}{'ex/s':>10}{'MFU':>7}{'torch ex/s':>11}{'ratio':>7}"
-      f"{'compile s':>10}")
+      f"{'compile s':>10}  settings")
 for line in open(sys.argv[1]):
   row = json.loads(line)
   if row["case"] == "length_buckets":
@@ -80,5 +108,6 @@ for line in open(sys.argv[1]):
   ratio = f"{row['ratio']:.2f}" if "ratio" in row else "-"
   print(f"{row['case']:<15}{row['dtype']:<9}{row['batch_size']:>6}{row['seq_len']:>5}"
         f"{row.get('attention_impl', '?'):>12}{row['examples_per_second']:>10.1f}{mfu:>7}{torch_ex:>11}{ratio:>7}"
-        f"{row['compile_seconds']:>10.1f}")
+        f"{row['compile_seconds']:>10.1f}  {row.get('hidden_act')} drop={row.get('hidden_dropout_prob')} "
+        f"{row.get('prng_impl')} {row.get('xla_flags')}")
 PY

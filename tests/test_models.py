@@ -340,3 +340,39 @@ def test_speed_switches_stay_out_of_hf_config(tiny_config):
 def test_bad_speed_switches_are_named(tiny_config, overrides, match):
   with pytest.raises(ValueError, match=match):
     tiny_config.replace(**overrides)
+
+
+def test_erf_gelu_matches_jax_exact_gelu_and_its_gradient():
+  # GPUs and TPUs take the erf form of the exact GELU (bert.gelu); the CPU keeps jax's erfc form.
+  x = jnp.linspace(-8.0, 8.0, 4001, dtype=jnp.float32)
+  exact = lambda v: nn.gelu(v, approximate=False)  # noqa: E731
+  np.testing.assert_allclose(bert.gelu_erf(x), exact(x), rtol=0, atol=1e-6)
+  erf_grad, exact_grad = (jax.vmap(jax.grad(f))(x) for f in (jax.checkpoint(bert.gelu_erf), exact))
+  np.testing.assert_allclose(erf_grad, exact_grad, rtol=0, atol=1e-6)
+
+
+def test_accelerator_forms_compute_what_the_cpu_forms_compute(tiny_config, monkeypatch):
+  # bert.gelu and bert.project_qkv pick a form per backend; this CPU runs the other forms here.
+  config = _speed_config(tiny_config)
+  module = models.BertForSequenceClassification(config)
+  params = hf.init_params(module)
+  cpu_loss, cpu_grads = _loss_and_grads(module, params)
+  monkeypatch.setitem(bert._ACTIVATIONS, "gelu", jax.checkpoint(bert.gelu_erf))
+  monkeypatch.setattr(bert, "project_qkv", bert._project_stacked)
+  loss, grads = _loss_and_grads(module, params)
+  np.testing.assert_allclose(loss, cpu_loss, rtol=1e-5)
+  flat, cpu_flat = (np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(t)]) for t in (grads, cpu_grads))
+  assert np.linalg.norm(flat - cpu_flat) <= 1e-5 * np.linalg.norm(cpu_flat)
+  # The patched program has no per-backend choice left: only the accelerator forms ran.
+  eqns = list(_all_eqns(jax.make_jaxpr(lambda p: module.apply({"params": p}, *_inputs()))(params).jaxpr))
+  assert not [e for e in eqns if e.primitive.name == "platform_index"]
+  assert any(e.primitive.name == "erf" for e in eqns)
+
+
+def test_each_backend_form_is_in_the_model(tiny_config):
+  # Both forms of the GELU and the Q/K/V projection are lowered by backend (jax.lax.platform_dependent).
+  module = models.BertForSequenceClassification(_speed_config(tiny_config))
+  params = hf.init_params(module)
+  eqns = list(_all_eqns(jax.make_jaxpr(lambda p: module.apply({"params": p}, *_inputs()))(params).jaxpr))
+  choices = [e for e in eqns if e.primitive.name == "cond" and e.params.get("branches_platforms")]
+  assert len(choices) == 2 * tiny_config.num_hidden_layers  # projection and GELU, per layer
