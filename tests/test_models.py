@@ -1,5 +1,7 @@
 """Specification of the Flax BERT models (shapes, masking, dropout, init, axis names, input checks)."""
 
+import re
+
 import flax
 import flax.linen as nn
 import jax
@@ -369,10 +371,17 @@ def test_accelerator_forms_compute_what_the_cpu_forms_compute(tiny_config, monke
   assert any(e.primitive.name == "erf" for e in eqns)
 
 
-def test_each_backend_form_is_in_the_model(tiny_config):
-  # Both forms of the GELU and the Q/K/V projection are lowered by backend (jax.lax.platform_dependent).
-  module = models.BertForSequenceClassification(_speed_config(tiny_config))
+@pytest.mark.parametrize("platform, erf_op, stacked", [("cpu", "erfc", False), ("cuda", "erf", True),
+                                                       ("tpu", "erf", True)])
+def test_each_backend_lowers_its_own_forms(tiny_config, platform, erf_op, stacked):
+  # Lowered (not compiled) for each platform on this CPU: the GELU's erf or erfc, and whether the
+  # Q/K/V projections are one matmul with a [3, heads, head_dim] output.
+  config = _speed_config(tiny_config)
+  module = models.BertForSequenceClassification(config)
   params = hf.init_params(module)
-  eqns = list(_all_eqns(jax.make_jaxpr(lambda p: module.apply({"params": p}, *_inputs()))(params).jaxpr))
-  choices = [e for e in eqns if e.primitive.name == "cond" and e.params.get("branches_platforms")]
-  assert len(choices) == 2 * tiny_config.num_hidden_layers  # projection and GELU, per layer
+  traced = jax.jit(lambda p: module.apply({"params": p}, *_inputs())).trace(params)
+  text = traced.lower(lowering_platforms=(platform,)).as_text()
+  ops = set(re.findall(r"(?:stablehlo|chlo)\.(erfc?)\b", text))
+  assert ops == {erf_op}
+  stacked_shape = f"x3x{config.num_attention_heads}x{config.head_dim}x"
+  assert (stacked_shape in text) == stacked
