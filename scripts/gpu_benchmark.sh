@@ -83,18 +83,19 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; 
       b256=(--config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 "--config.cases=('pretrain_train',)")
       variants=${SWEEP:-default no_triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm}
       [ "$stage" = b256 ] && variants=default
-      for variant in $variants; do
+      for variant in $variants; do  # each adds an XLA flag, a dropout PRNG or a model flag
+        xla_flag="" prng=${JAX_DEFAULT_PRNG_IMPL:-threefry2x32} flags=()
         case $variant in
-          default) run_case pretrain128_b256 100 "${b256[@]}";;
-          no_triton_gemm) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
-            run_case "$variant" 100 "${b256[@]}";;
-          cudnn_layer_norm) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cudnn_layer_norm=true" \
-            run_case "$variant" 100 "${b256[@]}";;
-          rbg) JAX_DEFAULT_PRNG_IMPL=rbg run_case "$variant" 100 "${b256[@]}";;
-          gelu_tanh) run_case "$variant" 100 "${b256[@]}" --config.model.hidden_act=gelu_new;;
-          no_hidden_dropout) run_case "$variant" 100 "${b256[@]}" --config.model.hidden_dropout_prob=0;;
-          *) echo "unknown variant $variant";;
+          default) ;;
+          no_triton_gemm) xla_flag=--xla_gpu_enable_triton_gemm=false;;
+          cudnn_layer_norm) xla_flag=--xla_gpu_enable_cudnn_layer_norm=true;;
+          rbg) prng=rbg;;
+          gelu_tanh) flags=(--config.model.hidden_act=gelu_new);;
+          no_hidden_dropout) flags=(--config.model.hidden_dropout_prob=0);;
+          *) echo "unknown variant $variant"; continue;;
         esac
+        XLA_FLAGS="${XLA_FLAGS:-}${xla_flag:+ $xla_flag}" JAX_DEFAULT_PRNG_IMPL=$prng \
+          run_case "${variant/#default/pretrain128_b256}" 100 "${b256[@]}" "${flags[@]}"
       done;;
     base512) run_case base512 220 --config=configs/benchmark.py:base_gpu_512 "${fast[@]}" --config.compare_torch=True \
       --config.tokenizer=.gpu/minilm --config.data_dir=.gpu/imdb ${CASES_512:+"--config.cases=$CASES_512"};;
