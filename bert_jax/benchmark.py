@@ -96,12 +96,25 @@ def _timed(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
-def _median_step_seconds(step: Callable[[], Any], num_steps: int, num_warmup: int) -> tuple[float, float]:
-  """(compile + first step seconds, median seconds of `num_steps` timed steps after warm-up)."""
-  first = _timed(step)
+def _median_step_seconds(step: Callable[[], Any], wait: Callable[[Any], Any], num_steps: int, num_warmup: int,
+                         steps_per_sample: int = 1) -> tuple[float, float]:
+  """(compile + first step seconds, median seconds per step over `num_steps` samples after warm-up).
+
+  `step()` dispatches one step and returns what `wait` blocks on. A sample dispatches `steps_per_sample`
+  steps back to back and waits once, as the training loop does (it syncs only to log): the host's
+  dispatch of a step then overlaps the device's work on the one before, as in training.
+  """
+  def per_step(count: int) -> float:
+    start = time.perf_counter()
+    for _ in range(count):
+      out = step()
+    wait(out)
+    return (time.perf_counter() - start) / count
+
+  first = per_step(1)
   for _ in range(max(num_warmup - 1, 0)):
-    step()
-  return first, statistics.median(_timed(step) for _ in range(num_steps))
+    wait(step())
+  return first, statistics.median(per_step(steps_per_sample) for _ in range(num_steps))
 
 
 def _batch(config: models.BertConfig, batch_size: int, seq_len: int, num_predictions: int, seed: int = 0):
@@ -125,9 +138,10 @@ def _peak_memory_bytes(device: jax.Device) -> int | None:
 
 
 def train_step_runner(module: nn.Module, bench: ml_collections.ConfigDict, mesh,
-                      loss_fn=steps.classification_loss) -> Callable[[dict[str, jax.Array]], None]:
-  """A function that runs one train step (AdamW, state donated) of `module` on a placed batch and
-  waits for it; the first call on each batch shape compiles."""
+                      loss_fn=steps.classification_loss) -> Callable[[dict[str, jax.Array]], Any]:
+  """A function that dispatches one train step (AdamW, state donated) of `module` on a placed batch and
+  returns its metrics without waiting (`jax.block_until_ready` them); the first call on each batch
+  shape compiles."""
   tx, schedule = optim.make_optimizer(bench.optimizer, 1e-4, num_train_steps=1000)
   _, shardings = state_lib.state_template(module, tx, 0, mesh)
   holder = [jax.device_put(steps.create_state(hf.init_params(module), tx, 0), shardings)]
@@ -135,7 +149,7 @@ def train_step_runner(module: nn.Module, bench: ml_collections.ConfigDict, mesh,
 
   def run_step(batch):
     holder[0], metrics = train_step(holder[0], batch)
-    jax.block_until_ready(metrics)
+    return metrics
 
   return run_step
 
@@ -164,12 +178,13 @@ def time_jax_case(case: str, bench: ml_collections.ConfigDict, model_config: mod
   if case == "eval":
     eval_step, _ = train.compile_inference_steps(module, mesh)
     params = hf.init_params(module)
-    step = lambda: jax.block_until_ready(eval_step(params, batch))  # noqa: E731
+    step = lambda: eval_step(params, batch)  # noqa: E731
   else:
     run_step = train_step_runner(module, bench, mesh, loss_fn)
     step = lambda: run_step(batch)  # noqa: E731
 
-  compile_seconds, step_seconds = _median_step_seconds(step, bench.num_steps, bench.num_warmup_steps)
+  compile_seconds, step_seconds = _median_step_seconds(step, jax.block_until_ready, bench.num_steps,
+                                                       bench.num_warmup_steps, bench.steps_per_sample)
   flops = forward_flops(model_config, bench.seq_len, num_predictions) * (1 if case == "eval" else 3)
   return _figures(case, bench, step_seconds, flops, compile_seconds)
 
@@ -184,7 +199,7 @@ def _figures(case, bench, step_seconds: float, flops_per_sequence: float, compil
       "peak_tflops": peak, "mfu": tflops / (peak * jax.device_count()) if peak else None,
       "compile_seconds": compile_seconds, "peak_memory_bytes": _peak_memory_bytes(device),
       "batch_size": bench.batch_size, "seq_len": bench.seq_len, "dtype": bench.dtype,
-      "device": f"{jax.device_count()} x {device.device_kind}",
+      "steps_per_sample": bench.steps_per_sample, "device": f"{jax.device_count()} x {device.device_kind}",
   }
 
 
@@ -237,7 +252,8 @@ def time_length_buckets(bench: ml_collections.ConfigDict, model_config: models.B
       continue
     placed = batching.shard_batch(batch, partitioning.batch_sharding(mesh))
     compile_seconds[width], step_seconds[width] = _median_step_seconds(
-        lambda: run_step(placed), bench.num_steps, bench.num_warmup_steps)  # noqa: B023  # run at once
+        lambda: run_step(placed), jax.block_until_ready, bench.num_steps, bench.num_warmup_steps,  # noqa: B023
+        bench.steps_per_sample)  # (run at once)
   row = {"case": "length_buckets", "length_buckets": list(bench.length_buckets), "num_reviews": len(sample),
          "num_batches": len(plans["padded"])}
   for name, batches in plans.items():
@@ -280,7 +296,6 @@ def time_torch_case(case: str, bench: ml_collections.ConfigDict, model_config: m
     def step():
       with torch.no_grad(), autocast():
         model(**inputs)
-      synchronize()
   else:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
@@ -292,9 +307,9 @@ def time_torch_case(case: str, bench: ml_collections.ConfigDict, model_config: m
       torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
       optimizer.step()
       optimizer.zero_grad(set_to_none=True)
-      synchronize()
 
-  _, step_seconds = _median_step_seconds(step, bench.num_steps, bench.num_warmup_steps)
+  _, step_seconds = _median_step_seconds(step, lambda _: synchronize(), bench.num_steps, bench.num_warmup_steps,
+                                         bench.steps_per_sample)
   return {"torch_step_seconds": step_seconds, "torch_examples_per_second": bench.batch_size / step_seconds,
           "torch_threads": torch.get_num_threads(), "torch_device": device,
           "torch_attention": model.config._attn_implementation}
@@ -335,6 +350,7 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
 
 def main(argv):
   del argv
+  partitioning.add_xla_flags(flags.FLAGS.config.get("xla_flags", ""))  # before JAX starts a backend
   run(flags.FLAGS.config)
 
 

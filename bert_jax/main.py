@@ -41,6 +41,7 @@ def main(argv):
   config, workdir = flags.FLAGS.config, _WORKDIR.value
   try:
     config_checks.check(config)
+    partitioning.add_xla_flags(config.get("xla_flags", ""))  # before JAX starts a backend
     partitioning.initialize_distributed()  # before anything asks JAX for its devices
     os.makedirs(workdir, exist_ok=True)
     if config.mode == "train":

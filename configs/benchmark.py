@@ -27,7 +27,10 @@ def get_config(preset: str = "minilm_cpu") -> ml_collections.ConfigDict:
   config.num_predictions = 20  # masked positions per sequence in pretrain_train (15% of 128)
   config.cases = ("train", "eval", "pretrain_train")  # and/or "compile_depth"
   config.compile_depths = (2, 24)  # num_hidden_layers timed by the compile_depth case
-  config.num_steps = 10  # timed steps per case; the median is reported
+  config.num_steps = 10  # timed samples per case; the median step time is reported
+  # Steps dispatched back to back per sample, waiting once (as the training loop does: the host's
+  # dispatch of a step overlaps the device's work). 1 waits after every step.
+  config.steps_per_sample = 1
   config.num_warmup_steps = 2
   config.compare_torch = False
   # The length_buckets case: real IMDB train reviews (a seeded sample), tokenized with the checkpoint's vocab.
@@ -36,6 +39,7 @@ def get_config(preset: str = "minilm_cpu") -> ml_collections.ConfigDict:
   config.num_reviews = 2000
   config.length_buckets = (128, 256, 384)
   config.mesh_shape = common.MESH_SHAPE
+  config.xla_flags = common.XLA_FLAGS  # added before JAX starts; your XLA_FLAGS win
   config.optimizer = common.optimizer(warmup_fraction=0.1)
 
   if preset == "minilm_cpu":
@@ -53,8 +57,10 @@ def get_config(preset: str = "minilm_cpu") -> ml_collections.ConfigDict:
   elif preset == "base_gpu":
     config.dtype = "bfloat16"
     config.batch_size = 64
+    config.steps_per_sample = 5
   elif preset == "base_gpu_512":
     config.dtype = "bfloat16"
+    config.steps_per_sample = 5
     config.batch_size = 16
     config.seq_len = 512
     config.num_predictions = 76

@@ -54,6 +54,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.checkpoint.export_hf = True  # write the best model to WORKDIR/hf_model at the end
 
   config.mesh_shape = common.MESH_SHAPE  # (data, fsdp, tensor); -1 takes the remaining devices
+  config.xla_flags = common.XLA_FLAGS  # added before JAX starts; your XLA_FLAGS win
   config.parallelism = "jit"  # 'jit' over that mesh, or 'pmap' over every device (data parallel only)
 
   config.evaluate = ml_collections.ConfigDict()

@@ -59,6 +59,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.checkpoint.export_hf = True  # BertForPreTraining in HF format at WORKDIR/hf_model
 
   config.mesh_shape = common.MESH_SHAPE  # (data, fsdp, tensor); -1 takes the remaining devices
+  config.xla_flags = common.XLA_FLAGS  # added before JAX starts; your XLA_FLAGS win
   config.parallelism = "jit"  # 'jit' over that mesh, or 'pmap' over every device (data parallel only)
 
   if preset == "tiny":

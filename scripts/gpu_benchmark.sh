@@ -81,7 +81,7 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; 
     b256|sweep)
       # BERT's pretraining batch (256 x 128 tokens); sweep: each speed variant, one process apiece.
       b256=(--config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 "--config.cases=('pretrain_train',)")
-      variants=${SWEEP:-default no_triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm}
+      variants=${SWEEP:-default no_triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt scan_remat xla_attention wait_each}
       [ "$stage" = b256 ] && variants=default
       for variant in $variants; do  # each adds an XLA flag, a dropout PRNG or a model flag
         xla_flag="" prng=${JAX_DEFAULT_PRNG_IMPL:-threefry2x32} flags=()
@@ -89,9 +89,13 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; 
           default) ;;
           no_triton_gemm) xla_flag=--xla_gpu_enable_triton_gemm=false;;
           cudnn_layer_norm) xla_flag=--xla_gpu_enable_cudnn_layer_norm=true;;
+          cublaslt) xla_flag=--xla_gpu_enable_cublaslt=true;;
           rbg) prng=rbg;;
           gelu_tanh) flags=(--config.model.hidden_act=gelu_new);;
           no_hidden_dropout) flags=(--config.model.hidden_dropout_prob=0);;
+          scan_remat) flags=(--config.model.scan_layers=True --config.model.remat_policy=dots);;
+          xla_attention) flags=(--config.model.attention_impl=dot_product);;
+          wait_each) flags=(--config.steps_per_sample=1);;  # the timing before steps_per_sample
           *) echo "unknown variant $variant"; continue;;
         esac
         XLA_FLAGS="${XLA_FLAGS:-}${xla_flag:+ $xla_flag}" JAX_DEFAULT_PRNG_IMPL=$prng \
@@ -120,5 +124,6 @@ for line in open(sys.argv[1]):
   print(f"{row['case']:<15}{row['dtype']:<9}{row['batch_size']:>6}{row['seq_len']:>5}"
         f"{row.get('attention_impl', '?'):>12}{row['examples_per_second']:>10.1f}{mfu:>7}{torch_ex:>11}{ratio:>7}"
         f"{row['compile_seconds']:>10.1f}  {row.get('hidden_act')} drop={row.get('hidden_dropout_prob')} "
+        f"steps/sample={row.get('steps_per_sample')} "
         f"{row.get('prng_impl')} {row.get('xla_flags')}")
 PY

@@ -37,6 +37,21 @@ def test_one_json_line_per_case_with_the_torch_ratio():
   assert rows[0]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
 
 
+def test_a_timed_sample_dispatches_its_steps_back_to_back_and_waits_once():
+  events = []
+
+  def step():
+    events.append("step")
+    return len(events)
+
+  first, per_step = benchmark._median_step_seconds(step, lambda out: events.append(("wait", out)), num_steps=2,
+                                                   num_warmup=2, steps_per_sample=3)
+  # Compile + first step, one more warm-up step, then two samples of three steps with one wait each.
+  assert events == ["step", ("wait", 1), "step", ("wait", 3),
+                    "step", "step", "step", ("wait", 7), "step", "step", "step", ("wait", 11)]
+  assert first > 0 and per_step > 0
+
+
 def test_ceilings_script_prints_matmul_and_bandwidth_figures():
   result = subprocess.run([sys.executable, "-m", "scripts.measure_ceilings", "--size=128", "--copy_mib=4",
                            "--repeats=2"], capture_output=True, text=True, timeout=120, check=True,

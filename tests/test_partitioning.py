@@ -1,5 +1,10 @@
 """Mesh construction and the logical-axis rules."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -78,3 +83,26 @@ def test_incomplete_distributed_settings_are_named(environ, match):
 def test_one_process_joins_nothing():
   partitioning.initialize_distributed({})  # no error, no coordinator
   assert jax.process_count() == 1
+
+
+def test_config_xla_flags_reach_xla_before_the_environments_own():
+  """A fresh process: the flag comes first in XLA_FLAGS, and XLA:CPU then compiles a matmul without YNNPACK."""
+  program = ("import os, jax, jax.numpy as jnp\n"
+             "from bert_jax import partitioning\n"
+             "partitioning.add_xla_flags('--xla_cpu_experimental_ynn_fusion_type=')\n"
+             "print(os.environ['XLA_FLAGS'])\n"
+             "print('ynn_fusion' in jax.jit(lambda a: a @ a).lower(jnp.ones((64, 64))).compile().as_text())\n")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, env=env,
+                          check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert result.stdout.splitlines() == [
+      "--xla_cpu_experimental_ynn_fusion_type= --xla_force_host_platform_device_count=2", "False"]
+
+
+def test_xla_flags_after_jax_started_are_refused():
+  jax.devices()  # this process's backend has started
+  environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  with pytest.raises(RuntimeError, match="after JAX started its backends"):
+    partitioning.add_xla_flags("--xla_cpu_experimental_ynn_fusion_type=", environ)
+  partitioning.add_xla_flags("", environ)  # nothing to add: no error
+  assert environ == {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
