@@ -106,9 +106,7 @@ def _median_step_seconds(step: Callable[[], Any], wait: Callable[[Any], Any], nu
   """
   def per_step(count: int) -> float:
     start = time.perf_counter()
-    for _ in range(count):
-      out = step()
-    wait(out)
+    wait([step() for _ in range(count)])  # all of them: eval steps do not depend on each other
     return (time.perf_counter() - start) / count
 
   first = per_step(1)
@@ -319,6 +317,8 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
   unknown = sorted(set(config.cases) - set(CASES))
   if unknown:
     raise ValueError(f"config.cases has unknown case(s) {unknown}; use any of {CASES}.")
+  if config.steps_per_sample < 1:
+    raise ValueError(f"config.steps_per_sample={config.steps_per_sample}: give 1 (wait after every step) or more.")
   model_config = state_lib.model_config(config)  # config.model.dtype refers to config.dtype
   if set(config.cases) - {"eval"}:
     model_config.check_trainable()  # before any compile: e.g. dot_product attention with attention dropout

@@ -17,7 +17,7 @@ MESH_SHAPE = (-1, 1, 1)  # (data, fsdp, tensor): all devices data parallel
 
 # config.xla_flags: XLA flags the entry points add before JAX starts (XLA_FLAGS set by you come
 # after and win). XLA:CPU's matmuls through Eigen instead of YNNPACK fusions: on this project's 2-core
-# CPU, MiniLM-size train steps 3-10% and eval steps about 15% faster (docs/performance.md). Other
+# CPU, MiniLM-size train steps 3-10% and eval steps 15-18% faster (docs/performance.md). Other
 # backends ignore CPU flags.
 XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 

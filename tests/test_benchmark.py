@@ -47,8 +47,8 @@ def test_a_timed_sample_dispatches_its_steps_back_to_back_and_waits_once():
   first, per_step = benchmark._median_step_seconds(step, lambda out: events.append(("wait", out)), num_steps=2,
                                                    num_warmup=2, steps_per_sample=3)
   # Compile + first step, one more warm-up step, then two samples of three steps with one wait each.
-  assert events == ["step", ("wait", 1), "step", ("wait", 3),
-                    "step", "step", "step", ("wait", 7), "step", "step", "step", ("wait", 11)]
+  assert events == ["step", ("wait", [1]), "step", ("wait", 3),
+                    "step", "step", "step", ("wait", [5, 6, 7]), "step", "step", "step", ("wait", [9, 10, 11])]
   assert first > 0 and per_step > 0
 
 
@@ -93,6 +93,11 @@ def test_training_cases_refuse_fused_attention_with_attention_dropout():
 def test_unknown_case_is_named():
   with pytest.raises(ValueError, match=r"unknown case\(s\) \['trian'\]"):
     benchmark.run(_tiny_benchmark_config(cases=("trian",)), emit=lambda line: None)
+
+
+def test_zero_steps_per_sample_is_refused():
+  with pytest.raises(ValueError, match=r"steps_per_sample=0: give 1"):
+    benchmark.run(_tiny_benchmark_config(steps_per_sample=0), emit=lambda line: None)
 
 
 def test_length_buckets_case_prices_a_padded_and_a_bucketed_epoch(tmp_path, minilm_dir):
