@@ -36,16 +36,16 @@ def gelu_erf(x: jax.Array) -> jax.Array:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """HF's exact "gelu", `x * Phi(x)`, in the form each backend runs fastest (they differ by < 1e-6).
+  """HF's exact "gelu", `x * Phi(x)`, as PyTorch computes it (`gelu_erf`), recomputed in the backward pass.
 
-  jax's `nn.gelu(approximate=False)` goes through erfc, which XLA expands into a long series with
-  divisions, and autodiff keeps three `[batch, seq, intermediate]` tensors for its derivative (the
-  largest of a layer): on an H100 its forward and backward took 13% of a BERT-base pretraining
-  step. So GPUs and TPUs take the erf form (one cheap op), recomputed from `x` in the backward pass
-  (a checkpoint: only `x` is kept). The CPU keeps the erfc form: see `project_qkv`.
+  jax's `nn.gelu(approximate=False)` (within 1e-6 of this) goes through erfc, which XLA expands into
+  a long series with divisions, and autodiff keeps three `[batch, seq, intermediate]` tensors for its
+  derivative (the largest of a layer): on an H100 its forward and backward took 13% of a BERT-base
+  pretraining step. The erf form is one cheap op, and under `jax.checkpoint` only `x` is kept. With
+  XLA:CPU's matmuls on Eigen (`config.xla_flags`) it is a few percent faster on the CPU too
+  (docs/performance.md).
   """
-  return jax.lax.platform_dependent(x, cpu=functools.partial(nn.gelu, approximate=False),
-                                    default=jax.checkpoint(gelu_erf))
+  return jax.checkpoint(gelu_erf)(x)
 
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -149,9 +149,9 @@ def project_qkv(x: jax.Array, kernels, biases) -> tuple[jax.Array, jax.Array, ja
 
   `kernels` `[hidden, heads, head_dim]` and `biases` `[heads, head_dim]`, three of each. On GPUs and
   TPUs they are stacked into one matmul, whose backward sums the three input gradients inside the
-  matmul rather than in extra passes over `[batch, seq, hidden]`. With the GPU form of `gelu`: +5.8%
-  on a BERT-base pretraining step on an H100. On XLA:CPU both GPU forms made MiniLM eval 17% slower
-  (train the same), so the CPU keeps three matmuls and the erfc GELU.
+  matmul rather than in extra passes over `[batch, seq, hidden]`. With the erf `gelu`: +5.8% on a
+  BERT-base pretraining step on an H100. On XLA:CPU the stacked form was not clearly faster (with
+  YNNPACK matmuls it made MiniLM eval slower), so the CPU keeps three matmuls.
   """
   return jax.lax.platform_dependent(x, kernels, biases, cpu=_project_each, default=_project_stacked)
 
