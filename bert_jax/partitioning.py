@@ -175,13 +175,14 @@ def add_xla_flags(xla_flags: str, environ: dict[str, str] = os.environ) -> None:
 
   XLA reads its flags when JAX starts a backend, so this must run before any computation or device query.
   """
-  if not xla_flags.strip():
+  xla_flags = xla_flags.strip()
+  if not xla_flags:
     return
   from jax._src import xla_bridge  # no public API says whether a backend has started
   if xla_bridge.backends_are_initialized():
     raise RuntimeError(f"config.xla_flags={xla_flags!r} came after JAX started its backends, so XLA would "
                        "ignore them: apply them at the start of the program, or put them in XLA_FLAGS.")
-  environ["XLA_FLAGS"] = " ".join(part for part in (xla_flags.strip(), environ.get("XLA_FLAGS", "").strip()) if part)
+  environ["XLA_FLAGS"] = " ".join(part for part in (xla_flags, environ.get("XLA_FLAGS", "").strip()) if part)
 
 
 def initialize_distributed(environ: Mapping[str, str] = os.environ) -> None:

@@ -12,9 +12,7 @@ import collections
 import glob
 import os
 import shutil
-import statistics
 import tempfile
-import time
 
 import jax
 from absl import app
@@ -38,13 +36,9 @@ def main(argv):
   mesh = partitioning.make_mesh(config.mesh_shape)
   module, loss_fn, batch = benchmark.case_inputs(case, config, model_config, mesh)
   run_step = benchmark.train_step_runner(module, config, mesh, loss_fn)
-  for _ in range(3):
-    jax.block_until_ready(run_step(batch))
-  wall = []
-  for _ in range(5):  # each step waited for: the host's dispatch gap is in these figures
-    start = time.perf_counter()
-    jax.block_until_ready(run_step(batch))
-    wall.append(time.perf_counter() - start)
+  # Median of 5 steps after 3 warm-up steps, each waited for: the host's dispatch gap is in the figure.
+  _, wall_seconds = benchmark._median_step_seconds(lambda: run_step(batch), jax.block_until_ready, num_steps=5,
+                                                   num_warmup=3)
   trace_dir = tempfile.mkdtemp()
   jax.profiler.start_trace(trace_dir)
   for _ in range(flags.FLAGS.traced_steps):
@@ -70,7 +64,7 @@ def main(argv):
   steps_traced = flags.FLAGS.traced_steps
   total_ms = sum(kernels.values()) / 1e6 / steps_traced
   print(f"{case} {model_config.attention_impl} {model_config.dtype} batch {config.batch_size} seq "
-        f"{config.seq_len}: wall {statistics.median(wall) * 1e3:.2f} ms/step, kernels {total_ms:.2f} ms/step, "
+        f"{config.seq_len}: wall {wall_seconds * 1e3:.2f} ms/step, kernels {total_ms:.2f} ms/step, "
         f"{sum(counts.values()) // steps_traced} launches/step")
   for name, ns in kernels.most_common(flags.FLAGS.top):
     print(f"  {ns / 1e6 / steps_traced:8.3f} ms {ns / sum(kernels.values()):6.1%} x{counts[name] // steps_traced:<4} "
