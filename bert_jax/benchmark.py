@@ -2,7 +2,8 @@
 
 Times compiled train and eval steps after warm-up and prints one JSON line per case, with model
 FLOP/s and MFU against the device's peak; optionally times transformers' PyTorch BERT on the same
-work in the same process (`--config.compare_torch=True`).
+work in the same process (`--config.compare_torch=True`), their samples taken in turns, and prints the
+ratio of the medians and the quartiles of the ratios of paired samples.
 
 FLOPs use one stated formula (matmuls only; layer norms, softmax and the optimizer are left out):
   forward per sequence = 2*T*L*(4*d^2 + 2*d*I)   (projections and feed-forward, T tokens)
@@ -26,7 +27,7 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -96,23 +97,40 @@ def _timed(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
-def _median_step_seconds(step: Callable[[], Any], wait: Callable[[Any], Any], num_steps: int, num_warmup: int,
-                         steps_per_sample: int = 1) -> tuple[float, float]:
-  """(compile + first step seconds, median seconds per step over `num_steps` samples after warm-up).
+def _interleaved_step_seconds(runners: Sequence[tuple[Callable[[], Any], Callable[[Any], Any]]], num_steps: int,
+                              num_warmup: int, steps_per_sample: int = 1) -> list[tuple[float, list[float]]]:
+  """Per `(step, wait)` runner: (compile + first step seconds, seconds per step of each of `num_steps` samples).
 
   `step()` dispatches one step and returns what `wait` blocks on. A sample dispatches `steps_per_sample`
   steps back to back and waits once, as the training loop does (it syncs only to log): the host's
-  dispatch of a step then overlaps the device's work on the one before, as in training.
+  dispatch of a step then overlaps the device's work on the one before, as in training. After each
+  runner's warm-up, the runners take turns sample by sample, in alternating order (A B, B A, ...): a
+  drift in the machine's speed (other tenants, clocks) then falls on all of them alike, and the i-th
+  samples of two runners make a pair.
   """
-  def per_step(count: int) -> float:
+  def per_step(step, wait, count: int) -> float:
     start = time.perf_counter()
     wait([step() for _ in range(count)])  # all of them: eval steps do not depend on each other
     return (time.perf_counter() - start) / count
 
-  first = per_step(1)
-  for _ in range(max(num_warmup - 1, 0)):
-    wait(step())
-  return first, statistics.median(per_step(steps_per_sample) for _ in range(num_steps))
+  firsts = []
+  for step, wait in runners:
+    firsts.append(per_step(step, wait, 1))
+    for _ in range(max(num_warmup - 1, 0)):
+      wait(step())
+  samples = [[] for _ in runners]
+  for index in range(num_steps):
+    order = range(len(runners)) if index % 2 == 0 else reversed(range(len(runners)))
+    for i in order:
+      samples[i].append(per_step(*runners[i], steps_per_sample))
+  return list(zip(firsts, samples))
+
+
+def _median_step_seconds(step: Callable[[], Any], wait: Callable[[Any], Any], num_steps: int, num_warmup: int,
+                         steps_per_sample: int = 1) -> tuple[float, float]:
+  """(compile + first step seconds, median seconds per step over `num_steps` samples after warm-up)."""
+  ((first, samples),) = _interleaved_step_seconds([(step, wait)], num_steps, num_warmup, steps_per_sample)
+  return first, statistics.median(samples)
 
 
 def _batch(config: models.BertConfig, batch_size: int, seq_len: int, num_predictions: int, seed: int = 0):
@@ -168,9 +186,10 @@ def sample_reviews(reviews: input_pipeline.ImdbSplit, num_reviews: int) -> np.nd
   return np.sort(np.random.default_rng(0).choice(len(reviews.texts), count, replace=False))
 
 
-def time_jax_case(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig,
-                  mesh) -> dict[str, Any]:
-  """Times one case (`train`, `eval` or `pretrain_train`) of bert_jax."""
+def jax_case_step(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig,
+                  mesh) -> tuple[Callable[[], Any], float]:
+  """One case's (`train`, `eval` or `pretrain_train`) step of bert_jax, which dispatches without
+  waiting, and its model FLOPs per sequence."""
   module, loss_fn, batch = case_inputs(case, bench, model_config, mesh)
   num_predictions = bench.num_predictions if case == "pretrain_train" else 0
   if case == "eval":
@@ -180,11 +199,34 @@ def time_jax_case(case: str, bench: ml_collections.ConfigDict, model_config: mod
   else:
     run_step = train_step_runner(module, bench, mesh, loss_fn)
     step = lambda: run_step(batch)  # noqa: E731
+  return step, forward_flops(model_config, bench.seq_len, num_predictions) * (1 if case == "eval" else 3)
 
-  compile_seconds, step_seconds = _median_step_seconds(step, jax.block_until_ready, bench.num_steps,
-                                                       bench.num_warmup_steps, bench.steps_per_sample)
-  flops = forward_flops(model_config, bench.seq_len, num_predictions) * (1 if case == "eval" else 3)
-  return _figures(case, bench, step_seconds, flops, compile_seconds)
+
+def time_case(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig,
+              mesh) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(bert_jax's figures, PyTorch's) for one case; PyTorch's only with `bench.compare_torch` on a
+  classification case (else {}). Both are timed in turns (`_interleaved_step_seconds`)."""
+  step, flops = jax_case_step(case, bench, model_config, mesh)
+  runners = [(step, jax.block_until_ready)]
+  compare = bench.compare_torch and case in ("train", "eval")
+  if compare:
+    torch_step, torch_wait, torch_info = torch_case_step(case, bench, model_config)
+    runners.append((torch_step, torch_wait))
+  timings = _interleaved_step_seconds(runners, bench.num_steps, bench.num_warmup_steps, bench.steps_per_sample)
+  (compile_seconds, ours) = timings[0]
+  figures = _figures(case, bench, statistics.median(ours), flops, compile_seconds)
+  if not compare:
+    return figures, {}
+  theirs = timings[1][1]
+  torch_seconds = statistics.median(theirs)
+  # Each of our samples over the PyTorch sample taken next to it: how far the ratio moves with the machine.
+  paired = [their / our for our, their in zip(ours, theirs)]
+  torch_rate = bench.batch_size / torch_seconds
+  torch_figures = {"torch_step_seconds": torch_seconds, "torch_examples_per_second": torch_rate, **torch_info,
+                   "ratio": figures["examples_per_second"] / torch_rate,
+                   "paired_ratio_quartiles": (statistics.quantiles(paired, n=4, method="inclusive")
+                                              if len(paired) > 1 else paired * 3)}
+  return figures, torch_figures
 
 
 def _figures(case, bench, step_seconds: float, flops_per_sequence: float, compile_seconds: float):
@@ -271,8 +313,10 @@ def time_length_buckets(bench: ml_collections.ConfigDict, model_config: models.B
   return row
 
 
-def time_torch_case(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig) -> dict:
-  """transformers' PyTorch `BertForSequenceClassification` on the same work: AdamW train step, or eval.
+def torch_case_step(case: str, bench: ml_collections.ConfigDict,
+                    model_config: models.BertConfig) -> tuple[Callable[[], Any], Callable[[Any], Any], dict]:
+  """transformers' PyTorch `BertForSequenceClassification` on the same work (AdamW train step, or eval):
+  (step, wait, what it ran on).
 
   On the device JAX runs on when that is a GPU (else the CPU), under bf16 autocast when `bench.dtype`
   is bfloat16 (float32 parameters and optimizer state, as ours)."""
@@ -306,11 +350,8 @@ def time_torch_case(case: str, bench: ml_collections.ConfigDict, model_config: m
       optimizer.step()
       optimizer.zero_grad(set_to_none=True)
 
-  _, step_seconds = _median_step_seconds(step, lambda _: synchronize(), bench.num_steps, bench.num_warmup_steps,
-                                         bench.steps_per_sample)
-  return {"torch_step_seconds": step_seconds, "torch_examples_per_second": bench.batch_size / step_seconds,
-          "torch_threads": torch.get_num_threads(), "torch_device": device,
-          "torch_attention": model.config._attn_implementation}
+  return step, lambda _: synchronize(), {"torch_threads": torch.get_num_threads(), "torch_device": device,
+                                         "torch_attention": model.config._attn_implementation}
 
 
 def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) -> list[dict]:
@@ -334,15 +375,13 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
       rows.append(time_length_buckets(config, model_config, mesh))
       emit(json.dumps(rows[-1]))
       continue
-    row = time_jax_case(case, config, model_config, mesh)
+    row, torch_row = time_case(case, config, model_config, mesh)
     row.update({name: getattr(model_config, name) for name in (
         "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "attention_impl", "remat_policy",
         "scan_layers")})
     # What else sets the step's speed from outside the config: the PRNG behind dropout, XLA's flags.
     row.update(prng_impl=jax.config.jax_default_prng_impl, xla_flags=os.environ.get("XLA_FLAGS", ""))
-    if config.compare_torch and case in ("train", "eval"):
-      row.update(time_torch_case(case, config, model_config))
-      row["ratio"] = row["examples_per_second"] / row["torch_examples_per_second"]
+    row.update(torch_row)
     emit(json.dumps(row))
     rows.append(row)
   return rows

@@ -31,6 +31,8 @@ def test_one_json_line_per_case_with_the_torch_ratio():
     assert row["examples_per_second"] > 0 and row["step_seconds"] > 0 and 0 < row["mfu"]
   for row in rows[:2]:
     assert row["ratio"] == row["examples_per_second"] / row["torch_examples_per_second"]
+    low, middle, high = row["paired_ratio_quartiles"]
+    assert 0 < low <= middle <= high
   assert "ratio" not in rows[2]  # the peer comparison covers classification only
   # What else sets the speed is on each row: the dropout PRNG and XLA's flags.
   assert rows[0]["prng_impl"] == jax.config.jax_default_prng_impl
@@ -50,6 +52,19 @@ def test_a_timed_sample_dispatches_its_steps_back_to_back_and_waits_once():
   assert events == ["step", ("wait", [1]), "step", ("wait", 3),
                     "step", "step", "step", ("wait", [5, 6, 7]), "step", "step", "step", ("wait", [9, 10, 11])]
   assert first > 0 and per_step > 0
+
+
+def test_compared_runners_take_turns_sample_by_sample_after_their_own_warm_up():
+  events = []
+
+  def runner(name):
+    return (lambda: events.append(name) or name), (lambda out: events.append(("wait", name)))
+
+  timings = benchmark._interleaved_step_seconds([runner("ours"), runner("torch")], num_steps=4, num_warmup=1)
+  waits = [event[1] for event in events if isinstance(event, tuple)]
+  # Each warms up alone, then the order alternates so that a drift in speed falls on both alike.
+  assert waits == ["ours", "torch", "ours", "torch", "torch", "ours", "ours", "torch", "torch", "ours"]
+  assert [len(samples) for _, samples in timings] == [4, 4]
 
 
 def test_ceilings_script_prints_matmul_and_bandwidth_figures():
