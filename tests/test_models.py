@@ -6,7 +6,6 @@ import re
 import flax
 import flax.linen as nn
 import jax
-import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from bert_jax import hf
 from bert_jax import models
 from bert_jax.models import bert
+from bert_jax.models import dropout
 
 
 def _inputs(batch=2, seq=8, vocab=99):
@@ -86,29 +86,22 @@ def test_dropout_only_when_not_deterministic(tiny_config):
 @pytest.mark.parametrize("shape", [(64, 256), (4, 3, 33)])  # even and odd last axis
 def test_dropout_drops_at_the_rate_and_keeps_the_mean(shape, impl):
   x = jnp.ones(shape)
-  y = bert.Dropout(0.1).apply({}, x, False, rngs={"dropout": jax.random.key(0, impl=impl)})
+  y = dropout.Dropout(0.1).apply({}, x, False, rngs={"dropout": jax.random.key(0, impl=impl)})
   assert y.shape == shape and y.dtype == x.dtype
   kept = np.asarray(y != 0)
   # Binomial: 3 standard deviations of the kept fraction, sqrt(0.09 / n).
   assert abs(kept.mean() - 0.9) <= 3 * np.sqrt(0.09 / kept.size)
-  np.testing.assert_allclose(np.asarray(y)[kept], 65536 / (65536 - 6554), rtol=1e-6)  # 1 / (1 - rounded rate)
-  assert not np.array_equal(kept, np.asarray(bert.Dropout(0.1).apply(
+  np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.9, rtol=1e-6)
+  assert not np.array_equal(kept, np.asarray(dropout.Dropout(0.1).apply(
       {}, x, False, rngs={"dropout": jax.random.key(1, impl=impl)}) != 0))
-  np.testing.assert_array_equal(bert.Dropout(0.1).apply({}, x, True), x)
+  np.testing.assert_array_equal(dropout.Dropout(0.1).apply({}, x, True), x)
 
 
-def test_dropout_bits_are_threefry_of_counters_four_per_hash():
-  """Hash i of a row-major counter array hashes the 64-bit counter (0, i); its two 32-bit words give
-  four 16-bit draws. The reference is jax's own `threefry_2x32`, which pairs the first half of its
-  counts with the second."""
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3, 9), (4, 12, 16, 16)])
+def test_dropout_bits_are_jax_random_bits(shape):
   key = jax.random.key(7)
-  shape = (2, 3, 9)  # 3 hashes per row of 9, the last one's draws partly unused
-  num_hashes = 2 * 3 * 3
-  counts = jnp.concatenate([jnp.zeros(num_hashes, jnp.uint32), jnp.arange(num_hashes, dtype=jnp.uint32)])
-  words = jax.extend.random.threefry_2x32(jax.random.key_data(key), counts)
-  expected = jax.lax.bitcast_convert_type(jnp.stack([words[:num_hashes], words[num_hashes:]], -1), jnp.uint16)
-  expected = expected.reshape(2, 3, 12)[..., :9]
-  np.testing.assert_array_equal(bert.random_halfwords(key, shape), expected)
+  np.testing.assert_array_equal(jax.jit(dropout.random_bits, static_argnums=1)(key, shape),
+                                jax.random.bits(key, shape, jnp.uint32))
 
 
 def test_initialisation_is_berts(tiny_config):

@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.random import threefry2x32_p
 
 from bert_jax.models import config as config_lib
+from bert_jax.models.dropout import Dropout
 
 # Logical axis names of parameters; `bert_jax.partitioning` maps them to mesh axes.
 EMBED, MLP, HEADS, KV = "embed", "mlp", "heads", "kv"
@@ -79,53 +79,6 @@ def layer_norm(config: config_lib.BertConfig, name: str) -> nn.LayerNorm:
       epsilon=config.layer_norm_eps, dtype=config.compute_dtype, param_dtype=config.parameter_dtype,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (EMBED,)),
       bias_init=zeros_init(EMBED), name=name)
-
-
-def random_halfwords(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """16 random bits per element of `shape` (uint16), four from each threefry2x32 hash of a counter.
-
-  `jax.random.bits` in its default, partitionable form spends a whole hash (two 32-bit words, XORed)
-  on each 32-bit word; here each hash's two words are kept, half the hashing per bit. The counter
-  of a hash is its index in `shape[:-1] + (ceil(shape[-1] / 4),)`, so (as in the partitionable
-  form) an element's bits do not depend on how the array is sharded. Other PRNG implementations
-  (`jax_default_prng_impl`: rbg, unsafe_rbg) go through `jax.random.bits`.
-  """
-  width = shape[-1] if shape else 1
-  if str(jax.random.key_impl(key)) != "threefry2x32":
-    words = jax.random.bits(key, tuple(shape[:-1]) + ((width + 1) // 2,), jnp.uint32)
-    halfwords = jax.lax.bitcast_convert_type(words, jnp.uint16)  # [..., ceil(width / 2), 2]
-    return halfwords.reshape(tuple(shape[:-1]) + (-1,))[..., :width].reshape(shape)
-  counter_shape = tuple(shape[:-1]) + (-(-width // 4),)
-  if np.prod(counter_shape) >= 2**32:
-    raise ValueError(f"Dropout over {shape} needs more than 2**32 random counters; split the array.")
-  counter = jnp.zeros(counter_shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(counter_shape))):
-    counter = counter + jax.lax.broadcasted_iota(jnp.uint32, counter_shape, axis) * np.uint32(stride)
-    stride *= counter_shape[axis]
-  key_words = jax.random.key_data(key)
-  hashed = threefry2x32_p.bind(key_words[0], key_words[1], jnp.zeros(counter_shape, jnp.uint32), counter)
-  halfwords = jax.lax.bitcast_convert_type(jnp.stack(hashed, axis=-1), jnp.uint16)  # [..., hashes, 2, 2]
-  return halfwords.reshape(tuple(shape[:-1]) + (-1,))[..., :width].reshape(shape)
-
-
-class Dropout(nn.Module):
-  """Inverted dropout that draws 16 random bits per element (`random_halfwords`).
-
-  The distribution of `nn.Dropout`, but with the rate rounded to a multiple of 1/65536 (0.1 ->
-  0.100006) and the kept values scaled by that rounded rate, so the output stays unbiased. A quarter
-  of the hashing of `nn.Dropout`: on XLA:CPU, threefry bits were a fifth of a MiniLM train step.
-  """
-  rate: float
-
-  @nn.compact
-  def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
-      return x
-    drop_below = round(self.rate * 65536)  # keep where the 16 bits are >= this
-    bits = random_halfwords(self.make_rng("dropout"), x.shape)
-    scale = jnp.asarray(65536 / (65536 - drop_below), x.dtype)
-    return jnp.where(bits >= drop_below, x * scale, jnp.zeros((), x.dtype))
 
 
 class Projection(nn.Module):

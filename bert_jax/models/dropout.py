@@ -1,0 +1,75 @@
+"""Dropout whose random bits XLA fuses into the mask: `jax.random.bits`, bit for bit, written out.
+
+Owns: `Dropout` (the model's only source of randomness) and the bits behind it. The hash is the
+Threefry-2x32 of `jax.random` (20 rounds; Salmon et al. 2011).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(key_words: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The Threefry-2x32 hash of the counters `(x0, x1)` (uint32, one shape) under `key_words` (uint32 `[2]`).
+
+  Written out in integer ops, all 20 rounds, so that XLA fuses the hash into the ops that use its
+  bits. jax's own lowering on the CPU loops over the five 4-round blocks, each block a pass over
+  memory; for the attention dropout of a MiniLM train step that loop cost more than the rest of the
+  dropout.
+  """
+  k0, k1 = key_words[0], key_words[1]
+  keys = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+  x0, x1 = x0 + keys[0], x1 + keys[1]
+  for block in range(5):
+    for rotation in _ROTATIONS[block % 2]:
+      x0 = x0 + x1
+      x1 = jax.lax.shift_left(x1, np.uint32(rotation)) | jax.lax.shift_right_logical(x1, np.uint32(32 - rotation))
+      x1 = x0 ^ x1
+    x0 = x0 + keys[(block + 1) % 3]
+    x1 = x1 + keys[(block + 2) % 3] + np.uint32(block + 1)
+  return x0, x1
+
+
+def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """`jax.random.bits(key, shape, jnp.uint32)`, bit for bit (`tests/test_models.py`), with the hash fused.
+
+  For a threefry key under jax's default partitionable threefry, an element's bits are the XOR of the
+  two words of the hash of its flat index (so they do not depend on how the array is sharded). Here
+  that hash is `threefry2x32`, plain integer ops that XLA fuses with the mask and the multiply: one
+  pass over memory for the whole dropout. Other keys, settings and sizes go through `jax.random.bits`.
+  """
+  if (str(jax.random.key_impl(key)) != "threefry2x32" or not jax.config.jax_threefry_partitionable
+      or np.prod(shape) >= 2**32):
+    return jax.random.bits(key, shape, jnp.uint32)
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+    stride *= shape[axis]
+  first, second = threefry2x32(jax.random.key_data(key), jnp.zeros(shape, jnp.uint32), index)
+  return first ^ second
+
+
+class Dropout(nn.Module):
+  """Inverted dropout, the distribution of `nn.Dropout` (the rate to 2**-32), its bits from `random_bits`.
+
+  `nn.Dropout` draws the same bits through `jax.random`, whose threefry on XLA:CPU loops over the
+  hash's rounds in passes over memory: with it the attention dropout of a MiniLM train step took
+  several times as long as the rest of the dropout.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    drop_below = np.uint32(min(round(self.rate * 2**32), 2**32 - 1))  # keep where the 32 bits are >= this
+    keep = random_bits(self.make_rng("dropout"), x.shape) >= drop_below
+    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
