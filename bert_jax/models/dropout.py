@@ -19,8 +19,7 @@ def threefry2x32(key_words: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[ja
 
   Written out in integer ops, all 20 rounds, so that XLA fuses the hash into the ops that use its
   bits. jax's own lowering on the CPU loops over the five 4-round blocks, each block a pass over
-  memory; for the attention dropout of a MiniLM train step that loop cost more than the rest of the
-  dropout.
+  memory.
   """
   k0, k1 = key_words[0], key_words[1]
   keys = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
@@ -58,9 +57,9 @@ def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 class Dropout(nn.Module):
   """Inverted dropout, the distribution of `nn.Dropout` (the rate to 2**-32), its bits from `random_bits`.
 
-  `nn.Dropout` draws the same bits through `jax.random`, whose threefry on XLA:CPU loops over the
-  hash's rounds in passes over memory: with it the attention dropout of a MiniLM train step took
-  several times as long as the rest of the dropout.
+  `nn.Dropout` draws through `jax.random`, whose threefry on XLA:CPU loops over the hash's rounds in
+  passes over memory: a MiniLM train step with these same bits drawn by `jax.random.bits` took 1/0.88
+  as long on this project's CPU (docs/performance.md).
   """
   rate: float
 
