@@ -219,14 +219,19 @@ def time_case(case: str, bench: ml_collections.ConfigDict, model_config: models.
     return figures, {}
   theirs = timings[1][1]
   torch_seconds = statistics.median(theirs)
-  # Each of our samples over the PyTorch sample taken next to it: how far the ratio moves with the machine.
-  paired = [their / our for our, their in zip(ours, theirs)]
   torch_rate = bench.batch_size / torch_seconds
   torch_figures = {"torch_step_seconds": torch_seconds, "torch_examples_per_second": torch_rate, **torch_info,
                    "ratio": figures["examples_per_second"] / torch_rate,
-                   "paired_ratio_quartiles": (statistics.quantiles(paired, n=4, method="inclusive")
-                                              if len(paired) > 1 else paired * 3)}
+                   "paired_ratio_quartiles": paired_ratio_quartiles(ours, theirs)}
   return figures, torch_figures
+
+
+def paired_ratio_quartiles(ours: Sequence[float], theirs: Sequence[float]) -> list[float] | None:
+  """Quartiles of `theirs[i] / ours[i]` (seconds of samples taken next to each other: our speed over
+  theirs, pair by pair), or None under 4 pairs: how far the ratio moves with the machine."""
+  if len(ours) < 4:
+    return None
+  return statistics.quantiles([their / our for our, their in zip(ours, theirs)], n=4, method="inclusive")
 
 
 def _figures(case, bench, step_seconds: float, flops_per_sequence: float, compile_seconds: float):

@@ -104,6 +104,19 @@ def test_dropout_bits_are_jax_random_bits(shape):
                                 jax.random.bits(key, shape, jnp.uint32))
 
 
+@pytest.mark.parametrize("setting", ["raw key data", "non-partitionable threefry"])
+def test_dropout_bits_are_jax_random_bits_for_other_keys_and_settings(setting):
+  key = jax.random.PRNGKey(7) if setting == "raw key data" else jax.random.key(7)
+  with jax.threefry_partitionable(setting != "non-partitionable threefry"):
+    np.testing.assert_array_equal(jax.jit(dropout.random_bits, static_argnums=1)(key, (3, 10)),
+                                  jax.random.bits(key, (3, 10), jnp.uint32))
+
+
+def test_dropout_refuses_a_rate_outside_0_1():
+  with pytest.raises(ValueError, match=r"Dropout rate 1.5 is not in \[0, 1\]"):
+    dropout.Dropout(1.5).apply({}, jnp.ones(4), False, rngs={"dropout": jax.random.key(0)})
+
+
 def test_initialisation_is_berts(tiny_config):
   config = tiny_config.replace(hidden_size=256, intermediate_size=512, num_attention_heads=4)
   params = hf.init_params(models.BertModel(config))

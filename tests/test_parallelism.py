@@ -132,26 +132,6 @@ def eight_devices(tmp_path_factory):
   """), str(directory))
 
 
-def test_dropout_masks_do_not_depend_on_the_mesh_and_are_drawn_where_the_rows_are():
-  result = run_python(textwrap.dedent("""
-    import json
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
-    from bert_jax.models import bert
-
-    x = jnp.ones((8, 16, 24))
-    drop = jax.jit(lambda x: bert.Dropout(0.1).apply({}, x, False, rngs={"dropout": jax.random.key(3)}))
-    whole = drop(x)
-    mesh = jax.make_mesh((8,), ("data",))
-    sharded_x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
-    sharded = drop(sharded_x)
-    hlo = drop.lower(sharded_x).compile().as_text()
-    print(json.dumps({"equal": bool(np.array_equal(whole, sharded)), "shard": list(sharded.addressable_shards[0].data.shape),
-                      "collectives": [op for op in ("all-gather", "all-to-all", "collective-permute") if op in hlo]}))
-  """), timeout=300)
-  assert result == {"equal": True, "shard": [1, 16, 24], "collectives": []}
-
-
 @pytest.mark.slow
 def test_one_step_is_the_same_on_1_device_pmap_and_every_mesh(eight_devices):
   results = dict(eight_devices[1]["steps"])
@@ -372,3 +352,25 @@ def test_parallelism_settings_that_cannot_work_are_named_before_any_device_is_to
 def test_pmap_accepts_a_data_parallel_mesh(archive, minilm_dir):
   for shape in [(-1, 1, 1), (8, 1, 1)]:
     config_checks.check(tiny_config(archive, minilm_dir, parallelism="pmap", mesh_shape=shape))
+
+
+def test_dropout_masks_do_not_depend_on_the_mesh_and_are_drawn_where_the_rows_are():
+  result = run_python(textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+    from bert_jax.models import dropout
+
+    x = jnp.ones((8, 16, 24))
+    drop = jax.jit(lambda x: dropout.Dropout(0.1).apply({}, x, False, rngs={"dropout": jax.random.key(3)}))
+    whole = drop(x)
+    mesh = jax.make_mesh((8,), ("data",))
+    sharded_x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    sharded = drop(sharded_x)
+    hlo = drop.lower(sharded_x).compile().as_text()
+    collectives = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
+    print(json.dumps({"equal": bool(np.array_equal(whole, sharded)),
+                      "shard": list(sharded.addressable_shards[0].data.shape),
+                      "collectives": [op for op in collectives if op in hlo]}))
+  """), timeout=300)
+  assert result == {"equal": True, "shard": [1, 16, 24], "collectives": []}

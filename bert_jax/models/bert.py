@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_jax.models import config as config_lib
-from bert_jax.models.dropout import Dropout
+from bert_jax.models import dropout as dropout_lib
 
 # Logical axis names of parameters; `bert_jax.partitioning` maps them to mesh axes.
 EMBED, MLP, HEADS, KV = "embed", "mlp", "heads", "kv"
@@ -159,7 +159,7 @@ class BertEmbeddings(nn.Module):
     self.position_embeddings = embed(c.max_position_embeddings, embedding_init=kernel_init(c, POSITION, EMBED))
     self.token_type_embeddings = embed(c.type_vocab_size, embedding_init=kernel_init(c, TOKEN_TYPE, EMBED))
     self.LayerNorm = layer_norm(c, "LayerNorm")
-    self.dropout = Dropout(c.hidden_dropout_prob)
+    self.dropout = dropout_lib.Dropout(c.hidden_dropout_prob)
 
   def __call__(self, input_ids, token_type_ids, position_ids, *, deterministic: bool):
     c = self.config
@@ -229,7 +229,7 @@ class BertSelfAttention(nn.Module):
     # Padding keys get the most negative float32 (as HF does), so they take exactly zero weight.
     scores = jnp.where(attention_mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
-    probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+    probs = dropout_lib.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     context = jnp.einsum("bhqk,bhkd->bhqd", probs, value)  # [batch, heads, seq, head_dim]
     return jnp.swapaxes(context, 1, 2)  # [batch, seq, heads, head_dim]
 
@@ -242,7 +242,7 @@ class BertLayer(nn.Module):
   def __call__(self, x, attention_mask, deterministic: bool):
     # `deterministic` is positional (argnum 3, counting self) so `nn.remat` can hold it static.
     c = self.config
-    dropout = Dropout(c.hidden_dropout_prob)
+    dropout = dropout_lib.Dropout(c.hidden_dropout_prob)
     attended = BertSelfAttention(c, name="attention")(x, attention_mask, deterministic=deterministic)
     x = layer_norm(c, "attention_output_LayerNorm")(x + dropout(attended, deterministic=deterministic))
     x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))

@@ -6,6 +6,8 @@ Threefry-2x32 of `jax.random` (20 rounds; Salmon et al. 2011).
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -42,8 +44,12 @@ def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   that hash is `threefry2x32`, plain integer ops that XLA fuses with the mask and the multiply: one
   pass over memory for the whole dropout. Other keys, settings and sizes go through `jax.random.bits`.
   """
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # raw key data, as jax.random.PRNGKey gives
+    key = jax.random.wrap_key_data(key)
+  if key.shape:
+    raise ValueError(f"random_bits takes one key; got a batch of keys of shape {key.shape} (vmap over them).")
   if (str(jax.random.key_impl(key)) != "threefry2x32" or not jax.config.jax_threefry_partitionable
-      or np.prod(shape) >= 2**32):
+      or not 0 < math.prod(shape) < 2**32):
     return jax.random.bits(key, shape, jnp.uint32)
   index = jnp.zeros(shape, jnp.uint32)
   stride = 1
@@ -67,7 +73,9 @@ class Dropout(nn.Module):
   def __call__(self, x, deterministic: bool):
     if deterministic or self.rate == 0.0:
       return x
-    if self.rate >= 1.0:
+    if not 0.0 < self.rate <= 1.0:
+      raise ValueError(f"Dropout rate {self.rate} is not in [0, 1].")
+    if self.rate == 1.0:
       return jnp.zeros_like(x)
     drop_below = np.uint32(min(round(self.rate * 2**32), 2**32 - 1))  # keep where the 32 bits are >= this
     keep = random_bits(self.make_rng("dropout"), x.shape) >= drop_below

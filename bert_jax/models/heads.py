@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from bert_jax.models import bert
 from bert_jax.models import config as config_lib
+from bert_jax.models import dropout as dropout_lib
 
 
 class PreTrainingOutput(NamedTuple):
@@ -68,5 +69,5 @@ class BertForSequenceClassification(nn.Module):
     outputs = bert.BertModel(c, name="bert")(input_ids, attention_mask, token_type_ids, position_ids,
                                              deterministic=deterministic)
     rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
-    pooled = bert.Dropout(rate)(outputs.pooled_output, deterministic=deterministic)
+    pooled = dropout_lib.Dropout(rate)(outputs.pooled_output, deterministic=deterministic)
     return bert.dense(c, c.num_labels, (bert.EMBED,), (bert.CLASSES,), "classifier")(pooled)
