@@ -40,6 +40,7 @@ from ml_collections import config_flags
 
 from bert_jax import hf
 from bert_jax import batching
+from bert_jax import device_peaks
 from bert_jax import input_pipeline
 from bert_jax import models
 from bert_jax import optim
@@ -52,17 +53,6 @@ config_flags.DEFINE_config_file("config", None, "Benchmark config, e.g. configs/
                                 lock_config=True)
 flags.mark_flags_as_required(["config"])
 
-# Dense peak TFLOP/s per chip by (device kind substring, dtype); CPUs are measured on the spot.
-PEAK_TFLOPS = {
-    ("H200", "bfloat16"): 989.0, ("H200", "float32"): 67.0,
-    ("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0,
-    ("A100", "bfloat16"): 312.0, ("A100", "float32"): 19.5,
-    ("TPU v4", "bfloat16"): 275.0, ("TPU v4", "float32"): 275.0 / 4,
-    ("TPU v5 lite", "bfloat16"): 197.0, ("TPU v5e", "bfloat16"): 197.0,
-    ("TPU v5p", "bfloat16"): 459.0, ("TPU v5", "bfloat16"): 459.0,
-}
-
-
 CASES = ("train", "eval", "pretrain_train", "compile_depth", "length_buckets")
 
 
@@ -71,24 +61,6 @@ def forward_flops(config: models.BertConfig, seq_len: int, num_predictions: int 
   d, L, I, V, T = (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size,
                    seq_len)
   return 2 * T * L * (4 * d * d + 2 * d * I) + 4 * L * T * T * d + 2 * num_predictions * (d * d + d * V)
-
-
-def measured_cpu_peak_tflops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
-  """The CPU's matmul throughput here and now: the best of a few `size`-square matmuls."""
-  a = jnp.ones((size, size), dtype)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = min(_timed(lambda: matmul(a).block_until_ready()) for _ in range(repeats))
-  return 2 * size**3 / best / 1e12
-
-
-def peak_tflops(device: jax.Device, dtype: str) -> float | None:
-  if device.platform == "cpu":
-    return measured_cpu_peak_tflops(dtype)
-  for (kind, peak_dtype), value in PEAK_TFLOPS.items():
-    if kind.lower() in device.device_kind.lower() and peak_dtype == dtype:
-      return value
-  return None
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -237,7 +209,7 @@ def paired_ratio_quartiles(ours: Sequence[float], theirs: Sequence[float]) -> li
 def _figures(case, bench, step_seconds: float, flops_per_sequence: float, compile_seconds: float):
   device = jax.devices()[0]
   tflops = flops_per_sequence * bench.batch_size / step_seconds / 1e12
-  peak = peak_tflops(device, bench.dtype)
+  peak = device_peaks.peak_tflops(device, bench.dtype)
   return {
       "case": case, "step_seconds": step_seconds, "examples_per_second": bench.batch_size / step_seconds,
       "tokens_per_second": bench.batch_size * bench.seq_len / step_seconds, "model_tflops_per_second": tflops,

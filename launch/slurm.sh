@@ -126,24 +126,18 @@ TASK_SCRIPT='export JAX_NUM_PROCESSES="$SLURM_NTASKS" JAX_PROCESS_ID="$SLURM_PRO
 ' fi;'\
 ' exec "$@"'
 
-# XLA's GEMM fusions through cuBLAS, not Triton: BERT-base pretraining (batch 256 x 128) ran 2-4%
-# faster on an H100 in three measurements (docs/performance.md). Flags already in XLA_FLAGS come
-# after, so they win.
-XLA_FLAGS="--xla_gpu_enable_triton_gemm=false${XLA_FLAGS:+ $XLA_FLAGS}"
-
 MAIN=("$PYTHON" -m bert_jax.main --config="$CONFIG" --workdir="$WORKDIR" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
 SRUN=(srun --kill-on-bad-exit=1 bash -c "$TASK_SCRIPT" bash "${MAIN[@]}")
 
 if [[ $DRY_RUN == 1 ]]; then
   print_cmd cd "$REPO_DIR"
   print_cmd export "JAX_COORDINATOR_ADDRESS=$COORDINATOR"
-  print_cmd export "XLA_FLAGS=$XLA_FLAGS"
   print_cmd "${SRUN[@]}"
   exit 0
 fi
 
 cd "$REPO_DIR"
-export JAX_COORDINATOR_ADDRESS=$COORDINATOR XLA_FLAGS
+export JAX_COORDINATOR_ADDRESS=$COORDINATOR
 echo "$PROG: job ${SLURM_JOB_ID:-?}: ${SLURM_NTASKS:-?} tasks on ${SLURM_JOB_NODELIST:-?}," \
   "coordinator $JAX_COORDINATOR_ADDRESS, workdir $WORKDIR" >&2
 exec "${SRUN[@]}"

@@ -81,13 +81,13 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; 
     b256|sweep)
       # BERT's pretraining batch (256 x 128 tokens); sweep: each speed variant, one process apiece.
       b256=(--config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 "--config.cases=('pretrain_train',)")
-      variants=${SWEEP:-default no_triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt scan_remat xla_attention wait_each}
+      variants=${SWEEP:-default triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt scan_remat xla_attention wait_each}
       [ "$stage" = b256 ] && variants=default
-      for variant in $variants; do  # each adds an XLA flag, a dropout PRNG or a model flag
+      for variant in $variants; do  # each adds an XLA flag (after config.xla_flags: it wins), a PRNG or a model flag
         xla_flag="" prng=${JAX_DEFAULT_PRNG_IMPL:-threefry2x32} flags=()
         case $variant in
           default) ;;
-          no_triton_gemm) xla_flag=--xla_gpu_enable_triton_gemm=false;;
+          triton_gemm) xla_flag=--xla_gpu_enable_triton_gemm=true;;  # XLA's default; configs turn it off
           cudnn_layer_norm) xla_flag=--xla_gpu_enable_cudnn_layer_norm=true;;
           cublaslt) xla_flag=--xla_gpu_enable_cublaslt=true;;
           rbg) prng=rbg;;

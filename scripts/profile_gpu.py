@@ -32,6 +32,7 @@ flags.DEFINE_string("xplane_dir", "", "Where to copy the raw trace; '' keeps non
 def main(argv):
   del argv
   config, case = flags.FLAGS.config, flags.FLAGS.case
+  partitioning.add_xla_flags(config.get("xla_flags", ""))  # as the benchmark does, before JAX starts a backend
   model_config = state_lib.model_config(config)
   mesh = partitioning.make_mesh(config.mesh_shape)
   module, loss_fn, batch = benchmark.case_inputs(case, config, model_config, mesh)

@@ -5,11 +5,13 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
 
 from bert_jax import benchmark
+from bert_jax import device_peaks
 from configs import benchmark as benchmark_configs
 
 
@@ -70,6 +72,25 @@ def test_paired_ratio_quartiles_are_our_speed_over_theirs_pair_by_pair():
   ours, theirs = [1.0, 2.0, 1.0, 4.0, 2.0], [2.0, 2.0, 3.0, 4.0, 4.0]  # seconds per step
   assert benchmark.paired_ratio_quartiles(ours, theirs) == [1.0, 2.0, 2.0]  # ratios 2, 1, 3, 1, 2
   assert benchmark.paired_ratio_quartiles(ours[:3], theirs[:3]) is None
+
+
+def test_mfu_divides_by_the_datasheet_peak_or_a_cpu_matmul_measured_on_the_spot():
+  chip = lambda kind: types.SimpleNamespace(platform="gpu" if "TPU" not in kind else "tpu", device_kind=kind)  # noqa: E731
+  assert device_peaks.peak_tflops(chip("NVIDIA H100 80GB HBM3"), "bfloat16") == 989.0
+  assert device_peaks.peak_tflops(chip("TPU v5 lite"), "bfloat16") == 197.0  # v5e, not v5p's 459
+  assert device_peaks.peak_tflops(chip("NVIDIA GeForce RTX 4090"), "bfloat16") is None  # unknown: no MFU
+  assert device_peaks.peak_tflops(jax.devices("cpu")[0], "float32") > 0
+
+
+def test_a_timed_round_queues_its_calls_and_the_best_round_counts():
+  calls = []
+
+  def fn(x):
+    calls.append(x)
+    return x
+
+  seconds = device_peaks.best_seconds_per_call(fn, 1, rounds=2, calls_per_round=3)
+  assert len(calls) == 1 + 2 * 3 and seconds >= 0  # one warm-up call, then two rounds of three
 
 
 def test_ceilings_script_prints_matmul_and_bandwidth_figures():

@@ -86,17 +86,20 @@ def test_one_process_joins_nothing():
 
 
 def test_config_xla_flags_reach_xla_before_the_environments_own():
-  """A fresh process: the flag comes first in XLA_FLAGS, and XLA:CPU then compiles a matmul without YNNPACK."""
+  """A fresh process with the configs' flags (CPU and GPU ones): they come first in XLA_FLAGS, XLA:CPU
+  accepts the GPU flag, and compiles a matmul without YNNPACK."""
   program = ("import os, jax, jax.numpy as jnp\n"
              "from bert_jax import partitioning\n"
-             "partitioning.add_xla_flags('--xla_cpu_experimental_ynn_fusion_type=')\n"
+             "from configs import common\n"
+             "partitioning.add_xla_flags(common.XLA_FLAGS)\n"
              "print(os.environ['XLA_FLAGS'])\n"
              "print('ynn_fusion' in jax.jit(lambda a: a @ a).lower(jnp.ones((64, 64))).compile().as_text())\n")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
   result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, env=env,
                           check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
   assert result.stdout.splitlines() == [
-      "--xla_cpu_experimental_ynn_fusion_type= --xla_force_host_platform_device_count=2", "False"]
+      "--xla_cpu_experimental_ynn_fusion_type= --xla_gpu_enable_triton_gemm=false "
+      "--xla_force_host_platform_device_count=2", "False"]
 
 
 def test_xla_flags_after_jax_started_are_refused():
