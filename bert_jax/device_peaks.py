@@ -28,6 +28,8 @@ def best_seconds_per_call(fn: Callable[..., Any], *args, rounds: int, calls_per_
   """Seconds per call of jitted `fn(*args)`: after one warm-up call, the best of `rounds` rounds of
   `calls_per_round` calls queued back to back and one wait. Queue several where a call takes a
   millisecond or two, or the wait's dispatch and sync gap would count."""
+  if rounds < 1 or calls_per_round < 1:
+    raise ValueError(f"rounds={rounds} and calls_per_round={calls_per_round}: each must be at least 1.")
   jax.block_until_ready(fn(*args))
 
   def one_round() -> float:

@@ -23,6 +23,8 @@ import numpy as np
 
 from bert_jax import hf
 from bert_jax import models
+from bert_jax import partitioning
+from configs import common
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -64,6 +66,7 @@ def _rel_l2(actual, expected) -> float:
 
 
 def main() -> int:
+  partitioning.add_xla_flags(common.XLA_FLAGS)  # the numerics training runs with (cuBLAS, not Triton, GEMMs)
   print(f"devices: {jax.devices()}")
   base = models.BertConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

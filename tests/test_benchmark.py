@@ -82,15 +82,16 @@ def test_mfu_divides_by_the_datasheet_peak_or_a_cpu_matmul_measured_on_the_spot(
   assert device_peaks.peak_tflops(jax.devices("cpu")[0], "float32") > 0
 
 
-def test_a_timed_round_queues_its_calls_and_the_best_round_counts():
-  calls = []
-
-  def fn(x):
-    calls.append(x)
-    return x
-
-  seconds = device_peaks.best_seconds_per_call(fn, 1, rounds=2, calls_per_round=3)
-  assert len(calls) == 1 + 2 * 3 and seconds >= 0  # one warm-up call, then two rounds of three
+def test_a_timed_round_queues_its_calls_and_the_best_round_counts(monkeypatch):
+  events = []
+  clock = iter([0.0, 6.0, 10.0, 13.0])  # round 1 takes 6 s, round 2 takes 3 s
+  monkeypatch.setattr(device_peaks.time, "perf_counter", lambda: next(clock))
+  monkeypatch.setattr(device_peaks.jax, "block_until_ready", lambda out: events.append("wait"))
+  seconds = device_peaks.best_seconds_per_call(lambda x: events.append("call"), 1, rounds=2, calls_per_round=3)
+  assert seconds == 3.0 / 3  # the best round, per call
+  assert events == ["call", "wait"] + (["call"] * 3 + ["wait"]) * 2  # a warm-up, then one wait per round
+  with pytest.raises(ValueError, match="calls_per_round=0"):
+    device_peaks.best_seconds_per_call(lambda x: x, 1, rounds=2, calls_per_round=0)
 
 
 def test_ceilings_script_prints_matmul_and_bandwidth_figures():
