@@ -62,12 +62,6 @@ def forward_flops(config: models.BertConfig, seq_len: int, num_predictions: int 
   return 2 * T * L * (4 * d * d + 2 * d * I) + 4 * L * T * T * d + 2 * num_predictions * (d * d + d * V)
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
 def _interleaved_step_seconds(runners: Sequence[tuple[Callable[[], Any], Callable[[Any], Any]]], num_steps: int,
                               num_warmup: int, steps_per_sample: int = 1) -> list[tuple[float, list[float]]]:
   """Per `(step, wait)` runner: (compile + first step seconds, seconds per step of each of `num_steps` samples).
