@@ -210,6 +210,7 @@ def _figures(case, bench, step_seconds: float, flops_per_sequence: float, compil
       "compile_seconds": compile_seconds, "peak_memory_bytes": _peak_memory_bytes(device),
       "batch_size": bench.batch_size, "seq_len": bench.seq_len, "dtype": bench.dtype,
       "steps_per_sample": bench.steps_per_sample, "device": f"{jax.device_count()} x {device.device_kind}",
+      "host_cpu": device_peaks.host_cpu(),
   }
 
 

@@ -1,12 +1,14 @@
 """The device's peak FLOP/s that MFU divides by, and its ceilings measured on the spot.
 
 Owns: the datasheet table of dense peaks (GPUs, TPUs), the measured matmul throughput that stands in
-for a CPU's peak, and the back-to-back timing both `bert_jax.benchmark` and
+for a CPU's peak, the host processor's name, and the back-to-back timing both `bert_jax.benchmark` and
 `scripts/measure_ceilings.py` use. Imports no flags, so scripts with their own flags can use it.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from typing import Any, Callable
 
@@ -57,3 +59,18 @@ def peak_tflops(device: jax.Device, dtype: str) -> float | None:
     if kind.lower() in device.device_kind.lower() and peak_dtype == dtype:
       return value
   return None
+
+
+def host_cpu(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+  """The host's processor model and logical core count, e.g. 'Intel(R) Xeon(R) Processor @ 2.50GHz x 2'.
+
+  CPU figures depend on it, and a cloud VM's processor can change from one run to the next. The model
+  name comes from `cpuinfo_path` (Linux), else from `platform`.
+  """
+  name = ""
+  try:
+    with open(cpuinfo_path) as cpuinfo:
+      name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+  except OSError:
+    pass
+  return f"{name or platform.processor() or platform.machine()} x {os.cpu_count()}"

@@ -38,6 +38,16 @@ def test_one_json_line_per_case_with_the_torch_ratio():
   # What else sets the speed is on each row: the dropout PRNG and XLA's flags.
   assert rows[0]["prng_impl"] == jax.config.jax_default_prng_impl
   assert rows[0]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
+  assert rows[0]["host_cpu"].endswith(f" x {os.cpu_count()}") and len(rows[0]["host_cpu"]) > 4
+
+
+def test_host_cpu_names_the_processor_model_and_its_cores(tmp_path):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Example CPU @ 2.50GHz\n"
+                     "processor\t: 1\nmodel name\t: Example CPU @ 2.50GHz\n")
+  assert device_peaks.host_cpu(str(cpuinfo)) == f"Example CPU @ 2.50GHz x {os.cpu_count()}"
+  # No cpuinfo (not Linux): the platform's name for the processor instead, never an empty name.
+  assert not device_peaks.host_cpu(str(tmp_path / "missing")).startswith(" x ")
 
 
 def test_a_timed_sample_dispatches_its_steps_back_to_back_and_waits_once():
