@@ -210,7 +210,6 @@ def _figures(case, bench, step_seconds: float, flops_per_sequence: float, compil
       "compile_seconds": compile_seconds, "peak_memory_bytes": _peak_memory_bytes(device),
       "batch_size": bench.batch_size, "seq_len": bench.seq_len, "dtype": bench.dtype,
       "steps_per_sample": bench.steps_per_sample, "device": f"{jax.device_count()} x {device.device_kind}",
-      "host_cpu": device_peaks.host_cpu(),
   }
 
 
@@ -335,6 +334,10 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
   if set(config.cases) - {"eval"}:
     model_config.check_trainable()  # before any compile: e.g. dot_product attention with attention dropout
   mesh = partitioning.make_mesh(config.mesh_shape)
+  # What else sets the step's speed from outside the config: the PRNG behind dropout, XLA's flags, the
+  # processor (a cloud VM's can change between runs). The same for every case: read once.
+  environment = dict(prng_impl=jax.config.jax_default_prng_impl, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                     host_cpu=device_peaks.host_cpu())
   rows = []
   for case in config.cases:
     if case == "compile_depth":
@@ -350,8 +353,7 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
     row.update({name: getattr(model_config, name) for name in (
         "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "attention_impl", "remat_policy",
         "scan_layers")})
-    # What else sets the step's speed from outside the config: the PRNG behind dropout, XLA's flags.
-    row.update(prng_impl=jax.config.jax_default_prng_impl, xla_flags=os.environ.get("XLA_FLAGS", ""))
+    row.update(environment)
     row.update(torch_row)
     emit(json.dumps(row))
     rows.append(row)

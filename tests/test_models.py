@@ -296,12 +296,10 @@ def test_remat_in_scanned_layers_shrinks_the_compiled_steps_temporary_memory(tin
   # same buffers with or without remat: docs/performance.md, "sixth").
   def temp_bytes(remat_policy):
     module = models.BertForSequenceClassification(tiny_config.replace(scan_layers=True, remat_policy=remat_policy))
-    input_ids = jnp.ones((8, 64), jnp.int32)
+    inputs = _inputs(batch=8, seq=64)
 
     def loss(params):
-      logits = module.apply({"params": params}, input_ids, jnp.ones_like(input_ids), jnp.zeros_like(input_ids),
-                            deterministic=True)
-      return jnp.sum(logits)
+      return jnp.sum(module.apply({"params": params}, *inputs, deterministic=True))
 
     return jax.jit(jax.grad(loss)).lower(hf.init_params(module)).compile().memory_analysis().temp_size_in_bytes
 
