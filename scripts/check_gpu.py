@@ -3,7 +3,8 @@
 The unit suite checks 'dot_product' attention and bf16 on the CPU; cuDNN's fused attention exists
 only on a GPU, so this script is its test. Run on a GPU machine from the repo root:
   python -m scripts.check_gpu
-It prints one line per variant and exits 1 if any is outside its stated tolerance.
+It prints one line per variant and exits 1 if any is outside its stated tolerance. First it checks
+that the dropout's fused hash (`bert_jax.models.dropout`) gives `jax.random.bits`'s bits on the GPU.
 
 Inputs: a 2-layer model (hidden 256, 4 heads of 64, as cuDNN needs head_dim a multiple of 8),
 batch 8 of 128 tokens, each row padded after a random length in [16, 128]. Reference: einsum
@@ -24,6 +25,7 @@ import numpy as np
 from bert_jax import hf
 from bert_jax import models
 from bert_jax import partitioning
+from bert_jax.models import dropout
 from configs import common
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -65,9 +67,22 @@ def _rel_l2(actual, expected) -> float:
   return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
+def _check_dropout_bits() -> int:
+  """Failures (0 or 1): the dropout's fused hash against `jax.random.bits` on this device, bit for bit,
+  at the shape of a BERT-base hidden dropout at batch 256 x 128 (25M elements)."""
+  shape, key = (256, 128, 768), jax.random.key(7)
+  ours = jax.jit(dropout.random_bits, static_argnums=1)(key, shape)
+  theirs = jax.jit(jax.random.bits, static_argnums=(1, 2))(key, shape, jnp.uint32)
+  mismatches = int(jnp.sum(ours != theirs))
+  print(f"dropout bits {shape}: {mismatches} of {ours.size} differ from jax.random.bits "
+        f"{'ok' if not mismatches else 'FAIL'}")
+  return int(mismatches > 0)
+
+
 def main() -> int:
   partitioning.add_xla_flags(common.XLA_FLAGS)  # the numerics training runs with (cuBLAS, not Triton, GEMMs)
   print(f"devices: {jax.devices()}")
+  failures = _check_dropout_bits()
   base = models.BertConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   inputs = _inputs(base)
@@ -76,7 +91,6 @@ def main() -> int:
   real = inputs[1].astype(bool)  # [batch, seq]: compare the encoder output at real tokens only
   flat = lambda tree: np.concatenate([np.ravel(np.asarray(g, np.float32)) for g in jax.tree_util.tree_leaves(tree)])  # noqa: E731
   ref_flat, ref_real = flat(ref_grads), np.asarray(ref_out, np.float32)[real]
-  failures = 0
   for attention_impl, dtype in (("dot_product", "float32"), ("einsum", "bfloat16"),
                                 ("dot_product", "bfloat16"), ("cudnn", "bfloat16")):
     config = base.replace(attention_impl=attention_impl, dtype=dtype)
