@@ -3,8 +3,8 @@
 # float32, a kernel profile, BERT-base bf16 step times (seq 128 and 512, with transformers' PyTorch
 # BERT on the same GPU), the pretraining MFU at batch 256 with each speed variant, the length-bucket
 # epoch and the default einsum attention for contrast. All stages together take far longer than one
-# device call may (10 minutes; each benchmark process 60-100 s on an H100, longer where the machine's
-# host processor is slow: its compiles took 1.5x as long on 2026-11-27): pick with STAGES.
+# device call may (10 minutes; each benchmark process 60-100 s on an H100, the first on a fresh
+# machine the longest): pick with STAGES.
 #
 # Needs the git-ignored .gpu/ folder (bash scripts/prepare_gpu_carry.sh). On the lent machine:
 #   device run, carry [".gpu"], command "bash scripts/gpu_benchmark.sh"
