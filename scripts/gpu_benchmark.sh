@@ -14,7 +14,9 @@
 # step; DUMP_HLO=1 also keeps its optimized HLO ($OUT/hlo_after_optimizations.txt.gz);
 # CASES_512="('train','length_buckets')" narrows the seq-512 stage; SWEEP="default rbg" narrows the
 # batch-256 pretraining variants; SWEEP_SECONDS (default 150) limits each of them (100 s was too
-# short for every variant on 2026-11-27: the timeouts cost most of a lease).
+# short for every variant on 2026-11-27: the timeouts cost most of a lease). BUDGET_SECONDS (the
+# device call's timeout_s) cuts each process's limit to what is left of the call, less 20 s, and
+# skips what would start with under 30 s left, so a long STAGES list still ends with its summary.
 # A dry run elsewhere: ATTENTION=dot_product BENCH_EXTRA="--config.dtype=float32 ..." bash scripts/gpu_benchmark.sh
 set -u
 out=${OUT:-/tmp/bert_jax_gpu}
@@ -40,27 +42,42 @@ fi
 } 2>&1 | tee "$out/env.txt"
 
 fast=(--config.model.attention_impl="$attention" --config.model.attention_probs_dropout_prob=0)
+deadline=${BUDGET_SECONDS:+$((SECONDS + BUDGET_SECONDS - 20))}
+limited() {  # limited SECONDS COMMAND...: COMMAND under `timeout`, cut to what BUDGET_SECONDS leaves; 125: skipped
+  local seconds=$1 left
+  shift
+  if [ -n "$deadline" ]; then
+    left=$((deadline - SECONDS))
+    (( left < 30 )) && return 125
+    (( left < seconds )) && seconds=$left
+  fi
+  timeout "$seconds" "$@"
+}
 run_case() {  # run_case NAME SECONDS FLAGS...: JSON lines to bench.jsonl, stderr to stderr.log
   local name=$1 seconds=$2
   shift 2
   echo "== $name" | tee -a "$out/stderr.log"
-  timeout "$seconds" python3 -m bert_jax.benchmark "$@" "${extra[@]}" >> "$out/bench.jsonl" 2>> "$out/stderr.log" \
-    || { local status=$?; [ "$status" = 124 ] && echo "$name timed out after $seconds s" && return
-         echo "$name failed (exit $status)"; grep -v "^[IW][0-9]" "$out/stderr.log" | tail -n 4; }
+  limited "$seconds" python3 -m bert_jax.benchmark "$@" "${extra[@]}" >> "$out/bench.jsonl" 2>> "$out/stderr.log" \
+    || { local status=$?
+         case $status in
+           124) echo "$name timed out (limit $seconds s, or what BUDGET_SECONDS left)";;
+           125) echo "$name skipped: under 30 s of BUDGET_SECONDS left";;
+           *) echo "$name failed (exit $status)"; grep -v "^[IW][0-9]" "$out/stderr.log" | tail -n 4;;
+         esac; }
 }
 profile() {  # profile SECONDS FLAGS...: kernel table to profile.txt
-  timeout "$1" python3 -m scripts.profile_gpu "${@:2}" "${extra[@]}" --xplane_dir="$out" >> "$out/profile.txt" \
+  limited "$1" python3 -m scripts.profile_gpu "${@:2}" "${extra[@]}" --xplane_dir="$out" >> "$out/profile.txt" \
     2>> "$out/stderr.log" || echo "profile failed"
 }
 for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; do
   case $stage in
     check)
       echo "== numerics: speed switches vs float32 einsum"
-      timeout 150 python3 -m scripts.check_gpu > "$out/check_gpu.txt" 2>> "$out/stderr.log"
+      limited 150 python3 -m scripts.check_gpu > "$out/check_gpu.txt" 2>> "$out/stderr.log"
       echo "check_gpu exit $?"; cat "$out/check_gpu.txt";;
     ceilings)
       echo "== ceilings"
-      timeout 60 python3 -m scripts.measure_ceilings >> "$out/env.txt" 2>> "$out/stderr.log" \
+      limited 60 python3 -m scripts.measure_ceilings >> "$out/env.txt" 2>> "$out/stderr.log" \
         || echo "ceilings failed"
       tail -n 1 "$out/env.txt";;
     profile)
