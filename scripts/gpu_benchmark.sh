@@ -53,34 +53,37 @@ limited() {  # limited SECONDS COMMAND...: COMMAND under `timeout`, cut to what 
   fi
   timeout -k 10 "$seconds" "$@"
 }
+explain() {  # explain NAME SECONDS STATUS: what became of a `limited` run that exited with STATUS
+  case $3 in
+    0) ;;
+    124|137) echo "$1 timed out (limit $2 s, or what BUDGET_SECONDS left)";;
+    125) echo "$1 skipped: under 30 s of BUDGET_SECONDS left";;
+    *) echo "$1 failed (exit $3)"; grep -v "^[IW][0-9]" "$out/stderr.log" | tail -n 4;;
+  esac
+}
 run_case() {  # run_case NAME SECONDS FLAGS...: JSON lines to bench.jsonl, stderr to stderr.log
   local name=$1 seconds=$2
   shift 2
   echo "== $name" | tee -a "$out/stderr.log"
-  limited "$seconds" python3 -m bert_jax.benchmark "$@" "${extra[@]}" >> "$out/bench.jsonl" 2>> "$out/stderr.log" \
-    || { local status=$?
-         case $status in
-           124) echo "$name timed out (limit $seconds s, or what BUDGET_SECONDS left)";;
-           125) echo "$name skipped: under 30 s of BUDGET_SECONDS left";;
-           *) echo "$name failed (exit $status)"; grep -v "^[IW][0-9]" "$out/stderr.log" | tail -n 4;;
-         esac; }
+  limited "$seconds" python3 -m bert_jax.benchmark "$@" "${extra[@]}" >> "$out/bench.jsonl" 2>> "$out/stderr.log"
+  explain "$name" "$seconds" $?
 }
 profile() {  # profile SECONDS FLAGS...: kernel table to profile.txt
   limited "$1" python3 -m scripts.profile_gpu "${@:2}" "${extra[@]}" --xplane_dir="$out" >> "$out/profile.txt" \
-    2>> "$out/stderr.log" || echo "profile failed"
+    2>> "$out/stderr.log"
+  explain profile "$1" $?
 }
 for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; do
   case $stage in
     check)
       echo "== numerics: speed switches vs float32 einsum"
       limited 150 python3 -m scripts.check_gpu > "$out/check_gpu.txt" 2>> "$out/stderr.log"
-      status=$?
-      [ "$status" = 125 ] && echo "check skipped: under 30 s of BUDGET_SECONDS left" && continue
-      echo "check_gpu exit $status"; cat "$out/check_gpu.txt";;
+      explain check 150 $?
+      cat "$out/check_gpu.txt";;
     ceilings)
       echo "== ceilings"
-      limited 60 python3 -m scripts.measure_ceilings >> "$out/env.txt" 2>> "$out/stderr.log" \
-        || echo "ceilings failed"
+      limited 60 python3 -m scripts.measure_ceilings >> "$out/env.txt" 2>> "$out/stderr.log"
+      explain ceilings 60 $?
       tail -n 1 "$out/env.txt";;
     profile)
       echo "== profile"
