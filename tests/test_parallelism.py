@@ -39,14 +39,18 @@ TESTS = str(REPO_ROOT / "tests")
 # Such a run is repeated once, with a warning in pytest's summary; any other failure, or the same
 # abort twice, fails the test. A repeated `bert_jax.main` run resumes from the workdir's last
 # checkpoint, as after a preemption.
+# The signs: XLA's fatal message, and the function named in the stack trace it prints.
 XLA_COLLECTIVE_ABORT = ("Termination timeout for", "AwaitAndLogIfStuck")
 
 
 def run_once_more_if_xla_collective_aborts(command: list[str], **kwargs) -> subprocess.CompletedProcess:
   out = subprocess.run(command, capture_output=True, text=True, **kwargs)
   if out.returncode != 0 and any(sign in out.stderr for sign in XLA_COLLECTIVE_ABORT):
-    warnings.warn(f"XLA:CPU's collective timed out in {command[1:3]} (exit {out.returncode}); running it once more")
+    what = " ".join(command[1:3])[:80]
+    warnings.warn(f"XLA:CPU's collective timed out in `{what}` (exit {out.returncode}); running it once more")
+    first_stderr = out.stderr
     out = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    out.stderr = f"[the first run, ended by XLA's collective abort:]\n{first_stderr[-2000:]}\n[the repeat:]\n{out.stderr}"
   return out
 
 
