@@ -154,9 +154,16 @@ def eight_devices(tmp_path_factory):
       steps_out[name] = dict(summary(states[name], loss), max_param_diff=max_diff(states[name], reference))
     # The GPU/TPU form of the Q/K/V projection (one stacked matmul), here on the CPU, sharded.
     from bert_jax.models import bert
-    bert.project_qkv = bert._project_stacked
+    project_each, bert.project_qkv = bert.project_qkv, bert._project_stacked
     stacked, loss = one_step("jit", partitioning.make_mesh((2, 2, 2)))
     steps_out["2/2/2, stacked Q/K/V"] = dict(summary(stacked, loss), max_param_diff=max_diff(stacked, reference))
+    bert.project_qkv = project_each
+    # The fused CPU attention kernel, mapped over each device's batch and heads (shard_map) or under pmap.
+    module = models.BertForSequenceClassification(module.config.replace(attention_impl="cpu_fused"))
+    for name, parallelism, shape in [("2/2/2, cpu_fused", "jit", (2, 2, 2)), ("pmap, cpu_fused", "pmap", (8, 1, 1))]:
+      fused, loss = one_step(parallelism, partitioning.make_mesh(shape))
+      steps_out[name] = dict(summary(fused, loss), max_param_diff=max_diff(fused, reference))
+    module = models.BertForSequenceClassification(module.config.replace(attention_impl="einsum"))
 
     directory = sys.argv[1]
     saved = states["fsdp=8"]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_jax.models import config as config_lib
+from bert_jax.models import cpu_attention
 from bert_jax.models import dropout as dropout_lib
 
 # Logical axis names of parameters; `bert_jax.partitioning` maps them to mesh axes.
@@ -184,8 +185,9 @@ class BertSelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention over the unpadded keys.
 
   `config.attention_impl` picks the kernel: 'einsum' (ours: float32 softmax, attention dropout),
-  'dot_product' (`jax.nn.dot_product_attention`, implementation=None: XLA in jax 0.10) or 'cudnn'
-  (the same, forced onto cuDNN's fused kernel). The last two have no attention dropout.
+  'dot_product' (`jax.nn.dot_product_attention`, implementation=None: XLA in jax 0.10), 'cudnn'
+  (the same, forced onto cuDNN's fused kernel; neither has attention dropout) or 'cpu_fused' (the
+  einsum path's function in one C++ kernel for XLA:CPU, `cpu_attention`).
   """
   config: config_lib.BertConfig
 
@@ -199,6 +201,8 @@ class BertSelfAttention(nn.Module):
     query, key, value = project_qkv(x.astype(c.compute_dtype), kernels, biases)  # [batch, seq, heads, head_dim]
     if c.attention_impl == "einsum":
       context = self._einsum_attention(query, key, value, attention_mask, deterministic)
+    elif c.attention_impl == "cpu_fused":
+      context = self._cpu_fused_attention(query, key, value, attention_mask, deterministic)
     else:
       if not deterministic:
         c.check_trainable()  # dropout on: refuse to silently drop the attention dropout
@@ -214,6 +218,28 @@ class BertSelfAttention(nn.Module):
       else:
         context = jax.nn.dot_product_attention(query, key, value, mask=attention_mask)
     return dense(c, c.hidden_size, (HEADS, KV), (EMBED,), "output")(context)
+
+  def _cpu_fused_attention(self, query, key, value, attention_mask, deterministic: bool):
+    c = self.config
+    if jax.default_backend() != "cpu":
+      raise ValueError(f"BertConfig.attention_impl='cpu_fused' is a kernel for XLA:CPU; this is "
+                       f"{jax.default_backend()!r}. Use --config.model.attention_impl=einsum (or cudnn on a GPU).")
+    batch, seq, heads, _ = query.shape
+    rate = 0.0 if deterministic else c.attention_probs_dropout_prob
+    # The einsum path's mask, bit for bit: the same submodule name and shape draw the same bits.
+    keep = dropout_lib.Dropout(rate).keep_mask((batch, heads, seq, seq)) if rate else None
+    inputs = (query, key, value, attention_mask[:, 0, 0, :]) + ((keep,) if rate else ())
+    attend = lambda q, k, v, key_valid, keep=None: cpu_attention.attention(q, k, v, key_valid, keep, rate)  # noqa: E731
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+      return attend(*inputs)
+    # XLA cannot split a custom call, so it would gather every shard onto every device: map the
+    # kernel over each device's shard of the batch (and heads) instead.
+    batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes((ACT_BATCH, ACT_LENGTH, HEADS, KV))
+    qkv = jax.P(batch_axes, None, head_axes, None)
+    specs = (qkv, qkv, qkv, jax.P(batch_axes, None)) + ((jax.P(batch_axes, head_axes, None, None),) if rate else ())
+    # check_vma off: the FFI call's outputs carry no varying-axes types for the custom VJP to match.
+    return jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*inputs)
 
   def _einsum_attention(self, query, key, value, attention_mask, deterministic: bool):
     c = self.config

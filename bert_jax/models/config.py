@@ -14,9 +14,12 @@ import jax.numpy as jnp
 # HF `hidden_act` values we implement, so that checkpoints trained with them load with parity.
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
 # How attention is computed: our einsums (with attention dropout), `jax.nn.dot_product_attention`
-# with `implementation=None` (XLA in jax 0.10), or the same forced onto cuDNN's fused kernel (GPU,
-# bfloat16/float16 only). The last two have no attention-probability dropout.
-ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")
+# with `implementation=None` (XLA in jax 0.10), the same forced onto cuDNN's fused kernel (GPU,
+# bfloat16/float16 only), or our fused C++ kernel for XLA:CPU (float32, with attention dropout;
+# `cpu_attention`). 'dot_product' and 'cudnn' have no attention-probability dropout.
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn", "cpu_fused")
+# The implementations that apply attention-probability dropout.
+ATTENTION_DROPOUT_IMPLS = ("einsum", "cpu_fused")
 # Rematerialisation of each encoder layer in the backward pass: none, all of it, or all but the
 # outputs of the weight matmuls (see `bert.REMAT_POLICIES`).
 REMAT_POLICIES = ("none", "full", "dots")
@@ -85,6 +88,9 @@ class BertConfig:
       raise ValueError(f"BertConfig.attention_impl='cudnn' needs dtype 'bfloat16' or 'float16' (cuDNN's fused "
                        f"attention has no float32 kernel); got dtype={self.dtype!r}. Set "
                        "--config.model.dtype=bfloat16 or use attention_impl='dot_product'.")
+    if self.attention_impl == "cpu_fused" and self.dtype != "float32":
+      raise ValueError(f"BertConfig.attention_impl='cpu_fused' computes in float32; got dtype={self.dtype!r}. Set "
+                       "--config.model.dtype=float32 or use attention_impl='einsum'.")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"BertConfig.remat_policy={self.remat_policy!r} is not supported; use one of "
                        f"{REMAT_POLICIES}.")
@@ -93,12 +99,12 @@ class BertConfig:
 
   def check_trainable(self) -> None:
     """Raises if training (dropout on) cannot run with this config; call before compiling a train step."""
-    if self.attention_impl != "einsum" and self.attention_probs_dropout_prob > 0:
+    if self.attention_impl not in ATTENTION_DROPOUT_IMPLS and self.attention_probs_dropout_prob > 0:
       raise ValueError(
           f"BertConfig.attention_impl={self.attention_impl!r} has no attention-probability dropout, but "
           f"attention_probs_dropout_prob={self.attention_probs_dropout_prob} and the model is training. Set "
           "--config.model.attention_probs_dropout_prob=0 (hidden dropout still applies), or use "
-          "--config.model.attention_impl=einsum.")
+          "--config.model.attention_impl=einsum (or cpu_fused on a CPU).")
 
   @property
   def head_dim(self) -> int:

@@ -77,6 +77,9 @@ class Dropout(nn.Module):
       raise ValueError(f"Dropout rate {self.rate} is not in [0, 1].")
     if self.rate == 1.0:
       return jnp.zeros_like(x)
+    return jnp.where(self.keep_mask(x.shape), x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
+
+  def keep_mask(self, shape: tuple[int, ...]) -> jax.Array:
+    """The bool mask `[*shape]` of the elements `__call__` keeps (True) on an input of that shape."""
     drop_below = np.uint32(min(round(self.rate * 2**32), 2**32 - 1))  # keep where the 32 bits are >= this
-    keep = random_bits(self.make_rng("dropout"), x.shape) >= drop_below
-    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
+    return random_bits(self.make_rng("dropout"), shape) >= drop_below

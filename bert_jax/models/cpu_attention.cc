@@ -1,0 +1,375 @@
+// Fused multi-head attention for XLA:CPU (float32), forward and backward, as XLA FFI handlers.
+//
+// Why: XLA:CPU runs attention as separate passes over the [batch, heads, seq, seq] scores (two
+// batched matmuls, transposes, the mask, two reductions, exp, dropout), each a trip through memory.
+// Here one task per (batch, head) keeps that head's scores in cache and never writes them out; the
+// backward pass recomputes them from the saved log-sum-exp, as flash attention does.
+// Built by cpu_attention.py on first use; see docs/performance.md for its speed.
+//
+// Layouts (row-major): q, k, v, context and their gradients [batch, seq, heads, head_dim], the
+// projections' own layout (no transposes); key_valid uint8 [batch, seq] (1: a real token); keep uint8
+// [batch, heads, seq, seq] (dropout's keep mask on the probabilities; [1] when there is no dropout);
+// lse float32 [batch, heads, seq] (max + log of the softmax's normaliser, per query).
+// Semantics are those of bert.py's einsum attention: scores (q / sqrt(head_dim)) . k (root: that sqrt), padding keys at the most
+// negative float32 (a query with no real key attends to all keys evenly), softmax, dropout
+// p * keep / keep_prob, then the weighted sum of values.
+
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kV = 16;       // floats per vector (GCC vector extension: AVX-512, or split by the compiler)
+constexpr int kRows = 8;     // rows per register tile
+constexpr int kCols = 2 * kV;  // columns per register tile
+
+typedef float vec __attribute__((vector_size(64), aligned(4)));
+typedef int32_t ivec __attribute__((vector_size(64), aligned(4)));
+
+inline vec Load(const float* p) { return *reinterpret_cast<const vec*>(p); }
+inline void Store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
+inline vec Broadcast(float x) { return vec{} + x; }
+inline int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// e^x (Cephes' polynomial on [-ln2/2, ln2/2] times 2^n), within 2 ulp of expf on [-87.3, 88];
+// x is clamped to that range, so that a masked entry (multiplied by 0 after) stays finite.
+inline vec Exp(vec x) {
+  x = x < -87.3f ? Broadcast(-87.3f) : x;
+  x = x > 88.f ? Broadcast(88.f) : x;
+  const vec t = x * 1.44269504088896341f + 12582912.f;  // round(x / ln2) in the low mantissa bits
+  const vec n = t - 12582912.f;
+  vec r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vec p = Broadcast(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.f;
+  const ivec bits = (reinterpret_cast<const ivec&>(t) - 0x4B400000 + 127) << 23;
+  return p * reinterpret_cast<const vec&>(bits);
+}
+
+// out[rows, n] = a[rows, d] . bt[d, n] for n a multiple of kCols; `a` rows `lda` apart.
+void MatMulTransposed(const float* a, int64_t lda, int64_t rows, const float* bt, int64_t d, int64_t n,
+                      float* out) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kRows) {
+    const int64_t tile_rows = std::min<int64_t>(kRows, rows - i0);
+    const float* arow[kRows];
+    for (int r = 0; r < kRows; ++r) arow[r] = a + std::min<int64_t>(i0 + r, rows - 1) * lda;
+    for (int64_t j0 = 0; j0 < n; j0 += kCols) {
+      vec acc[kRows][2] = {};
+      for (int64_t c = 0; c < d; ++c) {
+        const vec b0 = Load(bt + c * n + j0), b1 = Load(bt + c * n + j0 + kV);
+        for (int r = 0; r < kRows; ++r) {
+          acc[r][0] += arow[r][c] * b0;
+          acc[r][1] += arow[r][c] * b1;
+        }
+      }
+      for (int64_t r = 0; r < tile_rows; ++r) {
+        Store(out + (i0 + r) * n + j0, acc[r][0]);
+        Store(out + (i0 + r) * n + j0 + kV, acc[r][1]);
+      }
+    }
+  }
+}
+
+// out[rows, d] = p[rows, n] . b[n, d]; `p` rows `ldp` apart, `out` rows `ldo` apart.
+void MatMul(const float* p, int64_t ldp, int64_t rows, int64_t n, const float* b, int64_t d, float* out,
+            int64_t ldo) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kRows) {
+    const int64_t tile_rows = std::min<int64_t>(kRows, rows - i0);
+    const float* prow[kRows];
+    for (int r = 0; r < kRows; ++r) prow[r] = p + std::min<int64_t>(i0 + r, rows - 1) * ldp;
+    int64_t c0 = 0;
+    for (; c0 + kCols <= d; c0 += kCols) {
+      vec acc[kRows][2] = {};
+      for (int64_t j = 0; j < n; ++j) {
+        const vec b0 = Load(b + j * d + c0), b1 = Load(b + j * d + c0 + kV);
+        for (int r = 0; r < kRows; ++r) {
+          acc[r][0] += prow[r][j] * b0;
+          acc[r][1] += prow[r][j] * b1;
+        }
+      }
+      for (int64_t r = 0; r < tile_rows; ++r) {
+        Store(out + (i0 + r) * ldo + c0, acc[r][0]);
+        Store(out + (i0 + r) * ldo + c0 + kV, acc[r][1]);
+      }
+    }
+    for (int64_t r = 0; r < tile_rows; ++r)  // head_dim not a multiple of kCols: the rest, plainly
+      for (int64_t c = c0; c < d; ++c) {
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += prow[r][j] * b[j * d + c];
+        out[(i0 + r) * ldo + c] = sum;
+      }
+  }
+}
+
+// out[rows, d] = a^T . b for a [n, rows] (rows `lda` apart) and b [n, d]; `out` rows `ldo` apart.
+void MatMulTransposedLeft(const float* a, int64_t lda, int64_t rows, int64_t n, const float* b, int64_t d,
+                          float* out, int64_t ldo) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kRows) {
+    const int64_t tile_rows = std::min<int64_t>(kRows, rows - i0);
+    int64_t col[kRows];  // a's columns of this tile's rows
+    for (int r = 0; r < kRows; ++r) col[r] = std::min<int64_t>(i0 + r, rows - 1);
+    int64_t c0 = 0;
+    for (; c0 + kCols <= d; c0 += kCols) {
+      vec acc[kRows][2] = {};
+      for (int64_t j = 0; j < n; ++j) {
+        const vec b0 = Load(b + j * d + c0), b1 = Load(b + j * d + c0 + kV);
+        const float* aj = a + j * lda;
+        for (int r = 0; r < kRows; ++r) {
+          acc[r][0] += aj[col[r]] * b0;
+          acc[r][1] += aj[col[r]] * b1;
+        }
+      }
+      for (int64_t r = 0; r < tile_rows; ++r) {
+        Store(out + (i0 + r) * ldo + c0, acc[r][0]);
+        Store(out + (i0 + r) * ldo + c0 + kV, acc[r][1]);
+      }
+    }
+    for (int64_t r = 0; r < tile_rows; ++r)
+      for (int64_t c = c0; c < d; ++c) {
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += a[j * lda + col[r]] * b[j * d + c];
+        out[(i0 + r) * ldo + c] = sum;
+      }
+  }
+}
+
+// Runs body(i) for i in [0, n) on XLA's intra-op thread pool and the calling thread; returns when all are done.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  // A helper that starts after all items are taken touches only `state` (shared), never `body`.
+  auto work = [state, n, &body]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      body(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  for (int64_t t = 0; t < helpers; ++t) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+struct Dims {
+  int64_t batch, seq, heads, head_dim, padded;  // padded: seq rounded up to kCols (extra keys are masked)
+  int64_t At(int64_t b, int64_t s, int64_t h) const { return ((b * seq + s) * heads + h) * head_dim; }
+};
+
+// One (batch, head)'s inputs gathered from [batch, seq, heads, head_dim] into contiguous blocks.
+struct Head {
+  std::vector<float> q;       // [seq, head_dim], divided by sqrt(head_dim)
+  std::vector<float> k_t;     // [head_dim, padded]
+  std::vector<float> valid;   // [padded] 1 for a real key, else 0
+  std::vector<float> probs;   // [seq, padded]
+  bool uniform = true;        // no real key: every score is the most negative float, so all weigh 1 / seq
+
+  Head(const Dims& dims, int64_t b, int64_t h, const float* q_in, const float* k_in, const uint8_t* key_valid,
+       float root)
+      : q(dims.seq * dims.head_dim), k_t(dims.head_dim * dims.padded, 0.f), valid(dims.padded, 0.f),
+        probs(dims.seq * dims.padded) {
+    for (int64_t s = 0; s < dims.seq; ++s) {
+      const float* qs = q_in + dims.At(b, s, h);
+      const float* ks = k_in + dims.At(b, s, h);
+      for (int64_t c = 0; c < dims.head_dim; ++c) {
+        q[s * dims.head_dim + c] = qs[c] / root;
+        k_t[c * dims.padded + s] = ks[c];
+      }
+      valid[s] = key_valid[b * dims.seq + s] ? 1.f : 0.f;
+      uniform &= key_valid[b * dims.seq + s] == 0;
+    }
+  }
+
+  // probs = exp(scores - lse) over the valid keys (0 elsewhere); computes lse when `lse_known` is false.
+  void Softmax(const Dims& dims, float* lse, bool lse_known) {
+    if (uniform) {
+      for (int64_t i = 0; i < dims.seq; ++i) {
+        float* row = probs.data() + i * dims.padded;
+        std::fill(row, row + dims.seq, 1.f / dims.seq);
+        std::fill(row + dims.seq, row + dims.padded, 0.f);
+        if (!lse_known) lse[i] = 0.f;
+      }
+      return;
+    }
+    MatMulTransposed(q.data(), dims.head_dim, dims.seq, k_t.data(), dims.head_dim, dims.padded, probs.data());
+    for (int64_t i = 0; i < dims.seq; ++i) {
+      float* row = probs.data() + i * dims.padded;
+      if (!lse_known) {
+        vec m = Broadcast(-FLT_MAX);
+        for (int64_t j = 0; j < dims.padded; j += kV) {
+          const vec x = Load(valid.data() + j) > 0.f ? Load(row + j) : Broadcast(-FLT_MAX);
+          m = x > m ? x : m;
+        }
+        float row_max = -FLT_MAX;
+        for (int c = 0; c < kV; ++c) row_max = std::max(row_max, m[c]);
+        vec l = {};
+        for (int64_t j = 0; j < dims.padded; j += kV) {
+          const vec e = Exp(Load(row + j) - row_max) * Load(valid.data() + j);
+          Store(row + j, e);
+          l += e;
+        }
+        float sum = 0.f;
+        for (int c = 0; c < kV; ++c) sum += l[c];
+        const float inverse = 1.f / sum;
+        for (int64_t j = 0; j < dims.padded; j += kV) Store(row + j, Load(row + j) * inverse);
+        lse[i] = row_max + std::log(sum);
+      } else {
+        for (int64_t j = 0; j < dims.padded; j += kV)
+          Store(row + j, Exp(Load(row + j) - lse[i]) * Load(valid.data() + j));
+      }
+    }
+  }
+};
+
+// The keep mask [seq, seq] (uint8) as floats [seq, padded]: 1 / keep_prob where kept, else 0 (padding 0).
+std::vector<float> KeepScale(const Dims& dims, const uint8_t* keep, float keep_prob) {
+  std::vector<float> scale(dims.seq * dims.padded, 0.f);
+  const float kept = 1.f / keep_prob;
+  for (int64_t i = 0; i < dims.seq; ++i)
+    for (int64_t j = 0; j < dims.seq; ++j) scale[i * dims.padded + j] = keep[i * dims.seq + j] ? kept : 0.f;
+  return scale;
+}
+
+// out = x * keep_scale, elementwise over [seq, padded] (in place when out == x).
+void Drop(const Dims& dims, const float* x, const std::vector<float>& keep_scale, float* out) {
+  for (int64_t ij = 0; ij < dims.seq * dims.padded; ij += kV) Store(out + ij, Load(x + ij) * Load(keep_scale.data() + ij));
+}
+
+Dims GetDims(const ffi::Buffer<ffi::F32>& q) {
+  auto d = q.dimensions();
+  return Dims{d[0], d[1], d[2], d[3], RoundUp(d[1], kCols)};
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::U8> key_valid, ffi::Buffer<ffi::U8> keep, ffi::ResultBuffer<ffi::F32> context,
+                   ffi::ResultBuffer<ffi::F32> lse, float root, float keep_prob) {
+  const Dims dims = GetDims(q);
+  const bool dropout = keep_prob < 1.f;
+  ParallelFor(pool, dims.batch * dims.heads, [&](int64_t bh) {
+    const int64_t b = bh / dims.heads, h = bh % dims.heads;
+    Head head(dims, b, h, q.typed_data(), k.typed_data(), key_valid.typed_data(), root);
+    std::vector<float> values(dims.padded * dims.head_dim, 0.f);  // [padded, head_dim]
+    for (int64_t s = 0; s < dims.seq; ++s)
+      std::memcpy(values.data() + s * dims.head_dim, v.typed_data() + dims.At(b, s, h), dims.head_dim * sizeof(float));
+    float* head_lse = lse->typed_data() + bh * dims.seq;
+    head.Softmax(dims, head_lse, /*lse_known=*/false);
+    if (dropout)
+      Drop(dims, head.probs.data(), KeepScale(dims, keep.typed_data() + bh * dims.seq * dims.seq, keep_prob),
+           head.probs.data());
+    MatMul(head.probs.data(), dims.padded, dims.seq, dims.padded, values.data(), dims.head_dim,
+           context->typed_data() + dims.At(b, 0, h), dims.heads * dims.head_dim);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::U8> key_valid, ffi::Buffer<ffi::U8> keep, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> d_context, ffi::ResultBuffer<ffi::F32> d_q, ffi::ResultBuffer<ffi::F32> d_k,
+                    ffi::ResultBuffer<ffi::F32> d_v, float root, float keep_prob) {
+  const Dims dims = GetDims(q);
+  const bool dropout = keep_prob < 1.f;
+  const int64_t ld = dims.heads * dims.head_dim;
+  ParallelFor(pool, dims.batch * dims.heads, [&](int64_t bh) {
+    const int64_t b = bh / dims.heads, h = bh % dims.heads;
+    const int64_t n = dims.seq, p = dims.padded, d = dims.head_dim;
+    Head head(dims, b, h, q.typed_data(), k.typed_data(), key_valid.typed_data(), root);
+    head.Softmax(dims, const_cast<float*>(lse.typed_data()) + bh * n, /*lse_known=*/true);
+    std::vector<float> keep_scale;
+    if (dropout) keep_scale = KeepScale(dims, keep.typed_data() + bh * n * n, keep_prob);
+    std::vector<float> d_out(n * d), v_t(d * p, 0.f), keys(p * d, 0.f);
+    for (int64_t s = 0; s < n; ++s) {
+      std::memcpy(d_out.data() + s * d, d_context.typed_data() + dims.At(b, s, h), d * sizeof(float));
+      std::memcpy(keys.data() + s * d, k.typed_data() + dims.At(b, s, h), d * sizeof(float));
+      const float* vs = v.typed_data() + dims.At(b, s, h);
+      for (int64_t c = 0; c < d; ++c) v_t[c * p + s] = vs[c];
+    }
+    // d_v = dropped_probs^T . d_out
+    std::vector<float> d_scores(n * p);
+    const float* dropped = head.probs.data();
+    if (dropout) {
+      Drop(dims, head.probs.data(), keep_scale, d_scores.data());
+      dropped = d_scores.data();
+    }
+    MatMulTransposedLeft(dropped, p, n, n, d_out.data(), d, d_v->typed_data() + dims.At(b, 0, h), ld);
+    // d_probs = (d_out . v^T), through the dropout; d_scores = probs * (d_probs - rowsum(probs * d_probs))
+    MatMulTransposed(d_out.data(), d, n, v_t.data(), d, p, d_scores.data());
+    if (dropout) Drop(dims, d_scores.data(), keep_scale, d_scores.data());
+    for (int64_t i = 0; i < n; ++i) {
+      float* row = d_scores.data() + i * p;
+      const float* probs = head.probs.data() + i * p;
+      vec dot = {};
+      for (int64_t j = 0; j < p; j += kV) dot += Load(probs + j) * Load(row + j);
+      float delta = 0.f;
+      for (int c = 0; c < kV; ++c) delta += dot[c];
+      for (int64_t j = 0; j < p; j += kV) Store(row + j, Load(probs + j) * (Load(row + j) - delta));
+    }
+    if (head.uniform) std::fill(d_scores.begin(), d_scores.end(), 0.f);  // the scores were constants
+    // d_q = d_scores . k / root; d_k = d_scores^T . (q / root)
+    float* dq = d_q->typed_data() + dims.At(b, 0, h);
+    MatMul(d_scores.data(), p, n, p, keys.data(), d, dq, ld);
+    for (int64_t s = 0; s < n; ++s)
+      for (int64_t c = 0; c < d; ++c) dq[s * ld + c] /= root;
+    MatMulTransposedLeft(d_scores.data(), p, n, n, head.q.data(), d, d_k->typed_data() + dims.At(b, 0, h), ld);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BertJaxAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // key_valid
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // keep
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // context
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<float>("root")
+                                  .Attr<float>("keep_prob"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BertJaxAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // key_valid
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // keep
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_context
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_q
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_k
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_v
+                                  .Attr<float>("root")
+                                  .Attr<float>("keep_prob"));

@@ -1,0 +1,110 @@
+"""The fused XLA:CPU attention kernel (`attention_impl='cpu_fused'`) against the einsum path, in float32."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bert_jax import hf
+from bert_jax import models
+from bert_jax.models import cpu_attention
+
+# float32; the kernel sums in another order than XLA's matmuls and softmax, and uses its own exp
+# (within 2 ulp): outputs of unit scale agree to a few 1e-6.
+ATOL = 2e-5
+
+
+def einsum_attention(query, key, value, key_valid, keep=None, rate=0.0):
+  """bert.py's einsum attention, written out: the reference."""
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (query, key, value))
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q / jnp.sqrt(q.shape[-1]).astype(q.dtype), k)
+  scores = jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if keep is not None:
+    probs = jnp.where(keep, probs / jnp.asarray(1.0 - rate, probs.dtype), 0.0)
+  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)
+
+
+def _inputs(batch=4, seq=37, heads=3, head_dim=32, lengths=(37, 1, 20, 0)):
+  """q, k, v `[batch, seq, heads, head_dim]`, a weight for a scalar loss, the key mask (one row all
+  padding) and a dropout keep mask. seq 37 is not a multiple of the kernel's 8-row or 32-key tiles."""
+  rng = np.random.default_rng(0)
+  q, k, v, weight = (jnp.asarray(2 * rng.standard_normal((batch, seq, heads, head_dim)), jnp.float32)
+                     for _ in range(4))
+  key_valid = jnp.asarray(np.arange(seq)[None, :] < np.asarray(lengths)[:, None])
+  keep = jnp.asarray(rng.random((batch, heads, seq, seq)) >= 0.1)
+  return q, k, v, weight, key_valid, keep
+
+
+@pytest.mark.parametrize("head_dim", [32, 20])  # 20: the kernel's path for a head_dim not a multiple of 32
+def test_forward_matches_einsum_with_padding(head_dim):
+  q, k, v, _, key_valid, _ = _inputs(head_dim=head_dim)
+  np.testing.assert_allclose(jax.jit(cpu_attention.attention)(q, k, v, key_valid),
+                             einsum_attention(q, k, v, key_valid), atol=ATOL, rtol=0)
+
+
+def test_a_sequence_of_padding_attends_evenly_as_hf_does():
+  q, k, v, _, key_valid, _ = _inputs()
+  context = cpu_attention.attention(q, k, v, key_valid)
+  np.testing.assert_allclose(context[3], jnp.broadcast_to(v[3].mean(axis=0), v[3].shape), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_gradients_match_einsum(dropout):
+  q, k, v, weight, key_valid, keep = _inputs()
+  keep, rate = (keep, 0.1) if dropout else (None, 0.0)
+
+  def loss(attention):
+    return lambda q, k, v: jnp.sum(attention(q, k, v, key_valid, keep, rate) * weight)
+
+  fused = jax.jit(jax.value_and_grad(loss(cpu_attention.attention), argnums=(0, 1, 2)))(q, k, v)
+  reference = jax.value_and_grad(loss(einsum_attention), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(fused[0], reference[0], rtol=1e-5)
+  for got, want in zip(fused[1], reference[1]):
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)  # gradients up to ~20 here
+  assert not np.any(fused[1][0][3]) and not np.any(fused[1][1][3])  # all-padding row: constant scores
+
+
+def _loss_and_grads(config, params, input_ids, attention_mask):
+  module = models.BertForSequenceClassification(config)
+
+  def loss(p):
+    logits = module.apply({"params": p}, input_ids, attention_mask, deterministic=False,
+                          rngs={"dropout": jax.random.key(3)})
+    return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_training_step_of_the_model_matches_einsum_dropout_masks_included(tiny_config):
+  config = tiny_config.replace(hidden_size=64, num_attention_heads=2, attention_probs_dropout_prob=0.2)
+  params = hf.init_params(models.BertForSequenceClassification(config))
+  input_ids = np.random.default_rng(0).integers(1, 99, (3, 21)).astype(np.int32)
+  attention_mask = (np.arange(21)[None, :] < np.array([[21], [5], [13]])).astype(np.int32)
+  loss, grads = _loss_and_grads(config, params, input_ids, attention_mask)
+  fused_loss, fused_grads = _loss_and_grads(config.replace(attention_impl="cpu_fused"), params, input_ids,
+                                            attention_mask)
+  np.testing.assert_allclose(fused_loss, loss, rtol=1e-5)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(fused_grads), jax.tree_util.tree_leaves(grads)):
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_cpu_fused_is_refused_outside_float32_and_allows_attention_dropout(tiny_config):
+  with pytest.raises(ValueError, match="cpu_fused' computes in float32"):
+    tiny_config.replace(attention_impl="cpu_fused", dtype="bfloat16")
+  tiny_config.replace(attention_impl="cpu_fused", attention_probs_dropout_prob=0.1).check_trainable()
+
+
+def test_a_missing_compiler_is_named_with_the_fix(tmp_path, monkeypatch):
+  monkeypatch.setenv("BERT_JAX_KERNEL_CACHE", str(tmp_path))
+  with pytest.raises(RuntimeError, match=r"'/no/such/c\+\+' was not found.*\$CXX.*attention_impl=einsum"):
+    cpu_attention.build(compiler="/no/such/c++")
+  assert not list(tmp_path.iterdir())  # no partial library left behind
+
+
+def test_the_build_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
+  monkeypatch.setenv("BERT_JAX_KERNEL_CACHE", str(tmp_path))
+  library = cpu_attention.build()
+  assert library.parent == tmp_path and library.stat().st_size > 0
+  modified = library.stat().st_mtime_ns
+  assert cpu_attention.build() == library and library.stat().st_mtime_ns == modified  # not rebuilt
