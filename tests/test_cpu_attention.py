@@ -76,8 +76,9 @@ def _loss_and_grads(config, params, input_ids, attention_mask):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-def test_training_step_of_the_model_matches_einsum_dropout_masks_included(tiny_config):
-  config = tiny_config.replace(hidden_size=64, num_attention_heads=2, attention_probs_dropout_prob=0.2)
+@pytest.mark.parametrize("layers", [{}, {"scan_layers": True, "remat_policy": "dots"}])
+def test_training_step_of_the_model_matches_einsum_dropout_masks_included(tiny_config, layers):
+  config = tiny_config.replace(hidden_size=64, num_attention_heads=2, attention_probs_dropout_prob=0.2, **layers)
   params = hf.init_params(models.BertForSequenceClassification(config))
   input_ids = np.random.default_rng(0).integers(1, 99, (3, 21)).astype(np.int32)
   attention_mask = (np.arange(21)[None, :] < np.array([[21], [5], [13]])).astype(np.int32)

@@ -185,88 +185,121 @@ struct Dims {
   int64_t At(int64_t b, int64_t s, int64_t h) const { return ((b * seq + s) * heads + h) * head_dim; }
 };
 
-// One (batch, head)'s inputs gathered from [batch, seq, heads, head_dim] into contiguous blocks.
-struct Head {
-  std::vector<float> q;       // [seq, head_dim], divided by sqrt(head_dim)
-  std::vector<float> k_t;     // [head_dim, padded]
-  std::vector<float> valid;   // [padded] 1 for a real key, else 0
-  std::vector<float> probs;   // [seq, padded]
-  bool uniform = true;        // no real key: every score is the most negative float, so all weigh 1 / seq
-
-  Head(const Dims& dims, int64_t b, int64_t h, const float* q_in, const float* k_in, const uint8_t* key_valid,
-       float root)
-      : q(dims.seq * dims.head_dim), k_t(dims.head_dim * dims.padded, 0.f), valid(dims.padded, 0.f),
-        probs(dims.seq * dims.padded) {
-    for (int64_t s = 0; s < dims.seq; ++s) {
-      const float* qs = q_in + dims.At(b, s, h);
-      const float* ks = k_in + dims.At(b, s, h);
-      for (int64_t c = 0; c < dims.head_dim; ++c) {
-        q[s * dims.head_dim + c] = qs[c] / root;
-        k_t[c * dims.padded + s] = ks[c];
-      }
-      valid[s] = key_valid[b * dims.seq + s] ? 1.f : 0.f;
-      uniform &= key_valid[b * dims.seq + s] == 0;
-    }
-  }
-
-  // probs = exp(scores - lse) over the valid keys (0 elsewhere); computes lse when `lse_known` is false.
-  void Softmax(const Dims& dims, float* lse, bool lse_known) {
-    if (uniform) {
-      for (int64_t i = 0; i < dims.seq; ++i) {
-        float* row = probs.data() + i * dims.padded;
-        std::fill(row, row + dims.seq, 1.f / dims.seq);
-        std::fill(row + dims.seq, row + dims.padded, 0.f);
-        if (!lse_known) lse[i] = 0.f;
-      }
-      return;
-    }
-    MatMulTransposed(q.data(), dims.head_dim, dims.seq, k_t.data(), dims.head_dim, dims.padded, probs.data());
-    for (int64_t i = 0; i < dims.seq; ++i) {
-      float* row = probs.data() + i * dims.padded;
-      if (!lse_known) {
-        vec m = Broadcast(-FLT_MAX);
-        for (int64_t j = 0; j < dims.padded; j += kV) {
-          const vec x = Load(valid.data() + j) > 0.f ? Load(row + j) : Broadcast(-FLT_MAX);
-          m = x > m ? x : m;
-        }
-        float row_max = -FLT_MAX;
-        for (int c = 0; c < kV; ++c) row_max = std::max(row_max, m[c]);
-        vec l = {};
-        for (int64_t j = 0; j < dims.padded; j += kV) {
-          const vec e = Exp(Load(row + j) - row_max) * Load(valid.data() + j);
-          Store(row + j, e);
-          l += e;
-        }
-        float sum = 0.f;
-        for (int c = 0; c < kV; ++c) sum += l[c];
-        const float inverse = 1.f / sum;
-        for (int64_t j = 0; j < dims.padded; j += kV) Store(row + j, Load(row + j) * inverse);
-        lse[i] = row_max + std::log(sum);
-      } else {
-        for (int64_t j = 0; j < dims.padded; j += kV)
-          Store(row + j, Exp(Load(row + j) - lse[i]) * Load(valid.data() + j));
-      }
-    }
-  }
-};
-
-// The keep mask [seq, seq] (uint8) as floats [seq, padded]: 1 / keep_prob where kept, else 0 (padding 0).
-std::vector<float> KeepScale(const Dims& dims, const uint8_t* keep, float keep_prob) {
-  std::vector<float> scale(dims.seq * dims.padded, 0.f);
-  const float kept = 1.f / keep_prob;
-  for (int64_t i = 0; i < dims.seq; ++i)
-    for (int64_t j = 0; j < dims.seq; ++j) scale[i * dims.padded + j] = keep[i * dims.seq + j] ? kept : 0.f;
-  return scale;
-}
-
-// out = x * keep_scale, elementwise over [seq, padded] (in place when out == x).
-void Drop(const Dims& dims, const float* x, const std::vector<float>& keep_scale, float* out) {
-  for (int64_t ij = 0; ij < dims.seq * dims.padded; ij += kV) Store(out + ij, Load(x + ij) * Load(keep_scale.data() + ij));
-}
-
 Dims GetDims(const ffi::Buffer<ffi::F32>& q) {
   auto d = q.dimensions();
   return Dims{d[0], d[1], d[2], d[3], RoundUp(d[1], kCols)};
+}
+
+// Work items: one sequence's heads [h0, h1). A sequence's q, k and v rows are read once, in order,
+// for all of its heads (one head's slice of each row alone would be a strided gather); its heads are
+// split into groups only when there are too few sequences to keep every thread busy.
+struct Tasks {
+  int64_t groups, heads_per_group;
+  Tasks(const Dims& dims, int64_t threads) {
+    groups = std::min(dims.heads, std::max<int64_t>(1, (2 * (threads + 1) + dims.batch - 1) / dims.batch));
+    heads_per_group = (dims.heads + groups - 1) / groups;
+  }
+  int64_t count(const Dims& dims) const { return dims.batch * groups; }
+};
+
+// Scratch reused across a thread's work items (no allocation or zeroing per item).
+float* Scratch(std::vector<float>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
+
+// `valid` [padded] for sequence b: 1 for a real key, else 0. Returns true when no key is real: all
+// scores then equal the most negative float, and HF's softmax weighs every key 1 / seq.
+bool KeyWeights(const Dims& dims, const uint8_t* key_valid, int64_t b, float* valid) {
+  bool uniform = true;
+  for (int64_t j = 0; j < dims.padded; ++j) {
+    valid[j] = j < dims.seq && key_valid[b * dims.seq + j] ? 1.f : 0.f;
+    uniform &= valid[j] == 0.f;
+  }
+  return uniform;
+}
+
+// Rows [seq] of a group's heads: out[g][s][c] = in[b, s, h0 + g, c] * factor (`transposed`: out[g][c][s],
+// rows `padded` long). Padding rows (seq..padded) are zeroed.
+void Gather(const Dims& dims, const float* in, int64_t b, int64_t h0, int64_t group, float divisor, bool transposed,
+            float* out) {
+  const int64_t d = dims.head_dim, p = dims.padded;
+  for (int64_t s = 0; s < dims.seq; ++s) {
+    const float* row = in + dims.At(b, s, h0);
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t c = 0; c < d; ++c) {
+        const float x = divisor == 1.f ? row[g * d + c] : row[g * d + c] / divisor;
+        if (transposed) out[(g * d + c) * p + s] = x; else out[(g * p + s) * d + c] = x;
+      }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t s = dims.seq; s < p; ++s)
+      for (int64_t c = 0; c < d; ++c) {
+        if (transposed) out[(g * d + c) * p + s] = 0.f; else out[(g * p + s) * d + c] = 0.f;
+      }
+}
+
+// out[b, s, h0 + g, :] = local[g][s][:] for the group's heads.
+void Scatter(const Dims& dims, const float* local, int64_t b, int64_t h0, int64_t group, float* out) {
+  const int64_t d = dims.head_dim;
+  for (int64_t s = 0; s < dims.seq; ++s)
+    for (int64_t g = 0; g < group; ++g)
+      std::memcpy(out + dims.At(b, s, h0 + g), local + (g * dims.seq + s) * d, d * sizeof(float));
+}
+
+// probs [seq, padded] = softmax over the valid keys of q . k^T (q already divided by sqrt(head_dim));
+// exactly 0 at the others. With lse given (backward), exp(scores - lse); else lse is written.
+void Softmax(const Dims& dims, const float* q, const float* k_t, const float* valid, bool uniform, float* lse,
+             bool lse_known, float* probs) {
+  const int64_t p = dims.padded;
+  if (uniform) {
+    for (int64_t i = 0; i < dims.seq; ++i) {
+      std::fill(probs + i * p, probs + i * p + dims.seq, 1.f / dims.seq);
+      std::fill(probs + i * p + dims.seq, probs + (i + 1) * p, 0.f);
+      if (!lse_known) lse[i] = 0.f;
+    }
+    return;
+  }
+  MatMulTransposed(q, dims.head_dim, dims.seq, k_t, dims.head_dim, p, probs);
+  for (int64_t i = 0; i < dims.seq; ++i) {
+    float* row = probs + i * p;
+    if (lse_known) {
+      for (int64_t j = 0; j < p; j += kV) Store(row + j, Exp(Load(row + j) - lse[i]) * Load(valid + j));
+      continue;
+    }
+    vec m = Broadcast(-FLT_MAX);
+    for (int64_t j = 0; j < p; j += kV) {
+      const vec x = Load(valid + j) > 0.f ? Load(row + j) : Broadcast(-FLT_MAX);
+      m = x > m ? x : m;
+    }
+    float row_max = -FLT_MAX;
+    for (int c = 0; c < kV; ++c) row_max = std::max(row_max, m[c]);
+    vec l = {};
+    for (int64_t j = 0; j < p; j += kV) {
+      const vec e = Exp(Load(row + j) - row_max) * Load(valid + j);
+      Store(row + j, e);
+      l += e;
+    }
+    float sum = 0.f;
+    for (int c = 0; c < kV; ++c) sum += l[c];
+    const float inverse = 1.f / sum;
+    for (int64_t j = 0; j < p; j += kV) Store(row + j, Load(row + j) * inverse);
+    lse[i] = row_max + std::log(sum);
+  }
+}
+
+// keep_scale [seq, padded] from the keep mask [seq, seq]: 1 / keep_prob where kept, else 0 (padding 0).
+void KeepScale(const Dims& dims, const uint8_t* keep, float keep_prob, float* keep_scale) {
+  const float kept = 1.f / keep_prob;
+  for (int64_t i = 0; i < dims.seq; ++i) {
+    for (int64_t j = 0; j < dims.seq; ++j) keep_scale[i * dims.padded + j] = keep[i * dims.seq + j] ? kept : 0.f;
+    for (int64_t j = dims.seq; j < dims.padded; ++j) keep_scale[i * dims.padded + j] = 0.f;
+  }
+}
+
+// out = x * keep_scale, elementwise over [seq, padded] (in place when out == x).
+void Drop(const Dims& dims, const float* x, const float* keep_scale, float* out) {
+  for (int64_t ij = 0; ij < dims.seq * dims.padded; ij += kV) Store(out + ij, Load(x + ij) * Load(keep_scale + ij));
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
@@ -274,19 +307,34 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::ResultBuffer<ffi::F32> lse, float root, float keep_prob) {
   const Dims dims = GetDims(q);
   const bool dropout = keep_prob < 1.f;
-  ParallelFor(pool, dims.batch * dims.heads, [&](int64_t bh) {
-    const int64_t b = bh / dims.heads, h = bh % dims.heads;
-    Head head(dims, b, h, q.typed_data(), k.typed_data(), key_valid.typed_data(), root);
-    std::vector<float> values(dims.padded * dims.head_dim, 0.f);  // [padded, head_dim]
-    for (int64_t s = 0; s < dims.seq; ++s)
-      std::memcpy(values.data() + s * dims.head_dim, v.typed_data() + dims.At(b, s, h), dims.head_dim * sizeof(float));
-    float* head_lse = lse->typed_data() + bh * dims.seq;
-    head.Softmax(dims, head_lse, /*lse_known=*/false);
-    if (dropout)
-      Drop(dims, head.probs.data(), KeepScale(dims, keep.typed_data() + bh * dims.seq * dims.seq, keep_prob),
-           head.probs.data());
-    MatMul(head.probs.data(), dims.padded, dims.seq, dims.padded, values.data(), dims.head_dim,
-           context->typed_data() + dims.At(b, 0, h), dims.heads * dims.head_dim);
+  const Tasks tasks(dims, pool.num_threads());
+  ParallelFor(pool, tasks.count(dims), [&](int64_t task) {
+    const int64_t b = task / tasks.groups, h0 = task % tasks.groups * tasks.heads_per_group;
+    const int64_t group = std::min(tasks.heads_per_group, dims.heads - h0);
+    if (group <= 0) return;
+    const int64_t n = dims.seq, p = dims.padded, d = dims.head_dim;
+    thread_local std::vector<float> buffers[6];
+    float* valid = Scratch(buffers[0], p);
+    float* queries = Scratch(buffers[1], group * p * d);
+    float* keys_t = Scratch(buffers[2], group * d * p);
+    float* values = Scratch(buffers[3], group * p * d);
+    float* probs = Scratch(buffers[4], n * p + (dropout ? n * p : 0));
+    float* out = Scratch(buffers[5], group * n * d);
+    const bool uniform = KeyWeights(dims, key_valid.typed_data(), b, valid);
+    Gather(dims, q.typed_data(), b, h0, group, root, false, queries);
+    Gather(dims, k.typed_data(), b, h0, group, 1.f, true, keys_t);
+    Gather(dims, v.typed_data(), b, h0, group, 1.f, false, values);
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t bh = b * dims.heads + h0 + g;
+      Softmax(dims, queries + g * p * d, keys_t + g * d * p, valid, uniform, lse->typed_data() + bh * n, false, probs);
+      if (dropout) {
+        float* keep_scale = probs + n * p;
+        KeepScale(dims, keep.typed_data() + bh * n * n, keep_prob, keep_scale);
+        Drop(dims, probs, keep_scale, probs);
+      }
+      MatMul(probs, p, n, p, values + g * p * d, d, out + g * n * d, d);
+    }
+    Scatter(dims, out, b, h0, group, context->typed_data());
   });
   return ffi::Error::Success();
 }
@@ -297,48 +345,67 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> d_v, float root, float keep_prob) {
   const Dims dims = GetDims(q);
   const bool dropout = keep_prob < 1.f;
-  const int64_t ld = dims.heads * dims.head_dim;
-  ParallelFor(pool, dims.batch * dims.heads, [&](int64_t bh) {
-    const int64_t b = bh / dims.heads, h = bh % dims.heads;
+  const Tasks tasks(dims, pool.num_threads());
+  ParallelFor(pool, tasks.count(dims), [&](int64_t task) {
+    const int64_t b = task / tasks.groups, h0 = task % tasks.groups * tasks.heads_per_group;
+    const int64_t group = std::min(tasks.heads_per_group, dims.heads - h0);
+    if (group <= 0) return;
     const int64_t n = dims.seq, p = dims.padded, d = dims.head_dim;
-    Head head(dims, b, h, q.typed_data(), k.typed_data(), key_valid.typed_data(), root);
-    head.Softmax(dims, const_cast<float*>(lse.typed_data()) + bh * n, /*lse_known=*/true);
-    std::vector<float> keep_scale;
-    if (dropout) keep_scale = KeepScale(dims, keep.typed_data() + bh * n * n, keep_prob);
-    std::vector<float> d_out(n * d), v_t(d * p, 0.f), keys(p * d, 0.f);
-    for (int64_t s = 0; s < n; ++s) {
-      std::memcpy(d_out.data() + s * d, d_context.typed_data() + dims.At(b, s, h), d * sizeof(float));
-      std::memcpy(keys.data() + s * d, k.typed_data() + dims.At(b, s, h), d * sizeof(float));
-      const float* vs = v.typed_data() + dims.At(b, s, h);
-      for (int64_t c = 0; c < d; ++c) v_t[c * p + s] = vs[c];
+    thread_local std::vector<float> buffers[12];
+    float* valid = Scratch(buffers[0], p);
+    float* queries = Scratch(buffers[1], group * p * d);   // q / root, [group][padded][d]
+    float* keys_t = Scratch(buffers[2], group * d * p);    // [group][d][padded]
+    float* keys = Scratch(buffers[3], group * p * d);      // [group][padded][d]
+    float* values_t = Scratch(buffers[4], group * d * p);  // [group][d][padded]
+    float* d_out = Scratch(buffers[5], group * p * d);     // [group][padded][d]
+    float* probs = Scratch(buffers[6], n * p);
+    float* d_scores = Scratch(buffers[7], n * p);
+    float* keep_scale = Scratch(buffers[8], dropout ? n * p : 0);
+    float* dq = Scratch(buffers[9], group * n * d);
+    float* dk = Scratch(buffers[10], group * n * d);
+    float* dv = Scratch(buffers[11], group * n * d);
+    const bool uniform = KeyWeights(dims, key_valid.typed_data(), b, valid);
+    Gather(dims, q.typed_data(), b, h0, group, root, false, queries);
+    Gather(dims, k.typed_data(), b, h0, group, 1.f, true, keys_t);
+    Gather(dims, k.typed_data(), b, h0, group, 1.f, false, keys);
+    Gather(dims, v.typed_data(), b, h0, group, 1.f, true, values_t);
+    Gather(dims, d_context.typed_data(), b, h0, group, 1.f, false, d_out);
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t bh = b * dims.heads + h0 + g;
+      const float* q_g = queries + g * p * d;
+      const float* d_out_g = d_out + g * p * d;
+      Softmax(dims, q_g, keys_t + g * d * p, valid, uniform, const_cast<float*>(lse.typed_data()) + bh * n, true,
+              probs);
+      // d_v = dropped_probs^T . d_out
+      const float* dropped = probs;
+      if (dropout) {
+        KeepScale(dims, keep.typed_data() + bh * n * n, keep_prob, keep_scale);
+        Drop(dims, probs, keep_scale, d_scores);
+        dropped = d_scores;
+      }
+      MatMulTransposedLeft(dropped, p, n, n, d_out_g, d, dv + g * n * d, d);
+      // d_probs = d_out . v^T, back through the dropout; d_scores = probs * (d_probs - rowsum(probs * d_probs))
+      MatMulTransposed(d_out_g, d, n, values_t + g * d * p, d, p, d_scores);
+      if (dropout) Drop(dims, d_scores, keep_scale, d_scores);
+      for (int64_t i = 0; i < n; ++i) {
+        float* row = d_scores + i * p;
+        const float* prob = probs + i * p;
+        vec dot = {};
+        for (int64_t j = 0; j < p; j += kV) dot += Load(prob + j) * Load(row + j);
+        float delta = 0.f;
+        for (int c = 0; c < kV; ++c) delta += dot[c];
+        for (int64_t j = 0; j < p; j += kV) Store(row + j, Load(prob + j) * (Load(row + j) - delta));
+      }
+      if (uniform) std::fill(d_scores, d_scores + n * p, 0.f);  // the scores were constants
+      // d_q = d_scores . k / root; d_k = d_scores^T . (q / root)
+      float* dq_g = dq + g * n * d;
+      MatMul(d_scores, p, n, p, keys + g * p * d, d, dq_g, d);
+      for (int64_t i = 0; i < n * d; ++i) dq_g[i] /= root;
+      MatMulTransposedLeft(d_scores, p, n, n, q_g, d, dk + g * n * d, d);
     }
-    // d_v = dropped_probs^T . d_out
-    std::vector<float> d_scores(n * p);
-    const float* dropped = head.probs.data();
-    if (dropout) {
-      Drop(dims, head.probs.data(), keep_scale, d_scores.data());
-      dropped = d_scores.data();
-    }
-    MatMulTransposedLeft(dropped, p, n, n, d_out.data(), d, d_v->typed_data() + dims.At(b, 0, h), ld);
-    // d_probs = (d_out . v^T), through the dropout; d_scores = probs * (d_probs - rowsum(probs * d_probs))
-    MatMulTransposed(d_out.data(), d, n, v_t.data(), d, p, d_scores.data());
-    if (dropout) Drop(dims, d_scores.data(), keep_scale, d_scores.data());
-    for (int64_t i = 0; i < n; ++i) {
-      float* row = d_scores.data() + i * p;
-      const float* probs = head.probs.data() + i * p;
-      vec dot = {};
-      for (int64_t j = 0; j < p; j += kV) dot += Load(probs + j) * Load(row + j);
-      float delta = 0.f;
-      for (int c = 0; c < kV; ++c) delta += dot[c];
-      for (int64_t j = 0; j < p; j += kV) Store(row + j, Load(probs + j) * (Load(row + j) - delta));
-    }
-    if (head.uniform) std::fill(d_scores.begin(), d_scores.end(), 0.f);  // the scores were constants
-    // d_q = d_scores . k / root; d_k = d_scores^T . (q / root)
-    float* dq = d_q->typed_data() + dims.At(b, 0, h);
-    MatMul(d_scores.data(), p, n, p, keys.data(), d, dq, ld);
-    for (int64_t s = 0; s < n; ++s)
-      for (int64_t c = 0; c < d; ++c) dq[s * ld + c] /= root;
-    MatMulTransposedLeft(d_scores.data(), p, n, n, head.q.data(), d, d_k->typed_data() + dims.At(b, 0, h), ld);
+    Scatter(dims, dq, b, h0, group, d_q->typed_data());
+    Scatter(dims, dk, b, h0, group, d_k->typed_data());
+    Scatter(dims, dv, b, h0, group, d_v->typed_data());
   });
   return ffi::Error::Success();
 }
