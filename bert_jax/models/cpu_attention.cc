@@ -2,17 +2,18 @@
 //
 // Why: XLA:CPU runs attention as separate passes over the [batch, heads, seq, seq] scores (two
 // batched matmuls, transposes, the mask, two reductions, exp, dropout), each a trip through memory.
-// Here one task per (batch, head) keeps that head's scores in cache and never writes them out; the
-// backward pass recomputes them from the saved log-sum-exp, as flash attention does.
+// Here a task takes one sequence's heads; each head's scores stay in cache and are never written
+// out, and the backward pass recomputes them from the saved log-sum-exp, as flash attention does.
 // Built by cpu_attention.py on first use; see docs/performance.md for its speed.
 //
 // Layouts (row-major): q, k, v, context and their gradients [batch, seq, heads, head_dim], the
 // projections' own layout (no transposes); key_valid uint8 [batch, seq] (1: a real token); keep uint8
 // [batch, heads, seq, seq] (dropout's keep mask on the probabilities; [1] when there is no dropout);
 // lse float32 [batch, heads, seq] (max + log of the softmax's normaliser, per query).
-// Semantics are those of bert.py's einsum attention: scores (q / sqrt(head_dim)) . k (root: that sqrt), padding keys at the most
-// negative float32 (a query with no real key attends to all keys evenly), softmax, dropout
-// p * keep / keep_prob, then the weighted sum of values.
+// Semantics are those of bert.py's einsum attention: scores (q / root) . k with root = sqrt(head_dim)
+// (here q * (1 / root), within an ulp), padding keys at the most negative float32 (a query with no
+// real key attends to all keys evenly), softmax, dropout p * keep / keep_prob, then the weighted sum
+// of values.
 
 #include <algorithm>
 #include <atomic>
@@ -219,24 +220,34 @@ bool KeyWeights(const Dims& dims, const uint8_t* key_valid, int64_t b, float* va
   return uniform;
 }
 
-// Rows [seq] of a group's heads: out[g][s][c] = in[b, s, h0 + g, c] * factor (`transposed`: out[g][c][s],
+// Rows [seq] of a group's heads: out[g][s][c] = in[b, s, h0 + g, c] * scale (`transposed`: out[g][c][s],
 // rows `padded` long). Padding rows (seq..padded) are zeroed.
-void Gather(const Dims& dims, const float* in, int64_t b, int64_t h0, int64_t group, float divisor, bool transposed,
+void Gather(const Dims& dims, const float* in, int64_t b, int64_t h0, int64_t group, float scale, bool transposed,
             float* out) {
-  const int64_t d = dims.head_dim, p = dims.padded;
-  for (int64_t s = 0; s < dims.seq; ++s) {
-    const float* row = in + dims.At(b, s, h0);
-    for (int64_t g = 0; g < group; ++g)
-      for (int64_t c = 0; c < d; ++c) {
-        const float x = divisor == 1.f ? row[g * d + c] : row[g * d + c] / divisor;
-        if (transposed) out[(g * d + c) * p + s] = x; else out[(g * p + s) * d + c] = x;
-      }
+  const int64_t d = dims.head_dim, p = dims.padded, width = group * d;
+  if (!transposed) {
+    for (int64_t s = 0; s < p; ++s) {
+      const float* row = in + dims.At(b, std::min(s, dims.seq - 1), h0);
+      const float factor = s < dims.seq ? scale : 0.f;
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t c = 0; c < d; ++c) out[(g * p + s) * d + c] = row[g * d + c] * factor;
+    }
+    return;
   }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t s = dims.seq; s < p; ++s)
-      for (int64_t c = 0; c < d; ++c) {
-        if (transposed) out[(g * d + c) * p + s] = 0.f; else out[(g * p + s) * d + c] = 0.f;
-      }
+  // kV rows at a time into a tile, then each column of the tile out as one vector: contiguous stores.
+  thread_local std::vector<float> buffer;
+  float* tile = Scratch(buffer, kV * width);
+  for (int64_t s0 = 0; s0 < p; s0 += kV) {
+    for (int64_t r = 0; r < kV; ++r) {
+      if (s0 + r < dims.seq) std::memcpy(tile + r * width, in + dims.At(b, s0 + r, h0), width * sizeof(float));
+      else std::fill(tile + r * width, tile + (r + 1) * width, 0.f);
+    }
+    for (int64_t column = 0; column < width; ++column) {
+      vec x;
+      for (int r = 0; r < kV; ++r) x[r] = tile[r * width + column];
+      Store(out + column * p + s0, x * scale);
+    }
+  }
 }
 
 // out[b, s, h0 + g, :] = local[g][s][:] for the group's heads.
@@ -321,7 +332,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     float* probs = Scratch(buffers[4], n * p + (dropout ? n * p : 0));
     float* out = Scratch(buffers[5], group * n * d);
     const bool uniform = KeyWeights(dims, key_valid.typed_data(), b, valid);
-    Gather(dims, q.typed_data(), b, h0, group, root, false, queries);
+    Gather(dims, q.typed_data(), b, h0, group, 1.f / root, false, queries);
     Gather(dims, k.typed_data(), b, h0, group, 1.f, true, keys_t);
     Gather(dims, v.typed_data(), b, h0, group, 1.f, false, values);
     for (int64_t g = 0; g < group; ++g) {
@@ -365,7 +376,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     float* dk = Scratch(buffers[10], group * n * d);
     float* dv = Scratch(buffers[11], group * n * d);
     const bool uniform = KeyWeights(dims, key_valid.typed_data(), b, valid);
-    Gather(dims, q.typed_data(), b, h0, group, root, false, queries);
+    Gather(dims, q.typed_data(), b, h0, group, 1.f / root, false, queries);
     Gather(dims, k.typed_data(), b, h0, group, 1.f, true, keys_t);
     Gather(dims, k.typed_data(), b, h0, group, 1.f, false, keys);
     Gather(dims, v.typed_data(), b, h0, group, 1.f, true, values_t);
