@@ -228,9 +228,8 @@ void Gather(const Dims& dims, const float* in, int64_t b, int64_t h0, int64_t gr
   if (!transposed) {
     for (int64_t s = 0; s < p; ++s) {
       const float* row = in + dims.At(b, std::min(s, dims.seq - 1), h0);
-      const float factor = s < dims.seq ? scale : 0.f;
       for (int64_t g = 0; g < group; ++g)
-        for (int64_t c = 0; c < d; ++c) out[(g * p + s) * d + c] = row[g * d + c] * factor;
+        for (int64_t c = 0; c < d; ++c) out[(g * p + s) * d + c] = s < dims.seq ? row[g * d + c] * scale : 0.f;
     }
     return;
   }
