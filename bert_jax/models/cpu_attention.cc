@@ -33,7 +33,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kV = 16;       // floats per vector (GCC vector extension: AVX-512, or split by the compiler)
-constexpr int kRows = 8;     // rows per register tile
+constexpr int kRows = 12;    // rows per register tile (12 x 2 accumulators of AVX-512's 32 registers)
 constexpr int kCols = 2 * kV;  // columns per register tile
 
 typedef float vec __attribute__((vector_size(64), aligned(4)));
