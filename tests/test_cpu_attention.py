@@ -27,7 +27,7 @@ def einsum_attention(query, key, value, key_valid, keep=None, rate=0.0):
 
 def _inputs(batch=4, seq=37, heads=3, head_dim=32, lengths=(37, 1, 20, 0)):
   """q, k, v `[batch, seq, heads, head_dim]`, a weight for a scalar loss, the key mask (one row all
-  padding) and a dropout keep mask. seq 37 is not a multiple of the kernel's 8-row or 32-key tiles."""
+  padding) and a dropout keep mask. seq 37 is not a multiple of the kernel's 12-row or 32-key tiles."""
   rng = np.random.default_rng(0)
   q, k, v, weight = (jnp.asarray(2 * rng.standard_normal((batch, seq, heads, head_dim)), jnp.float32)
                      for _ in range(4))
@@ -98,7 +98,7 @@ def test_cpu_fused_is_refused_outside_float32_and_allows_attention_dropout(tiny_
 
 def test_a_missing_compiler_is_named_with_the_fix(tmp_path, monkeypatch):
   monkeypatch.setenv("BERT_JAX_KERNEL_CACHE", str(tmp_path))
-  with pytest.raises(RuntimeError, match=r"'/no/such/c\+\+' was not found.*\$CXX.*attention_impl=einsum"):
+  with pytest.raises(RuntimeError, match=r"'/no/such/c\+\+' could not be run.*\$CXX.*attention_impl=einsum"):
     cpu_attention.build(compiler="/no/such/c++")
   assert not list(tmp_path.iterdir())  # no partial library left behind
 
@@ -109,3 +109,22 @@ def test_the_build_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
   assert library.parent == tmp_path and library.stat().st_size > 0
   modified = library.stat().st_mtime_ns
   assert cpu_attention.build() == library and library.stat().st_mtime_ns == modified  # not rebuilt
+
+
+def test_inputs_of_other_shapes_are_refused_before_the_kernel_reads_them():
+  q, k, v, _, key_valid, keep = _inputs()
+  with pytest.raises(ValueError, match="one shape"):
+    cpu_attention.attention(q, k[:, :-1], v, key_valid)
+  with pytest.raises(ValueError, match=r"key_valid must be \[batch, seq\]"):
+    cpu_attention.attention(q, k, v, key_valid[:, :-1])
+  with pytest.raises(ValueError, match=r"keep must be \[batch, heads, seq, seq\]"):
+    cpu_attention.attention(q, k, v, key_valid, keep[:, :1], 0.1)
+  with pytest.raises(ValueError, match="rate in"):
+    cpu_attention.attention(q, k, v, key_valid, keep, 0.0)
+
+
+def test_a_shared_cache_directory_writable_by_others_is_not_used(tmp_path, monkeypatch):
+  tmp_path.chmod(0o777)  # code loaded from here could be anyone's
+  monkeypatch.setenv("BERT_JAX_KERNEL_CACHE", str(tmp_path))
+  with pytest.raises(RuntimeError, match="writable by others"):
+    cpu_attention.build()

@@ -163,7 +163,16 @@ def eight_devices(tmp_path_factory):
     for name, parallelism, shape in [("2/2/2, cpu_fused", "jit", (2, 2, 2)), ("pmap, cpu_fused", "pmap", (8, 1, 1))]:
       fused, loss = one_step(parallelism, partitioning.make_mesh(shape))
       steps_out[name] = dict(summary(fused, loss), max_param_diff=max_diff(fused, reference))
-    module = models.BertForSequenceClassification(module.config.replace(attention_impl="einsum"))
+    # Attention dropout on: the kernel's keep mask under shard_map against the einsum path, same mesh.
+    dropped = {}
+    for impl in ("einsum", "cpu_fused"):
+      module = models.BertForSequenceClassification(
+          module.config.replace(attention_impl=impl, attention_probs_dropout_prob=0.1))
+      dropped[impl] = one_step("jit", partitioning.make_mesh((2, 2, 2)))
+    attention_dropout = dict(loss_diff=abs(dropped["einsum"][1] - dropped["cpu_fused"][1]),
+                             max_param_diff=max_diff(dropped["einsum"][0], dropped["cpu_fused"][0]))
+    module = models.BertForSequenceClassification(
+        module.config.replace(attention_impl="einsum", attention_probs_dropout_prob=0.0))
 
     directory = sys.argv[1]
     saved = states["fsdp=8"]
@@ -181,7 +190,7 @@ def eight_devices(tmp_path_factory):
       if name == "pmap mesh":  # one copy per device for pmap, and back: unchanged
         back = partitioning.unreplicate(partitioning.replicate(restored), shardings)
         restores[name]["round_trip_max_diff"] = max_diff(back, saved)
-    print(json.dumps({"steps": steps_out, "restores": restores}))
+    print(json.dumps({"steps": steps_out, "restores": restores, "attention_dropout": attention_dropout}))
   """), str(directory))
 
 
@@ -195,6 +204,14 @@ def test_one_step_is_the_same_on_1_device_pmap_and_every_mesh(eight_devices):
     assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5), name
     assert got["max_param_diff"] < 1e-6, name
     assert got["step"] == 1, name
+
+
+@pytest.mark.slow
+def test_cpu_fused_attention_dropout_on_a_mesh_matches_einsum(eight_devices):
+  # The same keep mask reaches each device's shard of the kernel: one step on a 2x2x2 mesh with
+  # attention dropout 0.1, einsum and cpu_fused, to float32 rounding.
+  got = eight_devices[1]["attention_dropout"]
+  assert got["loss_diff"] < 1e-5 and got["max_param_diff"] < 1e-6, got
 
 
 @pytest.mark.slow

@@ -231,11 +231,15 @@ class BertSelfAttention(nn.Module):
     inputs = (query, key, value, attention_mask[:, 0, 0, :]) + ((keep,) if rate else ())
     attend = lambda q, k, v, key_valid, keep=None: cpu_attention.attention(q, k, v, key_valid, keep, rate)  # noqa: E731
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    # Inside pmap (or shard_map) every axis is manual: each device already holds only its own rows.
+    if mesh.empty or mesh.size == 1 or set(mesh.axis_names) <= set(mesh.manual_axes):
       return attend(*inputs)
     # XLA cannot split a custom call, so it would gather every shard onto every device: map the
     # kernel over each device's shard of the batch (and heads) instead.
-    batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes((ACT_BATCH, ACT_LENGTH, HEADS, KV))
+    def on_mesh(axes):  # the logical rules' mesh axes for one dimension, those this mesh has
+      axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.axis_names)
+      return axes or None
+    batch_axes, _, head_axes, _ = (on_mesh(a) for a in nn.logical_to_mesh_axes((ACT_BATCH, ACT_LENGTH, HEADS, KV)))
     qkv = jax.P(batch_axes, None, head_axes, None)
     specs = (qkv, qkv, qkv, jax.P(batch_axes, None)) + ((jax.P(batch_axes, head_axes, None, None),) if rate else ())
     # check_vma off: the FFI call's outputs carry no varying-axes types for the custom VJP to match.

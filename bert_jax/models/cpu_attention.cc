@@ -33,7 +33,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kV = 16;       // floats per vector (GCC vector extension: AVX-512, or split by the compiler)
-constexpr int kRows = 12;    // rows per register tile (12 x 2 accumulators of AVX-512's 32 registers)
+constexpr int kRows = 12;    // rows per register tile: 12 x 2 accumulators fit AVX-512's 32 registers
 constexpr int kCols = 2 * kV;  // columns per register tile
 
 typedef float vec __attribute__((vector_size(64), aligned(4)));
@@ -60,8 +60,8 @@ inline vec Exp(vec x) {
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
   p = p * r * r + r + 1.f;
-  const ivec bits = (reinterpret_cast<const ivec&>(t) - 0x4B400000 + 127) << 23;
-  return p * reinterpret_cast<const vec&>(bits);
+  const ivec bits = ((ivec)t - 0x4B400000 + 127) << 23;  // a vector cast reinterprets the bits
+  return p * (vec)bits;
 }
 
 // out[rows, n] = a[rows, d] . bt[d, n] for n a multiple of kCols; `a` rows `lda` apart.
@@ -188,7 +188,26 @@ struct Dims {
 
 Dims GetDims(const ffi::Buffer<ffi::F32>& q) {
   auto d = q.dimensions();
+  if (d.size() != 4) return Dims{-1, -1, -1, -1, -1};  // matches no other buffer: refused below
   return Dims{d[0], d[1], d[2], d[3], RoundUp(d[1], kCols)};
+}
+
+// The inputs' shapes against q's (cpu_attention.py checks them too; this guards other callers).
+template <typename... Buffers>
+bool SameShape(const Dims& dims, const Buffers&... buffers) {
+  auto same = [&](const auto& buffer) {
+    auto d = buffer.dimensions();
+    return d.size() == 4 && d[0] == dims.batch && d[1] == dims.seq && d[2] == dims.heads && d[3] == dims.head_dim;
+  };
+  return (same(buffers) && ...);
+}
+
+bool MasksFit(const Dims& dims, const ffi::Buffer<ffi::U8>& key_valid, const ffi::Buffer<ffi::U8>& keep, bool dropout) {
+  auto v = key_valid.dimensions();
+  if (v.size() != 2 || v[0] != dims.batch || v[1] != dims.seq) return false;
+  if (!dropout) return true;
+  auto k = keep.dimensions();
+  return k.size() == 4 && k[0] == dims.batch && k[1] == dims.heads && k[2] == dims.seq && k[3] == dims.seq;
 }
 
 // Work items: one sequence's heads [h0, h1). A sequence's q, k and v rows are read once, in order,
@@ -317,6 +336,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::ResultBuffer<ffi::F32> lse, float root, float keep_prob) {
   const Dims dims = GetDims(q);
   const bool dropout = keep_prob < 1.f;
+  if (!SameShape(dims, k, v) || !MasksFit(dims, key_valid, keep, dropout))
+    return ffi::Error::InvalidArgument("attention: k, v, key_valid or keep do not match q's shape");
+  if (dims.batch * dims.seq * dims.heads * dims.head_dim == 0) return ffi::Error::Success();
   const Tasks tasks(dims, pool.num_threads());
   ParallelFor(pool, tasks.count(dims), [&](int64_t task) {
     const int64_t b = task / tasks.groups, h0 = task % tasks.groups * tasks.heads_per_group;
@@ -355,6 +377,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> d_v, float root, float keep_prob) {
   const Dims dims = GetDims(q);
   const bool dropout = keep_prob < 1.f;
+  if (!SameShape(dims, k, v, d_context) || !MasksFit(dims, key_valid, keep, dropout))
+    return ffi::Error::InvalidArgument("attention backward: k, v, d_context, key_valid or keep do not match q's shape");
+  if (dims.batch * dims.seq * dims.heads * dims.head_dim == 0) return ffi::Error::Success();
   const Tasks tasks(dims, pool.num_threads());
   ParallelFor(pool, tasks.count(dims), [&](int64_t task) {
     const int64_t b = task / tasks.groups, h0 = task % tasks.groups * tasks.heads_per_group;

@@ -22,6 +22,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
@@ -45,19 +46,28 @@ def _cache_dirs() -> list[pathlib.Path]:
   return [pathlib.Path(xdg) / "bert_jax", pathlib.Path(tempfile.gettempdir()) / f"bert_jax-{os.getuid()}"]
 
 
+def _private_dir(path: pathlib.Path) -> None:
+  """Creates `path` (mode 0700) or checks that it is ours and not writable by others: we load code from it."""
+  path.mkdir(mode=0o700, parents=True, exist_ok=True)
+  info = path.stat()
+  if info.st_uid != os.getuid() or info.st_mode & 0o022:
+    raise OSError(f"{path} belongs to another user or is writable by others")
+
+
 def build(compiler: str | None = None) -> pathlib.Path:
   """The compiled kernel library (built now unless a cached build of this source exists)."""
   compiler = compiler or os.environ.get("CXX", "c++")
   command = shlex.split(compiler) + ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
                                      f"-I{jax.ffi.include_dir()}", str(SOURCE)]
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(command), _processor()]).encode()).hexdigest()[:16]
+  identity = [SOURCE.read_text(), " ".join(command), _processor(), jaxlib.__version__]
+  key = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
   errors = []
   for cache in _cache_dirs():
     library = cache / f"cpu_attention-{key}.so"
-    if library.exists():
-      return library
     try:
-      cache.mkdir(parents=True, exist_ok=True)
+      _private_dir(cache)
+      if library.exists():
+        return library
       partial = tempfile.NamedTemporaryFile(dir=cache, suffix=".so.partial", delete=False)
       partial.close()
     except OSError as e:
@@ -65,20 +75,21 @@ def build(compiler: str | None = None) -> pathlib.Path:
       continue
     try:
       result = subprocess.run(command + ["-o", partial.name], capture_output=True, text=True)
-    except FileNotFoundError:
-      os.unlink(partial.name)
+      if result.returncode:
+        raise RuntimeError(f"Building the cpu_fused attention kernel failed ({' '.join(command)}):\n"
+                           f"{result.stderr[-4000:]}\nUse --config.model.attention_impl=einsum meanwhile.")
+      os.replace(partial.name, library)  # atomic: a concurrent build of the same key writes the same bytes
+      return library
+    except OSError as e:  # no such compiler, or not executable
       raise RuntimeError(
-          f"attention_impl='cpu_fused' compiles its kernel with a C++17 compiler, and {compiler!r} was not "
-          "found: install one (e.g. apt install g++), point $CXX at it, or use "
+          f"attention_impl='cpu_fused' compiles its kernel with a C++17 compiler, and {compiler!r} could not be "
+          f"run ({e.strerror or e}): install one (e.g. apt install g++), point $CXX at it, or use "
           "--config.model.attention_impl=einsum.") from None
-    if result.returncode:
-      os.unlink(partial.name)
-      raise RuntimeError(f"Building the cpu_fused attention kernel failed ({' '.join(command)}):\n"
-                         f"{result.stderr[-4000:]}\nUse --config.model.attention_impl=einsum meanwhile.")
-    os.replace(partial.name, library)  # atomic: a concurrent build of the same key writes the same bytes
-    return library
-  raise RuntimeError(f"No writable cache for the cpu_fused attention kernel ({'; '.join(errors)}): set "
-                     "$BERT_JAX_KERNEL_CACHE to a writable directory.")
+    finally:
+      if os.path.exists(partial.name):
+        os.unlink(partial.name)
+  raise RuntimeError(f"No usable cache for the cpu_fused attention kernel ({'; '.join(errors)}): set "
+                     "$BERT_JAX_KERNEL_CACHE to a directory of yours that only you can write.")
 
 
 @functools.cache
@@ -124,6 +135,15 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, key_valid: jax
   dropout at `rate` on the probabilities. Returns the context `[batch, seq, heads, head_dim]`."""
   if query.dtype != jnp.float32:
     raise ValueError(f"The cpu_fused attention kernel computes in float32; got {query.dtype}.")
+  if query.ndim != 4 or key.shape != query.shape or value.shape != query.shape:
+    raise ValueError(f"cpu_fused attention takes query, key and value of one shape [batch, seq, heads, head_dim]; "
+                     f"got {query.shape}, {key.shape}, {value.shape}.")
+  batch, seq, heads, _ = query.shape
+  if key_valid.shape != (batch, seq):
+    raise ValueError(f"key_valid must be [batch, seq] = {(batch, seq)}; got {key_valid.shape}.")
+  if keep is not None and (keep.shape != (batch, heads, seq, seq) or not 0.0 < rate < 1.0):
+    raise ValueError(f"keep must be [batch, heads, seq, seq] = {(batch, heads, seq, seq)} with a dropout rate in "
+                     f"(0, 1); got {keep.shape} and rate={rate}.")
   _register()
   if keep is None:
     keep, keep_prob = jnp.zeros((1,), jnp.uint8), 1.0
