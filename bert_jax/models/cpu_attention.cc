@@ -88,21 +88,24 @@ void MatMulTransposed(const float* a, int64_t lda, int64_t rows, const float* bt
   }
 }
 
-// out[rows, d] = p[rows, n] . b[n, d]; `p` rows `ldp` apart, `out` rows `ldo` apart.
-void MatMul(const float* p, int64_t ldp, int64_t rows, int64_t n, const float* b, int64_t d, float* out,
-            int64_t ldo) {
+// out[rows, d] = a . b for b [n, d], where a's element (r, j) is a[r * row_stride + j * col_stride]
+// (a [rows, n] with row_stride = its row length and col_stride = 1; a^T of [n, rows] with 1 and its
+// row length); `out` rows `ldo` apart.
+void MatMul(const float* a, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t n, const float* b,
+            int64_t d, float* out, int64_t ldo) {
   for (int64_t i0 = 0; i0 < rows; i0 += kRows) {
     const int64_t tile_rows = std::min<int64_t>(kRows, rows - i0);
-    const float* prow[kRows];
-    for (int r = 0; r < kRows; ++r) prow[r] = p + std::min<int64_t>(i0 + r, rows - 1) * ldp;
+    const float* arow[kRows];
+    for (int r = 0; r < kRows; ++r) arow[r] = a + std::min<int64_t>(i0 + r, rows - 1) * row_stride;
     int64_t c0 = 0;
     for (; c0 + kCols <= d; c0 += kCols) {
       vec acc[kRows][2] = {};
       for (int64_t j = 0; j < n; ++j) {
         const vec b0 = Load(b + j * d + c0), b1 = Load(b + j * d + c0 + kV);
         for (int r = 0; r < kRows; ++r) {
-          acc[r][0] += prow[r][j] * b0;
-          acc[r][1] += prow[r][j] * b1;
+          const float x = arow[r][j * col_stride];
+          acc[r][0] += x * b0;
+          acc[r][1] += x * b1;
         }
       }
       for (int64_t r = 0; r < tile_rows; ++r) {
@@ -113,39 +116,7 @@ void MatMul(const float* p, int64_t ldp, int64_t rows, int64_t n, const float* b
     for (int64_t r = 0; r < tile_rows; ++r)  // head_dim not a multiple of kCols: the rest, plainly
       for (int64_t c = c0; c < d; ++c) {
         float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) sum += prow[r][j] * b[j * d + c];
-        out[(i0 + r) * ldo + c] = sum;
-      }
-  }
-}
-
-// out[rows, d] = a^T . b for a [n, rows] (rows `lda` apart) and b [n, d]; `out` rows `ldo` apart.
-void MatMulTransposedLeft(const float* a, int64_t lda, int64_t rows, int64_t n, const float* b, int64_t d,
-                          float* out, int64_t ldo) {
-  for (int64_t i0 = 0; i0 < rows; i0 += kRows) {
-    const int64_t tile_rows = std::min<int64_t>(kRows, rows - i0);
-    int64_t col[kRows];  // a's columns of this tile's rows
-    for (int r = 0; r < kRows; ++r) col[r] = std::min<int64_t>(i0 + r, rows - 1);
-    int64_t c0 = 0;
-    for (; c0 + kCols <= d; c0 += kCols) {
-      vec acc[kRows][2] = {};
-      for (int64_t j = 0; j < n; ++j) {
-        const vec b0 = Load(b + j * d + c0), b1 = Load(b + j * d + c0 + kV);
-        const float* aj = a + j * lda;
-        for (int r = 0; r < kRows; ++r) {
-          acc[r][0] += aj[col[r]] * b0;
-          acc[r][1] += aj[col[r]] * b1;
-        }
-      }
-      for (int64_t r = 0; r < tile_rows; ++r) {
-        Store(out + (i0 + r) * ldo + c0, acc[r][0]);
-        Store(out + (i0 + r) * ldo + c0 + kV, acc[r][1]);
-      }
-    }
-    for (int64_t r = 0; r < tile_rows; ++r)
-      for (int64_t c = c0; c < d; ++c) {
-        float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) sum += a[j * lda + col[r]] * b[j * d + c];
+        for (int64_t j = 0; j < n; ++j) sum += arow[r][j * col_stride] * b[j * d + c];
         out[(i0 + r) * ldo + c] = sum;
       }
   }
@@ -222,6 +193,18 @@ struct Tasks {
   int64_t count(const Dims& dims) const { return dims.batch * groups; }
 };
 
+// Runs body(b, h0, group) for every work item of `dims` on the pool: sequence b's heads [h0, h0 + group).
+template <typename Body>
+void ForEachGroup(ffi::ThreadPool& pool, const Dims& dims, const Body& body) {
+  if (dims.batch * dims.seq * dims.heads * dims.head_dim == 0) return;
+  const Tasks tasks(dims, pool.num_threads());
+  ParallelFor(pool, tasks.count(dims), [&](int64_t task) {
+    const int64_t b = task / tasks.groups, h0 = task % tasks.groups * tasks.heads_per_group;
+    const int64_t group = std::min(tasks.heads_per_group, dims.heads - h0);
+    if (group > 0) body(b, h0, group);
+  });
+}
+
 // Scratch reused across a thread's work items (no allocation or zeroing per item).
 float* Scratch(std::vector<float>& buffer, int64_t size) {
   if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
@@ -277,23 +260,23 @@ void Scatter(const Dims& dims, const float* local, int64_t b, int64_t h0, int64_
 }
 
 // probs [seq, padded] = softmax over the valid keys of q . k^T (q already divided by sqrt(head_dim));
-// exactly 0 at the others. With lse given (backward), exp(scores - lse); else lse is written.
-void Softmax(const Dims& dims, const float* q, const float* k_t, const float* valid, bool uniform, float* lse,
-             bool lse_known, float* probs) {
+// exactly 0 at the others. With `saved_lse` (backward), exp(scores - saved_lse); else writes `lse`.
+void Softmax(const Dims& dims, const float* q, const float* k_t, const float* valid, bool uniform,
+             const float* saved_lse, float* lse, float* probs) {
   const int64_t p = dims.padded;
   if (uniform) {
     for (int64_t i = 0; i < dims.seq; ++i) {
       std::fill(probs + i * p, probs + i * p + dims.seq, 1.f / dims.seq);
       std::fill(probs + i * p + dims.seq, probs + (i + 1) * p, 0.f);
-      if (!lse_known) lse[i] = 0.f;
+      if (!saved_lse) lse[i] = 0.f;
     }
     return;
   }
   MatMulTransposed(q, dims.head_dim, dims.seq, k_t, dims.head_dim, p, probs);
   for (int64_t i = 0; i < dims.seq; ++i) {
     float* row = probs + i * p;
-    if (lse_known) {
-      for (int64_t j = 0; j < p; j += kV) Store(row + j, Exp(Load(row + j) - lse[i]) * Load(valid + j));
+    if (saved_lse) {
+      for (int64_t j = 0; j < p; j += kV) Store(row + j, Exp(Load(row + j) - saved_lse[i]) * Load(valid + j));
       continue;
     }
     vec m = Broadcast(-FLT_MAX);
@@ -338,12 +321,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const bool dropout = keep_prob < 1.f;
   if (!SameShape(dims, k, v) || !MasksFit(dims, key_valid, keep, dropout))
     return ffi::Error::InvalidArgument("attention: k, v, key_valid or keep do not match q's shape");
-  if (dims.batch * dims.seq * dims.heads * dims.head_dim == 0) return ffi::Error::Success();
-  const Tasks tasks(dims, pool.num_threads());
-  ParallelFor(pool, tasks.count(dims), [&](int64_t task) {
-    const int64_t b = task / tasks.groups, h0 = task % tasks.groups * tasks.heads_per_group;
-    const int64_t group = std::min(tasks.heads_per_group, dims.heads - h0);
-    if (group <= 0) return;
+  ForEachGroup(pool, dims, [&](int64_t b, int64_t h0, int64_t group) {
     const int64_t n = dims.seq, p = dims.padded, d = dims.head_dim;
     thread_local std::vector<float> buffers[6];
     float* valid = Scratch(buffers[0], p);
@@ -358,13 +336,14 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     Gather(dims, v.typed_data(), b, h0, group, 1.f, false, values);
     for (int64_t g = 0; g < group; ++g) {
       const int64_t bh = b * dims.heads + h0 + g;
-      Softmax(dims, queries + g * p * d, keys_t + g * d * p, valid, uniform, lse->typed_data() + bh * n, false, probs);
+      Softmax(dims, queries + g * p * d, keys_t + g * d * p, valid, uniform, nullptr, lse->typed_data() + bh * n,
+              probs);
       if (dropout) {
         float* keep_scale = probs + n * p;
         KeepScale(dims, keep.typed_data() + bh * n * n, keep_prob, keep_scale);
         Drop(dims, probs, keep_scale, probs);
       }
-      MatMul(probs, p, n, p, values + g * p * d, d, out + g * n * d, d);
+      MatMul(probs, p, 1, n, p, values + g * p * d, d, out + g * n * d, d);
     }
     Scatter(dims, out, b, h0, group, context->typed_data());
   });
@@ -379,12 +358,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const bool dropout = keep_prob < 1.f;
   if (!SameShape(dims, k, v, d_context) || !MasksFit(dims, key_valid, keep, dropout))
     return ffi::Error::InvalidArgument("attention backward: k, v, d_context, key_valid or keep do not match q's shape");
-  if (dims.batch * dims.seq * dims.heads * dims.head_dim == 0) return ffi::Error::Success();
-  const Tasks tasks(dims, pool.num_threads());
-  ParallelFor(pool, tasks.count(dims), [&](int64_t task) {
-    const int64_t b = task / tasks.groups, h0 = task % tasks.groups * tasks.heads_per_group;
-    const int64_t group = std::min(tasks.heads_per_group, dims.heads - h0);
-    if (group <= 0) return;
+  ForEachGroup(pool, dims, [&](int64_t b, int64_t h0, int64_t group) {
     const int64_t n = dims.seq, p = dims.padded, d = dims.head_dim;
     thread_local std::vector<float> buffers[12];
     float* valid = Scratch(buffers[0], p);
@@ -409,8 +383,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       const int64_t bh = b * dims.heads + h0 + g;
       const float* q_g = queries + g * p * d;
       const float* d_out_g = d_out + g * p * d;
-      Softmax(dims, q_g, keys_t + g * d * p, valid, uniform, const_cast<float*>(lse.typed_data()) + bh * n, true,
-              probs);
+      Softmax(dims, q_g, keys_t + g * d * p, valid, uniform, lse.typed_data() + bh * n, nullptr, probs);
       // d_v = dropped_probs^T . d_out
       const float* dropped = probs;
       if (dropout) {
@@ -418,7 +391,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         Drop(dims, probs, keep_scale, d_scores);
         dropped = d_scores;
       }
-      MatMulTransposedLeft(dropped, p, n, n, d_out_g, d, dv + g * n * d, d);
+      MatMul(dropped, 1, p, n, n, d_out_g, d, dv + g * n * d, d);  // dropped^T
       // d_probs = d_out . v^T, back through the dropout; d_scores = probs * (d_probs - rowsum(probs * d_probs))
       MatMulTransposed(d_out_g, d, n, values_t + g * d * p, d, p, d_scores);
       if (dropout) Drop(dims, d_scores, keep_scale, d_scores);
@@ -434,9 +407,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       if (uniform) std::fill(d_scores, d_scores + n * p, 0.f);  // the scores were constants
       // d_q = d_scores . k / root; d_k = d_scores^T . (q / root)
       float* dq_g = dq + g * n * d;
-      MatMul(d_scores, p, n, p, keys + g * p * d, d, dq_g, d);
+      MatMul(d_scores, p, 1, n, p, keys + g * p * d, d, dq_g, d);
       for (int64_t i = 0; i < n * d; ++i) dq_g[i] /= root;
-      MatMulTransposedLeft(d_scores, p, n, n, q_g, d, dk + g * n * d, d);
+      MatMul(d_scores, 1, p, n, n, q_g, d, dk + g * n * d, d);  // d_scores^T
     }
     Scatter(dims, dq, b, h0, group, d_q->typed_data());
     Scatter(dims, dk, b, h0, group, d_k->typed_data());
@@ -447,27 +420,26 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 
 }  // namespace
 
+// What both handlers take first: the thread pool, then q, k, v, key_valid and keep.
+auto BindInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()  // q
+      .Arg<ffi::Buffer<ffi::F32>>()  // k
+      .Arg<ffi::Buffer<ffi::F32>>()  // v
+      .Arg<ffi::Buffer<ffi::U8>>()   // key_valid
+      .Arg<ffi::Buffer<ffi::U8>>();  // keep
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BertJaxAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // key_valid
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // keep
+                              BindInputs()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // context
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
                                   .Attr<float>("root")
                                   .Attr<float>("keep_prob"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BertJaxAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // key_valid
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // keep
+                              BindInputs()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_context
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_q

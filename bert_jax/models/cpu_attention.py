@@ -99,12 +99,15 @@ def _register() -> None:
   jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(library.BertJaxAttentionBackward), platform="cpu")
 
 
+def _attributes(query, keep_prob) -> dict[str, np.float32]:
+  """The kernels' attributes: sqrt(head_dim), which the scores are divided by, and the keep probability."""
+  return dict(root=np.float32(np.sqrt(np.float32(query.shape[-1]))), keep_prob=np.float32(keep_prob))
+
+
 def _forward(query, key, value, key_valid, keep, keep_prob):
   batch, seq, heads, _ = query.shape
-  root = np.float32(np.sqrt(np.float32(query.shape[-1])))
   outputs = (jax.ShapeDtypeStruct(query.shape, jnp.float32), jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32))
-  return jax.ffi.ffi_call(_FORWARD, outputs)(query, key, value, key_valid, keep, root=root,
-                                              keep_prob=np.float32(keep_prob))
+  return jax.ffi.ffi_call(_FORWARD, outputs)(query, key, value, key_valid, keep, **_attributes(query, keep_prob))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -119,9 +122,8 @@ def _attention_fwd(query, key, value, key_valid, keep, keep_prob):
 
 def _attention_bwd(keep_prob, residuals, d_context):
   query, key, value, key_valid, keep, lse = residuals
-  root = np.float32(np.sqrt(np.float32(query.shape[-1])))
   grads = jax.ffi.ffi_call(_BACKWARD, (jax.ShapeDtypeStruct(query.shape, jnp.float32),) * 3)(
-      query, key, value, key_valid, keep, lse, d_context, root=root, keep_prob=np.float32(keep_prob))
+      query, key, value, key_valid, keep, lse, d_context, **_attributes(query, keep_prob))
   return (*grads, None, None)
 
 
