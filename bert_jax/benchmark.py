@@ -236,7 +236,7 @@ def time_compile_depth(bench: ml_collections.ConfigDict, model_config: models.Be
         compiled = time.perf_counter()
       rows.append({
           "case": "compile_depth", "num_hidden_layers": depth, "scan_layers": scan_layers,
-          "remat_policy": config.remat_policy, "attention_impl": config.attention_impl,
+          "remat_policy": config.remat_policy, "attention_impl": models.resolve_attention_impl(config),
           "hidden_size": config.hidden_size, "trace_seconds": traced - start, "compile_seconds": compiled - traced,
           "batch_size": bench.batch_size, "seq_len": bench.seq_len, "dtype": bench.dtype,
           "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -351,8 +351,8 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
       continue
     row, torch_row = time_case(case, config, model_config, mesh)
     row.update({name: getattr(model_config, name) for name in (
-        "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "attention_impl", "remat_policy",
-        "scan_layers")})
+        "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "remat_policy", "scan_layers")})
+    row["attention_impl"] = models.resolve_attention_impl(model_config)  # what ran: 'auto' decided
     row.update(environment)
     row.update(torch_row)
     emit(json.dumps(row))

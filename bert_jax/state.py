@@ -34,6 +34,9 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
                 "max_position_embeddings", "type_vocab_size", "num_labels", "scan_layers")
 # Their values in checkpoints written before the field existed.
 _SHAPE_DEFAULTS = {"scan_layers": False}
+# BertConfig fields that say only how to compute: evaluate/predict take them from the config, not
+# the checkpoint (e.g. a model trained with attention_impl='cpu_fused' evaluated on a GPU).
+COMPUTE_FIELDS = ("dtype", "attention_impl", "remat_policy")
 
 
 def is_workdir(path: str) -> bool:
@@ -160,7 +163,10 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
                             + (f"; damaged, left untouched: {damaged}" if damaged else "") + ".")
   meta = ckpt.read_meta(step)
   module_cls = models.MODEL_CLASSES[meta.get("model_class", "BertForSequenceClassification")]
-  module = module_cls(models.BertConfig(**meta["model"]))
+  # How to compute may differ from training (another device, or 'auto' deciding anew); what the
+  # parameters are may not.
+  compute = {name: value for name, value in config_checks.model_overrides(config).items() if name in COMPUTE_FIELDS}
+  module = module_cls(models.BertConfig(**meta["model"]).replace(**compute))
   # The checkpoint's optimizer gives the state's tree structure; its schedule plays no part here.
   optimizer_name = meta.get("optimizer", config.optimizer.name)
   optimizer_config = ml_collections.ConfigDict(dict(config.optimizer, name=optimizer_name))

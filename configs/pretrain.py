@@ -22,7 +22,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.tokenizer = "bert-base-uncased"  # an existing WordPiece vocab, or one from `python -m bert_jax.vocab`
   config.learning_rate = 1e-4
 
-  config.model = common.model_overrides()  # None keeps BertConfig's default (bert-base) or the checkpoint's
+  # None keeps BertConfig's default (bert-base) or the checkpoint's. attention_impl 'auto': our fused
+  # C++ attention kernel on a CPU in float32, else the einsums.
+  config.model = common.model_overrides(attention_impl="auto")
 
   config.data = ml_collections.ConfigDict()
   # A text file or folder of them (one sentence per line, blank line between documents), or an

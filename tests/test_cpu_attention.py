@@ -96,6 +96,39 @@ def test_cpu_fused_is_refused_outside_float32_and_allows_attention_dropout(tiny_
   tiny_config.replace(attention_impl="cpu_fused", attention_probs_dropout_prob=0.1).check_trainable()
 
 
+def test_auto_takes_the_kernel_on_a_cpu_in_float32_and_the_einsums_otherwise(tiny_config):
+  auto = tiny_config.replace(attention_impl="auto", attention_probs_dropout_prob=0.1)
+  auto.check_trainable()  # both candidates apply attention dropout
+  assert models.resolve_attention_impl(auto) == "cpu_fused"
+  assert models.resolve_attention_impl(auto.replace(dtype="bfloat16")) == "einsum"
+  assert models.resolve_attention_impl(auto.replace(attention_impl="dot_product")) == "dot_product"
+
+
+def test_auto_falls_back_to_the_einsums_when_the_kernel_cannot_be_built(tiny_config, tmp_path, monkeypatch,
+                                                                          caplog):
+  # A real failed build (no compiler, empty cache), not the cached registration of this process.
+  monkeypatch.setenv("BERT_JAX_KERNEL_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", "/no/such/c++")
+  monkeypatch.setattr(cpu_attention, "_register", cpu_attention.build)
+  cpu_attention.available.cache_clear()
+  try:
+    assert models.resolve_attention_impl(tiny_config.replace(attention_impl="auto")) == "einsum"
+  finally:
+    cpu_attention.available.cache_clear()
+  assert "attention_impl='auto' uses einsum" in caplog.text and "/no/such/c++" in caplog.text
+
+
+def test_a_model_with_auto_attention_computes_what_the_einsums_do(tiny_config):
+  config = tiny_config.replace(attention_impl="auto")
+  params = hf.init_params(models.BertModel(config))
+  input_ids = np.random.default_rng(1).integers(1, 99, (2, 9)).astype(np.int32)
+  attention_mask = (np.arange(9)[None, :] < np.array([[9], [4]])).astype(np.int32)
+  outputs = {impl: models.BertModel(config.replace(attention_impl=impl)).apply(
+      {"params": params}, input_ids, attention_mask=attention_mask).sequence_output
+      for impl in ("auto", "einsum")}
+  np.testing.assert_allclose(outputs["auto"], outputs["einsum"], atol=ATOL, rtol=0)
+
+
 def test_a_missing_compiler_is_named_with_the_fix(tmp_path, monkeypatch):
   monkeypatch.setenv("BERT_JAX_KERNEL_CACHE", str(tmp_path))
   with pytest.raises(RuntimeError, match=r"'/no/such/c\+\+' could not be run.*\$CXX.*attention_impl=einsum"):

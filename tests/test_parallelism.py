@@ -113,7 +113,7 @@ batch = dict(input_ids=rng.integers(5, 100, (16, 12)).astype(np.int32),
 batch["attention_mask"][::3, 8:] = 0  # some padding
 start = jax.device_get(steps.create_state(hf.init_params(module, seed=0), tx, seed=0))
 
-def one_step(parallelism, mesh):
+def one_step(parallelism, mesh, module=module):
   _, shardings = state_lib.state_template(module, tx, 0, mesh)
   train_step, _ = train.compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps=2,
                                       parallelism=parallelism)
@@ -153,26 +153,24 @@ def eight_devices(tmp_path_factory):
       states[name], loss = one_step(parallelism, partitioning.make_mesh(shape))
       steps_out[name] = dict(summary(states[name], loss), max_param_diff=max_diff(states[name], reference))
     # The GPU/TPU form of the Q/K/V projection (one stacked matmul), here on the CPU, sharded.
-    from bert_jax.models import bert
-    project_each, bert.project_qkv = bert.project_qkv, bert._project_stacked
+    from bert_jax.models import bert, projection
+    project_each, bert.project_qkv = bert.project_qkv, projection._project_stacked
     stacked, loss = one_step("jit", partitioning.make_mesh((2, 2, 2)))
     steps_out["2/2/2, stacked Q/K/V"] = dict(summary(stacked, loss), max_param_diff=max_diff(stacked, reference))
     bert.project_qkv = project_each
     # The fused CPU attention kernel, mapped over each device's batch and heads (shard_map) or under pmap.
-    module = models.BertForSequenceClassification(module.config.replace(attention_impl="cpu_fused"))
+    fused_module = models.BertForSequenceClassification(module.config.replace(attention_impl="cpu_fused"))
     for name, parallelism, shape in [("2/2/2, cpu_fused", "jit", (2, 2, 2)), ("pmap, cpu_fused", "pmap", (8, 1, 1))]:
-      fused, loss = one_step(parallelism, partitioning.make_mesh(shape))
+      fused, loss = one_step(parallelism, partitioning.make_mesh(shape), fused_module)
       steps_out[name] = dict(summary(fused, loss), max_param_diff=max_diff(fused, reference))
     # Attention dropout on: the kernel's keep mask under shard_map against the einsum path, same mesh.
     dropped = {}
     for impl in ("einsum", "cpu_fused"):
-      module = models.BertForSequenceClassification(
+      dropout_module = models.BertForSequenceClassification(
           module.config.replace(attention_impl=impl, attention_probs_dropout_prob=0.1))
-      dropped[impl] = one_step("jit", partitioning.make_mesh((2, 2, 2)))
+      dropped[impl] = one_step("jit", partitioning.make_mesh((2, 2, 2)), dropout_module)
     attention_dropout = dict(loss_diff=abs(dropped["einsum"][1] - dropped["cpu_fused"][1]),
                              max_param_diff=max_diff(dropped["einsum"][0], dropped["cpu_fused"][0]))
-    module = models.BertForSequenceClassification(
-        module.config.replace(attention_impl="einsum", attention_probs_dropout_prob=0.0))
 
     directory = sys.argv[1]
     saved = states["fsdp=8"]

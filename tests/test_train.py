@@ -13,6 +13,8 @@ from ml_collections import config_flags  # noqa: F401  (keeps the import cost ou
 
 from bert_jax import config_checks
 from bert_jax import evaluate
+from bert_jax import partitioning
+from bert_jax import state as state_lib
 from bert_jax import train
 from configs import imdb as imdb_configs
 
@@ -118,6 +120,17 @@ def test_evaluate_scores_the_same_test_set_as_training(trained, archive, minilm_
   assert scored["checkpoint_step"] == results["checkpoint_step"]
   assert scored["test_accuracy"] == results["test_accuracy"]
   assert scored["test_loss"] == pytest.approx(results["test_loss"], rel=1e-6)
+
+
+def test_evaluate_computes_as_the_config_says_on_the_checkpoint_s_model(trained, archive, minilm_dir):
+  # attention_impl is how to compute, not what the model is: another device may need another kernel.
+  workdir, results = trained
+  config = tiny_config(archive, minilm_dir, mode="evaluate", **{"model.attention_impl": "einsum"})
+  module, _, meta, _ = state_lib.restore_params(config, str(workdir), "best", partitioning.make_mesh((1, 1, 1)))
+  assert (meta["model"]["attention_impl"], module.config.attention_impl) == ("auto", "einsum")
+  assert module.config.hidden_size == meta["model"]["hidden_size"] == 32
+  scored = evaluate.evaluate(config, str(workdir))
+  assert scored["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)  # the kernels agree to rounding
 
 
 @pytest.fixture(scope="module")

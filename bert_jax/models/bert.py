@@ -18,6 +18,7 @@ import numpy as np
 from bert_jax.models import config as config_lib
 from bert_jax.models import cpu_attention
 from bert_jax.models import dropout as dropout_lib
+from bert_jax.models.projection import dense, kernel_init, project_qkv, zeros_init
 
 # Logical axis names of parameters; `bert_jax.partitioning` maps them to mesh axes.
 EMBED, MLP, HEADS, KV = "embed", "mlp", "heads", "kv"
@@ -66,79 +67,11 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return _ACTIVATIONS[name]
 
 
-def kernel_init(config: config_lib.BertConfig, *axes: str):
-  """BERT's initialiser (truncated normal, std `initializer_range`) tagged with logical axes."""
-  return nn.with_logical_partitioning(nn.initializers.truncated_normal(config.initializer_range), axes)
-
-
-def zeros_init(*axes: str):
-  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
 def layer_norm(config: config_lib.BertConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
       epsilon=config.layer_norm_eps, dtype=config.compute_dtype, param_dtype=config.parameter_dtype,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (EMBED,)),
       bias_init=zeros_init(EMBED), name=name)
-
-
-class Projection(nn.Module):
-  """`x[..., *in] @ kernel[*in, *out] + bias[*out]`, both parameters tagged with logical axis names.
-
-  Like `nn.DenseGeneral`, but the kernel is created at its full shape: DenseGeneral initialises a
-  flattened kernel, which cannot carry one logical name per axis under a rules context.
-  """
-  config: config_lib.BertConfig
-  features: tuple[int, ...]
-  in_axes: tuple[str, ...]
-  out_axes: tuple[str, ...]
-
-  @nn.compact
-  def weights(self, in_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """(kernel `[*in_shape, *features]`, bias `[*features]`) in the compute dtype."""
-    c = self.config
-    kernel = self.param("kernel", kernel_init(c, *self.in_axes, *self.out_axes), tuple(in_shape) + self.features,
-                        c.parameter_dtype)
-    bias = self.param("bias", zeros_init(*self.out_axes), self.features, c.parameter_dtype)
-    return kernel.astype(c.compute_dtype), bias.astype(c.compute_dtype)
-
-  def __call__(self, x):
-    n_in = len(self.in_axes)
-    kernel, bias = self.weights(x.shape[-n_in:])
-    return contract(x.astype(self.config.compute_dtype), kernel, n_in) + bias
-
-
-def contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-  """`x[..., *in] @ kernel[*in, *out]` over the last `n_in` axes of `x`."""
-  dims = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-  return jax.lax.dot_general(x, kernel, (dims, ((), ())))
-
-
-def _project_each(x, kernels, biases):
-  return tuple(contract(x, kernel, 1) + bias for kernel, bias in zip(kernels, biases))
-
-
-def _project_stacked(x, kernels, biases):
-  qkv = contract(x, jnp.stack(kernels, axis=1), 1) + jnp.stack(biases)  # [batch, seq, 3, heads, head_dim]
-  return tuple(qkv[:, :, i] for i in range(3))
-
-
-def project_qkv(x: jax.Array, kernels, biases) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Query, key and value `[batch, seq, heads, head_dim]` of `x` `[batch, seq, hidden]`.
-
-  `kernels` `[hidden, heads, head_dim]` and `biases` `[heads, head_dim]`, three of each. On GPUs and
-  TPUs they are stacked into one matmul, whose backward sums the three input gradients inside the
-  matmul rather than in extra passes over `[batch, seq, hidden]`. With the erf `gelu`: +5.8% on a
-  BERT-base pretraining step on an H100. On XLA:CPU the stacked form was not clearly faster (with
-  YNNPACK matmuls it made MiniLM eval slower), so the CPU keeps three matmuls.
-  """
-  return jax.lax.platform_dependent(x, kernels, biases, cpu=_project_each, default=_project_stacked)
-
-
-def dense(config: config_lib.BertConfig, features, in_axes: tuple[str, ...], out_axes: tuple[str, ...],
-          name: str) -> Projection:
-  features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
-  return Projection(config, features, in_axes, out_axes, name=name)
 
 
 class BertOutput(NamedTuple):
@@ -181,13 +114,25 @@ class BertEmbeddings(nn.Module):
     return jnp.dot(x, table.T)
 
 
+def resolve_attention_impl(config: config_lib.BertConfig) -> str:
+  """The attention kernel `config.attention_impl` names; 'auto' is decided here, where the model is traced:
+  our fused kernel on XLA:CPU in float32 (train steps 10-15% faster there, docs/performance.md), unless
+  it cannot be built (logged), else the einsums. Both apply attention dropout and agree to rounding."""
+  if config.attention_impl != "auto":
+    return config.attention_impl
+  if jax.default_backend() == "cpu" and config.dtype == "float32" and cpu_attention.available():
+    return "cpu_fused"
+  return "einsum"
+
+
 class BertSelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention over the unpadded keys.
 
   `config.attention_impl` picks the kernel: 'einsum' (ours: float32 softmax, attention dropout),
   'dot_product' (`jax.nn.dot_product_attention`, implementation=None: XLA in jax 0.10), 'cudnn'
-  (the same, forced onto cuDNN's fused kernel; neither has attention dropout) or 'cpu_fused' (the
-  einsum path's function in one C++ kernel for XLA:CPU, `cpu_attention`).
+  (the same, forced onto cuDNN's fused kernel; neither has attention dropout), 'cpu_fused' (the
+  einsum path's function in one C++ kernel for XLA:CPU, `cpu_attention`) or 'auto' (one of 'einsum'
+  and 'cpu_fused', see `resolve_attention_impl`).
   """
   config: config_lib.BertConfig
 
@@ -199,9 +144,10 @@ class BertSelfAttention(nn.Module):
     kernels, biases = zip(*(dense(c, heads, (EMBED,), (HEADS, KV), name).weights(x.shape[-1:])
                             for name in ("query", "key", "value")))
     query, key, value = project_qkv(x.astype(c.compute_dtype), kernels, biases)  # [batch, seq, heads, head_dim]
-    if c.attention_impl == "einsum":
+    impl = resolve_attention_impl(c)
+    if impl == "einsum":
       context = self._einsum_attention(query, key, value, attention_mask, deterministic)
-    elif c.attention_impl == "cpu_fused":
+    elif impl == "cpu_fused":
       context = self._cpu_fused_attention(query, key, value, attention_mask, deterministic)
     else:
       if not deterministic:

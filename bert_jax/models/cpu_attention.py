@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import pathlib
 import platform
@@ -97,6 +98,17 @@ def _register() -> None:
   library = ctypes.cdll.LoadLibrary(str(build()))
   jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.BertJaxAttentionForward), platform="cpu")
   jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(library.BertJaxAttentionBackward), platform="cpu")
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel builds (or is cached) and loads here; if not, logs why, once per process."""
+  try:
+    _register()
+  except RuntimeError as e:
+    logging.warning("The cpu_fused attention kernel is unavailable, so attention_impl='auto' uses einsum: %s", e)
+    return False
+  return True
 
 
 def _attributes(query, keep_prob) -> dict[str, np.float32]:

@@ -1,0 +1,80 @@
+"""The dense layers' XLA:CPU gradient forms (2-D weight-gradient matmul, bias gradient by a ones matmul)
+against autodiff of the plain forms, in float32."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bert_jax import hf
+from bert_jax import models
+from bert_jax.models import projection
+
+# float32 sums over 6-32 terms in another order: a few ulp of values of unit scale.
+RTOL = 1e-5
+
+
+def _cpu_forms(x, kernel, bias, n_in):
+  return projection._add_bias_summed_by_matmul(projection._contract_as_matrices(x, kernel, n_in), bias, bias.ndim)
+
+
+def _plain_forms(x, kernel, bias, n_in):
+  return projection._contract_general(x, kernel, n_in) + bias
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, n_in", [
+    ((3, 5, 4), (4, 6), 1),  # feed-forward: [batch, seq, in] @ [in, out]
+    ((3, 5, 4), (4, 2, 3), 1),  # query/key/value: out is [heads, head_dim]
+    ((3, 5, 2, 3), (2, 3, 4), 2),  # attention output: in is [heads, head_dim]
+])
+def test_cpu_forms_give_autodiff_s_values_and_gradients(x_shape, kernel_shape, n_in):
+  rng = np.random.default_rng(0)
+  x, kernel, weight = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+                       for shape in (x_shape, kernel_shape, x_shape[:len(x_shape) - n_in] + kernel_shape[n_in:]))
+  bias = jnp.asarray(rng.standard_normal(kernel_shape[n_in:]), jnp.float32)
+
+  def loss(forms):
+    return lambda x, kernel, bias: jnp.sum(weight * forms(x, kernel, bias, n_in))
+
+  np.testing.assert_allclose(_cpu_forms(x, kernel, bias, n_in), _plain_forms(x, kernel, bias, n_in), rtol=RTOL)
+  got = jax.grad(loss(_cpu_forms), argnums=(0, 1, 2))(x, kernel, bias)
+  want = jax.grad(loss(_plain_forms), argnums=(0, 1, 2))(x, kernel, bias)
+  for name, g, w in zip(("x", "kernel", "bias"), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-6, err_msg=name)
+
+
+def test_a_model_s_gradients_on_the_cpu_match_the_plain_forms(tiny_config, monkeypatch):
+  # What a CPU train step uses (the CPU forms, chosen by platform) against autodiff of the plain forms.
+  config = tiny_config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  module = models.BertForSequenceClassification(config)
+  params = hf.init_params(module)
+  input_ids = np.random.default_rng(1).integers(1, 99, (3, 11)).astype(np.int32)
+  attention_mask = (np.arange(11)[None, :] < np.array([[11], [4], [8]])).astype(np.int32)
+
+  def loss(p):
+    logits = module.apply({"params": p}, input_ids, attention_mask)
+    return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+  cpu_loss, cpu_grads = jax.jit(jax.value_and_grad(loss))(params)
+  monkeypatch.setattr(projection, "contract", projection._contract_general)
+  monkeypatch.setattr(projection, "add_bias", jnp.add)
+  plain_loss, plain_grads = jax.jit(jax.value_and_grad(loss))(params)
+  np.testing.assert_allclose(cpu_loss, plain_loss, rtol=RTOL)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(cpu_grads), jax.tree_util.tree_leaves(plain_grads)):
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("platform, cpu_forms", [("cpu", True), ("cuda", False), ("tpu", False)])
+def test_only_the_cpu_lowers_the_cpu_forms(tiny_config, platform, cpu_forms):
+  # Lowered (not compiled) for each platform here: the CPU's bias gradients are matmuls with ones
+  # (a dot_general of a 1-D operand), the others' are reductions.
+  module = models.BertForSequenceClassification(tiny_config.replace(hidden_dropout_prob=0.0,
+                                                                    attention_probs_dropout_prob=0.0))
+  params = hf.init_params(module)
+  input_ids = np.ones((2, 7), np.int32)
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(module.apply({"params": p}, input_ids))))
+  text = grad.trace(params).lower(lowering_platforms=(platform,)).as_text()
+  ones_matmuls = [line for line in text.splitlines()
+                  if "stablehlo.dot_general" in line and "(tensor<14xf32>, tensor<14x" in line]
+  assert bool(ones_matmuls) == cpu_forms
