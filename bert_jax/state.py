@@ -174,7 +174,8 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
   abstract, _ = state_template(module, tx, config.seed, mesh)
   restored = ckpt.restore_best(abstract) if which == "best" else ckpt.restore_latest(abstract)
   ckpt.close()
-  logging.info("Restored the %s checkpoint of %s: step %d.", which, directory, restored.step)
+  logging.info("Restored the %s checkpoint of %s: step %d. Attention kernel: %s (attention_impl=%r).", which,
+               directory, restored.step, models.resolve_attention_impl(module.config), module.config.attention_impl)
   return module, restored.state.params, restored.meta, restored.step
 
 

@@ -118,6 +118,18 @@ def test_auto_falls_back_to_the_einsums_when_the_kernel_cannot_be_built(tiny_con
   assert "attention_impl='auto' uses einsum" in caplog.text and "/no/such/c++" in caplog.text
 
 
+def test_auto_falls_back_to_the_einsums_when_the_kernel_will_not_load(tiny_config, monkeypatch, caplog):
+  def unloadable():  # what ctypes raises for a library on a noexec mount, or a damaged one
+    raise OSError("cpu_attention-0123.so: failed to map segment from shared object")
+  monkeypatch.setattr(cpu_attention, "_register", unloadable)
+  cpu_attention.available.cache_clear()
+  try:
+    assert models.resolve_attention_impl(tiny_config.replace(attention_impl="auto")) == "einsum"
+  finally:
+    cpu_attention.available.cache_clear()
+  assert "failed to map segment" in caplog.text
+
+
 def test_a_model_with_auto_attention_computes_what_the_einsums_do(tiny_config):
   config = tiny_config.replace(attention_impl="auto")
   params = hf.init_params(models.BertModel(config))

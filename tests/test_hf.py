@@ -104,9 +104,10 @@ def test_heads_load_with_parity_and_round_trip(tmp_path, hf_cls, our_cls):
     np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0)
 
 
-def test_classifier_gradients_match_transformers(tmp_path):
+@pytest.mark.parametrize("attention_impl", ["cpu_fused", "einsum"])
+def test_classifier_gradients_match_transformers(tmp_path, attention_impl):
   # The backward pass against PyTorch's autograd: every parameter's gradient of a summed cross-entropy
-  # (dropout off), our CPU forms of the attention and dense-layer gradients included.
+  # (dropout off), with the CPU forms of the dense layers' gradients.
   torch.manual_seed(0)
   reference = transformers.BertForSequenceClassification(_tiny_hf_config(num_labels=3)).eval()
   reference.save_pretrained(tmp_path / "hf")
@@ -114,7 +115,7 @@ def test_classifier_gradients_match_transformers(tmp_path):
   torch.nn.functional.cross_entropy(reference(**_torch_inputs(arrays)).logits, torch.tensor(labels),
                                     reduction="sum").backward()
   module, params = hf.load_pretrained(str(tmp_path / "hf"), models.BertForSequenceClassification,
-                                      attention_impl="auto")
+                                      attention_impl=attention_impl)
 
   def loss(p):
     logits = module.apply({"params": p}, arrays["input_ids"], **_our_inputs(arrays))

@@ -116,8 +116,10 @@ class BertEmbeddings(nn.Module):
 
 def resolve_attention_impl(config: config_lib.BertConfig) -> str:
   """The attention kernel `config.attention_impl` names; 'auto' is decided here, where the model is traced:
-  our fused kernel on XLA:CPU in float32 (train steps 10-15% faster there, docs/performance.md), unless
-  it cannot be built (logged), else the einsums. Both apply attention dropout and agree to rounding."""
+  our fused kernel when JAX's default backend is the CPU and the dtype float32 (train steps 10-15%
+  faster there, docs/performance.md), unless it cannot be built or loaded (logged), else the einsums.
+  Both apply attention dropout and agree to rounding. Each process decides for itself: on a
+  multi-host CPU cluster whose hosts differ in having a compiler, name the kernel explicitly."""
   if config.attention_impl != "auto":
     return config.attention_impl
   if jax.default_backend() == "cpu" and config.dtype == "float32" and cpu_attention.available():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import pathlib
 import platform
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from absl import logging
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
 _FORWARD, _BACKWARD = "bert_jax_attention_forward", "bert_jax_attention_backward"
@@ -105,7 +105,7 @@ def available() -> bool:
   """Whether the kernel builds (or is cached) and loads here; if not, logs why, once per process."""
   try:
     _register()
-  except RuntimeError as e:
+  except (RuntimeError, OSError) as e:  # no compiler, a failed build, or a library that will not load
     logging.warning("The cpu_fused attention kernel is unavailable, so attention_impl='auto' uses einsum: %s", e)
     return False
   return True

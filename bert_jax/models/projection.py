@@ -1,10 +1,10 @@
 """The weight matmuls of BERT: `x @ kernel + bias` with logically named parameters, and their XLA:CPU forms.
 
 Owns: the `Projection` module and the arithmetic of every dense layer (Q/K/V, attention output,
-feed-forward, heads). On XLA:CPU two of its gradients take another form than autodiff's, with the
-same values (float32 rounding aside): the weight gradient comes from a 2-D matmul over the tokens
-axis, and the bias gradient from a matmul with a vector of ones. Together they made a MiniLM-size
-train step 16% faster on this project's 2-core Xeon (docs/performance.md, "ninth"); GPUs and TPUs
+feed-forward, heads). On XLA:CPU the same arithmetic is written so that autodiff's gradients take
+faster forms (the same values, float32 rounding aside): the weight gradient is a 2-D matmul over the
+tokens axis, and the bias gradient a matmul with a vector of ones. Together they made a MiniLM-size
+train step 14% faster on this project's 2-core Xeon (docs/performance.md, "ninth"); GPUs and TPUs
 keep the plain forms, which their compilers fuse and lay out themselves.
 """
 
@@ -83,29 +83,19 @@ def _contract_as_matrices(x, kernel, n_in):
 
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
   """`y[..., *out] + bias[*out]`."""
-  return jax.lax.platform_dependent(y, bias, cpu=lambda y, bias: _add_bias_summed_by_matmul(y, bias, bias.ndim),
-                                    default=jnp.add)
+  if y.shape[y.ndim - bias.ndim:] != bias.shape:  # a broadcast bias: the plain form
+    return y + bias
+  return jax.lax.platform_dependent(y, bias, cpu=_add_bias_spread_by_matmul, default=jnp.add)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _add_bias_summed_by_matmul(y, bias, n_out: int):
-  return y + bias
-
-
-def _add_bias_fwd(y, bias, n_out):
-  return y + bias, None
-
-
-def _add_bias_bwd(n_out, _, d_y):
-  # The bias gradient sums d_y over every token. XLA:CPU computes such column sums as strided
-  # reduce-windows (about 2-3 GB/s here); a matrix-vector product with ones reads d_y at full speed.
-  features = d_y.shape[d_y.ndim - n_out:]
-  d_tokens = d_y.reshape(-1, math.prod(features))
-  d_bias = jnp.dot(jnp.ones(d_tokens.shape[:1], d_tokens.dtype), d_tokens, preferred_element_type=jnp.float32)
-  return d_y, d_bias.reshape(features).astype(d_y.dtype)
-
-
-_add_bias_summed_by_matmul.defvjp(_add_bias_fwd, _add_bias_bwd)
+def _add_bias_spread_by_matmul(y, bias):
+  # The bias spread over the tokens as the outer product `ones[tokens, 1] @ bias[1, out]`, which XLA
+  # folds into a broadcast. Autodiff's transpose then makes the bias gradient the matmul
+  # `ones^T @ d_y`, where it would be a sum over the tokens: XLA:CPU computes such column sums as
+  # strided reduce-windows (2-3 GB/s here), the matmul reads d_y at full speed.
+  tokens = math.prod(y.shape[:y.ndim - bias.ndim])
+  spread = jnp.dot(jnp.ones((tokens, 1), bias.dtype), bias.reshape(1, -1))
+  return y + spread.reshape(y.shape)
 
 
 def _project_each(x, kernels, biases):
