@@ -68,7 +68,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   if preset == "minilm":
     config.init_checkpoint = common.MINILM
     config.learning_rate = 5e-5
-    config.train.num_epochs = 1.0  # a CPU-sized budget: ~1 hour on 2 cores
+    config.train.num_epochs = 1.0  # a CPU-sized budget: 27 minutes on 2 cores (docs/performance.md, "ninth")
   elif preset == "long":
     config.data.max_seq_length = 512
     config.data.length_buckets = (128, 256, 384)  # most reviews are far shorter than 512 tokens
