@@ -351,8 +351,10 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
       continue
     row, torch_row = time_case(case, config, model_config, mesh)
     row.update({name: getattr(model_config, name) for name in (
-        "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "remat_policy", "scan_layers")})
+        "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "layer_norm_impl", "remat_policy",
+        "scan_layers")})
     row["attention_impl"] = models.resolve_attention_impl(model_config)  # what ran: 'auto' decided
+    row["layer_norm_impl"] = models.resolve_layer_norm_impl(model_config)
     row.update(environment)
     row.update(torch_row)
     emit(json.dumps(row))

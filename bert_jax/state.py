@@ -36,7 +36,7 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
 _SHAPE_DEFAULTS = {"scan_layers": False}
 # BertConfig fields that say only how to compute: evaluate/predict take them from the config, not
 # the checkpoint (e.g. a model trained with attention_impl='cpu_fused' evaluated on a GPU).
-COMPUTE_FIELDS = ("dtype", "attention_impl", "remat_policy")
+COMPUTE_FIELDS = ("dtype", "attention_impl", "layer_norm_impl", "remat_policy")
 
 
 def is_workdir(path: str) -> bool:
@@ -174,8 +174,8 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
   abstract, _ = state_template(module, tx, config.seed, mesh)
   restored = ckpt.restore_best(abstract) if which == "best" else ckpt.restore_latest(abstract)
   ckpt.close()
-  logging.info("Restored the %s checkpoint of %s: step %d. Attention kernel: %s (attention_impl=%r).", which,
-               directory, restored.step, models.resolve_attention_impl(module.config), module.config.attention_impl)
+  logging.info("Restored the %s checkpoint of %s: step %d. Kernels: %s.", which, directory, restored.step,
+               models.describe_kernels(module.config))
   return module, restored.state.params, restored.meta, restored.step
 
 

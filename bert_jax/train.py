@@ -143,8 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_checks.check_model_fits(config, module_config, dict(mesh.shape))
   config_checks.check_tokenizer_fits(tokenizer, module_config, exact=task.model_cls is models.BertForPreTraining)
   module = task.model_cls(module_config)
-  logging.info("Attention kernel: %s (attention_impl=%r).", models.resolve_attention_impl(module_config),
-               module_config.attention_impl)
+  logging.info("Kernels: %s.", models.describe_kernels(module_config))
   ckpt = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                    best_metric=task.best_metric)
   latest = ckpt.latest_step()

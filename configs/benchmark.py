@@ -2,7 +2,8 @@
 
 Presets: 'minilm_cpu' (MiniLM-L6 size, batch 32, seq 128, float32, the fused CPU attention kernel:
 the CPU comparison with PyTorch),
-'base_gpu' (BERT-base, batch 64, seq 128, bf16), 'base_gpu_512' (BERT-base, batch 16, seq 512, bf16)
+'base_gpu' (BERT-base, batch 64, seq 128, bf16, the Pallas add & norm), 'base_gpu_512' (the same at
+batch 16, seq 512),
 'compile_cpu' (compile time of a narrow model at 2 and 24 layers, unrolled vs scanned) and
 'buckets_cpu' (MiniLM-L6 size, batch 8, seq 512, the fused CPU attention kernel: an IMDB epoch padded
 vs cut to length buckets).
@@ -62,10 +63,13 @@ def get_config(preset: str = "minilm_cpu") -> ml_collections.ConfigDict:
     config.num_warmup_steps = 1
   elif preset == "base_gpu":
     config.dtype = "bfloat16"
+    # The add & norm in one Pallas kernel: BERT-base pretraining at 256 x 128 4-5% faster on an H200.
+    config.model.layer_norm_impl = "pallas"
     config.batch_size = 64
     config.steps_per_sample = 5
   elif preset == "base_gpu_512":
     config.dtype = "bfloat16"
+    config.model.layer_norm_impl = "pallas"
     config.steps_per_sample = 5
     config.batch_size = 16
     config.seq_len = 512

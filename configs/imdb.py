@@ -23,8 +23,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   # Overrides of the model's BertConfig fields, under their Hugging Face names; None keeps the
   # checkpoint's value (or BertConfig's default when training from random init).
-  # attention_impl 'auto': our fused C++ attention kernel on a CPU in float32, else the einsums.
-  config.model = common.model_overrides(num_labels=2, attention_impl="auto")
+  # attention_impl 'auto': our fused C++ attention kernel on a CPU in float32, else the einsums;
+  # layer_norm_impl 'auto': the add & norm in one Pallas kernel on a GPU, else XLA's.
+  config.model = common.model_overrides(num_labels=2, attention_impl="auto", layer_norm_impl="auto")
 
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = common.IMDB  # aclImdb .tar.gz or folder; '' = tfds imdb_reviews

@@ -23,8 +23,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.learning_rate = 1e-4
 
   # None keeps BertConfig's default (bert-base) or the checkpoint's. attention_impl 'auto': our fused
-  # C++ attention kernel on a CPU in float32, else the einsums.
-  config.model = common.model_overrides(attention_impl="auto")
+  # C++ attention kernel on a CPU in float32, else the einsums; layer_norm_impl 'auto': the add & norm
+  # in one Pallas kernel on a GPU, else XLA's.
+  config.model = common.model_overrides(attention_impl="auto", layer_norm_impl="auto")
 
   config.data = ml_collections.ConfigDict()
   # A text file or folder of them (one sentence per line, blank line between documents), or an

@@ -45,13 +45,16 @@ def _inputs(config: models.BertConfig):
   return input_ids, attention_mask, token_type_ids, labels
 
 
-def _loss_grads_and_output(config: models.BertConfig, params, inputs):
+def _loss_grads_and_output(config: models.BertConfig, params, inputs, dropout_key=None):
+  """Loss, gradients and encoder output; with `dropout_key`, the loss and gradients with dropout on."""
   input_ids, attention_mask, token_type_ids, labels = inputs
   classifier = models.BertForSequenceClassification(config)
   encoder = models.BertModel(config)
 
   def loss(p):
-    logits = classifier.apply({"params": p}, input_ids, attention_mask, token_type_ids, deterministic=True)
+    logits = classifier.apply({"params": p}, input_ids, attention_mask, token_type_ids,
+                              deterministic=dropout_key is None,
+                              rngs=None if dropout_key is None else {"dropout": dropout_key})
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     return -jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
 
@@ -83,6 +86,22 @@ def _check_dropout_bits() -> int:
   return int(mismatches > 0)
 
 
+def _check_add_norm_dropout(base: models.BertConfig, params, inputs) -> int:
+  """Failures (0 or 1): the Pallas add & norm against XLA's with hidden dropout 0.1 on (the same keep
+  masks), float32, loss and gradients to 1e-4 relative."""
+  results = {}
+  for impl in ("xla", "pallas"):
+    config = base.replace(attention_impl="dot_product", hidden_dropout_prob=0.1, layer_norm_impl=impl)
+    loss, grads, _ = _loss_grads_and_output(config, params, inputs, dropout_key=jax.random.key(3))
+    results[impl] = float(loss), np.concatenate([np.ravel(np.asarray(g)) for g in jax.tree_util.tree_leaves(grads)])
+  loss_rel = abs(results["pallas"][0] - results["xla"][0]) / abs(results["xla"][0])
+  grad_rel = _rel_l2(results["pallas"][1], results["xla"][1])
+  ok = loss_rel <= 1e-4 and grad_rel <= 1e-4
+  print(f"add & norm with hidden dropout 0.1, pallas vs xla, float32: loss rel {loss_rel:.2e}, gradients rel L2 "
+        f"{grad_rel:.2e} (tol 1e-4) {'ok' if ok else 'FAIL'}")
+  return int(not ok)
+
+
 def main() -> int:
   partitioning.add_xla_flags(common.XLA_FLAGS)  # the numerics training runs with (cuBLAS, not Triton, GEMMs)
   print(f"devices: {jax.devices()}")
@@ -95,14 +114,16 @@ def main() -> int:
   real = inputs[1].astype(bool)  # [batch, seq]: compare the encoder output at real tokens only
   flat = lambda tree: np.concatenate([np.ravel(np.asarray(g, np.float32)) for g in jax.tree_util.tree_leaves(tree)])  # noqa: E731
   ref_flat, ref_real = flat(ref_grads), np.asarray(ref_out, np.float32)[real]
-  for attention_impl, dtype in (("dot_product", "float32"), ("einsum", "bfloat16"),
-                                ("dot_product", "bfloat16"), ("cudnn", "bfloat16")):
-    config = base.replace(attention_impl=attention_impl, dtype=dtype)
+  for attention_impl, dtype, layer_norm_impl in (
+      ("dot_product", "float32", "xla"), ("einsum", "bfloat16", "xla"), ("dot_product", "bfloat16", "xla"),
+      ("cudnn", "bfloat16", "xla"), ("dot_product", "float32", "pallas"), ("cudnn", "bfloat16", "pallas")):
+    config = base.replace(attention_impl=attention_impl, dtype=dtype, layer_norm_impl=layer_norm_impl)
+    name = f"{attention_impl:>11} {dtype:>8} {layer_norm_impl:>6}"
     try:
       loss, grads, out = _loss_grads_and_output(config, params, inputs)
     except Exception as e:  # pylint: disable=broad-except  # report every variant, then fail
       failures += 1
-      print(f"{attention_impl:>11} {dtype:>8}: ERROR {type(e).__name__}: {str(e)[:300]}")
+      print(f"{name}: ERROR {type(e).__name__}: {str(e)[:300]}")
       continue
     loss_rel = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
     grad_rel = _rel_l2(flat(grads), ref_flat)
@@ -111,8 +132,9 @@ def main() -> int:
     loss_tol, tol = TOLERANCES[dtype]
     ok = finite and loss_rel <= loss_tol and grad_rel <= tol and out_rel <= tol
     failures += not ok
-    print(f"{attention_impl:>11} {dtype:>8}: loss rel {loss_rel:.2e} (tol {loss_tol:.0e}), gradients rel L2 "
+    print(f"{name}: loss rel {loss_rel:.2e} (tol {loss_tol:.0e}), gradients rel L2 "
           f"{grad_rel:.2e}, output rel L2 {out_rel:.2e} (tol {tol:.0e}) {'ok' if ok else 'FAIL'}")
+  failures += _check_add_norm_dropout(base, params, inputs)
   print("all within tolerance" if not failures else f"{failures} variant(s) FAILED")
   return 1 if failures else 0
 

@@ -106,7 +106,7 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; 
     b256|sweep)
       # BERT's pretraining batch (256 x 128 tokens); sweep: each speed variant, one process apiece.
       b256=(--config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 "--config.cases=('pretrain_train',)")
-      variants=${SWEEP:-default triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention wait_each}
+      variants=${SWEEP:-default triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention xla_norm wait_each}
       [ "$stage" = b256 ] && variants=default
       for variant in $variants; do  # each adds an XLA flag (after config.xla_flags: it wins), a PRNG or a model flag
         xla_flag="" prng=${JAX_DEFAULT_PRNG_IMPL:-threefry2x32} flags=()
@@ -123,6 +123,7 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; 
           no_hidden_dropout) flags=(--config.model.hidden_dropout_prob=0);;
           scan_remat) flags=(--config.model.scan_layers=True --config.model.remat_policy=dots);;
           xla_attention) flags=(--config.model.attention_impl=dot_product);;
+          xla_norm) flags=(--config.model.layer_norm_impl=xla);;  # XLA's add & norm (the presets: one Pallas kernel)
           wait_each) flags=(--config.steps_per_sample=1);;  # the timing before steps_per_sample
           *) echo "unknown variant $variant"; continue;;
         esac

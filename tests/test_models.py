@@ -402,6 +402,7 @@ def test_fast_forms_compute_what_the_plain_forms_compute(tiny_config, monkeypatc
   # Both runs with the plain matmul forms (the CPU's have a test of their own).
   monkeypatch.setattr(projection, "contract", projection._contract_general)
   monkeypatch.setattr(projection, "add_bias", jnp.add)
+  monkeypatch.setattr(bert, "add_bias", jnp.add)  # the add & norm's bias
   monkeypatch.setattr(bert, "project_qkv", projection._project_each)
   plain_loss, plain_grads = _loss_and_grads(module, params)
   monkeypatch.setitem(bert._ACTIVATIONS, "gelu", bert.gelu)

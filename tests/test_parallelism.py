@@ -171,6 +171,20 @@ def eight_devices(tmp_path_factory):
       dropped[impl] = one_step("jit", partitioning.make_mesh((2, 2, 2)), dropout_module)
     attention_dropout = dict(loss_diff=abs(dropped["einsum"][1] - dropped["cpu_fused"][1]),
                              max_param_diff=max_diff(dropped["einsum"][0], dropped["cpu_fused"][0]))
+    # The Pallas add & norm (interpreted on the CPU), mapped over each device's batch or under pmap;
+    # then with hidden dropout on, against XLA's add & norm on the same mesh (the same keep masks).
+    norm_module = models.BertForSequenceClassification(module.config.replace(layer_norm_impl="pallas"))
+    for name, parallelism, shape in [("2/2/2, pallas add & norm", "jit", (2, 2, 2)),
+                                     ("pmap, pallas add & norm", "pmap", (8, 1, 1))]:
+      normed, loss = one_step(parallelism, partitioning.make_mesh(shape), norm_module)
+      steps_out[name] = dict(summary(normed, loss), max_param_diff=max_diff(normed, reference))
+    dropped = {}
+    for impl in ("xla", "pallas"):
+      dropout_module = models.BertForSequenceClassification(
+          module.config.replace(layer_norm_impl=impl, hidden_dropout_prob=0.1))
+      dropped[impl] = one_step("jit", partitioning.make_mesh((2, 2, 2)), dropout_module)
+    hidden_dropout = dict(loss_diff=abs(dropped["xla"][1] - dropped["pallas"][1]),
+                          max_param_diff=max_diff(dropped["xla"][0], dropped["pallas"][0]))
 
     directory = sys.argv[1]
     saved = states["fsdp=8"]
@@ -188,7 +202,8 @@ def eight_devices(tmp_path_factory):
       if name == "pmap mesh":  # one copy per device for pmap, and back: unchanged
         back = partitioning.unreplicate(partitioning.replicate(restored), shardings)
         restores[name]["round_trip_max_diff"] = max_diff(back, saved)
-    print(json.dumps({"steps": steps_out, "restores": restores, "attention_dropout": attention_dropout}))
+    print(json.dumps({"steps": steps_out, "restores": restores, "attention_dropout": attention_dropout,
+                      "hidden_dropout": hidden_dropout}))
   """), str(directory))
 
 
@@ -209,6 +224,14 @@ def test_cpu_fused_attention_dropout_on_a_mesh_matches_einsum(eight_devices):
   # The same keep mask reaches each device's shard of the kernel: one step on a 2x2x2 mesh with
   # attention dropout 0.1, einsum and cpu_fused, to float32 rounding.
   got = eight_devices[1]["attention_dropout"]
+  assert got["loss_diff"] < 1e-5 and got["max_param_diff"] < 1e-6, got
+
+
+@pytest.mark.slow
+def test_pallas_add_norm_with_dropout_on_a_mesh_matches_xla(eight_devices):
+  # Hidden dropout 0.1 on a 2x2x2 mesh: the kernel under shard_map gets each device's shard of the
+  # same keep masks as XLA's add & norm, and its parameter gradients are summed over the shards.
+  got = eight_devices[1]["hidden_dropout"]
   assert got["loss_diff"] < 1e-5 and got["max_param_diff"] < 1e-6, got
 
 

@@ -18,7 +18,8 @@ import numpy as np
 from bert_jax.models import config as config_lib
 from bert_jax.models import cpu_attention
 from bert_jax.models import dropout as dropout_lib
-from bert_jax.models.projection import contract, dense, kernel_init, project_qkv, zeros_init
+from bert_jax.models import fused_norm
+from bert_jax.models.projection import add_bias, contract, dense, kernel_init, project_qkv, zeros_init
 
 # Logical axis names of parameters; `bert_jax.partitioning` maps them to mesh axes.
 EMBED, MLP, HEADS, KV = "embed", "mlp", "heads", "kv"
@@ -68,10 +69,12 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def layer_norm(config: config_lib.BertConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=config.layer_norm_eps, dtype=config.compute_dtype, param_dtype=config.parameter_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (EMBED,)),
-      bias_init=zeros_init(EMBED), name=name)
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.compute_dtype, param_dtype=config.parameter_dtype,
+                      scale_init=_norm_scale_init(), bias_init=zeros_init(EMBED), name=name)
+
+
+def _norm_scale_init():
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), (EMBED,))
 
 
 class BertOutput(NamedTuple):
@@ -127,8 +130,54 @@ def resolve_attention_impl(config: config_lib.BertConfig) -> str:
   return "einsum"
 
 
+def map_over_shards(fn: Callable, inputs, in_axes, out_axes):
+  """`fn(*inputs)` on each device's shard, the shards given by the logical axes of each input and output.
+
+  XLA cannot split a custom call (our CPU attention kernel, a Pallas kernel), so on a mesh it would
+  gather every input onto every device: map the call over the shards instead. `in_axes` has one
+  tuple of logical names per input (None: replicated). Without a mesh, or inside `pmap`/`shard_map`
+  (every axis manual: each device already holds only its own rows), it is `fn(*inputs)`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or set(mesh.axis_names) <= set(mesh.manual_axes):
+    return fn(*inputs)
+
+  def spec(logical):  # the rules' mesh axes for each dimension, those this mesh has
+    def on_mesh(axes):
+      axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.axis_names)
+      return axes or None
+    return jax.P() if logical is None else jax.P(*(on_mesh(a) for a in nn.logical_to_mesh_axes(logical)))
+
+  # check_vma off: a custom call's outputs carry no varying-axes types for a custom VJP to match.
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in in_axes), out_specs=spec(out_axes),
+                       check_vma=False)(*inputs)
+
+
+def resolve_layer_norm_impl(config: config_lib.BertConfig) -> str:
+  """The add & norm `config.layer_norm_impl` names; 'auto' is decided here, where the model is traced:
+  the Pallas kernel when JAX's default backend is a GPU (a BERT-base pretraining step 4-5% faster
+  on an H200, docs/performance.md), else XLA's passes. 'pallas' on a TPU is refused: its kernel is
+  written for Triton, and Pallas's interpreter would run it at a fraction of XLA's speed."""
+  backend = jax.default_backend()
+  if config.layer_norm_impl == "auto":
+    return "pallas" if backend == "gpu" else "xla"
+  if config.layer_norm_impl == "pallas" and backend not in ("gpu", "cpu"):
+    raise ValueError(f"BertConfig.layer_norm_impl='pallas' is a Triton kernel for GPUs; this is {backend!r}. "
+                     "Use --config.model.layer_norm_impl=xla (or auto).")
+  return config.layer_norm_impl
+
+
+def describe_kernels(config: config_lib.BertConfig) -> str:
+  """What the speed switches resolve to here, for logs: "attention cpu_fused (attention_impl='auto'), ..."."""
+  return (f"attention {resolve_attention_impl(config)} (attention_impl={config.attention_impl!r}), "
+          f"add & norm {resolve_layer_norm_impl(config)} (layer_norm_impl={config.layer_norm_impl!r})")
+
+
 class BertSelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention over the unpadded keys.
+
+  Returns the attention output projection without its bias `[batch, seq, hidden]`, and that bias
+  `[hidden]`: the layer's add & norm adds it (`add_norm`).
 
   `config.attention_impl` picks the kernel: 'einsum' (ours: float32 softmax, attention dropout),
   'dot_product' (`jax.nn.dot_product_attention`, implementation=None: XLA in jax 0.10), 'cudnn'
@@ -165,7 +214,7 @@ class BertSelfAttention(nn.Module):
             implementation="cudnn")  # [batch, seq, heads, head_dim]
       else:
         context = jax.nn.dot_product_attention(query, key, value, mask=attention_mask)
-    return dense(c, c.hidden_size, (HEADS, KV), (EMBED,), "output")(context)
+    return dense(c, c.hidden_size, (HEADS, KV), (EMBED,), "output").unbiased(context)
 
   def _cpu_fused_attention(self, query, key, value, attention_mask, deterministic: bool):
     c = self.config
@@ -178,20 +227,9 @@ class BertSelfAttention(nn.Module):
     keep = dropout_lib.Dropout(rate).keep_mask((batch, heads, seq, seq)) if rate else None
     inputs = (query, key, value, attention_mask[:, 0, 0, :]) + ((keep,) if rate else ())
     attend = lambda q, k, v, key_valid, keep=None: cpu_attention.attention(q, k, v, key_valid, keep, rate)  # noqa: E731
-    mesh = jax.sharding.get_abstract_mesh()
-    # Inside pmap (or shard_map) every axis is manual: each device already holds only its own rows.
-    if mesh.empty or mesh.size == 1 or set(mesh.axis_names) <= set(mesh.manual_axes):
-      return attend(*inputs)
-    # XLA cannot split a custom call, so it would gather every shard onto every device: map the
-    # kernel over each device's shard of the batch (and heads) instead.
-    def on_mesh(axes):  # the logical rules' mesh axes for one dimension, those this mesh has
-      axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.axis_names)
-      return axes or None
-    batch_axes, _, head_axes, _ = (on_mesh(a) for a in nn.logical_to_mesh_axes((ACT_BATCH, ACT_LENGTH, HEADS, KV)))
-    qkv = jax.P(batch_axes, None, head_axes, None)
-    specs = (qkv, qkv, qkv, jax.P(batch_axes, None)) + ((jax.P(batch_axes, head_axes, None, None),) if rate else ())
-    # check_vma off: the FFI call's outputs carry no varying-axes types for the custom VJP to match.
-    return jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*inputs)
+    qkv = (ACT_BATCH, ACT_LENGTH, HEADS, KV)
+    axes = (qkv, qkv, qkv, (ACT_BATCH, ACT_LENGTH)) + (((ACT_BATCH, HEADS, ACT_LENGTH, None),) if rate else ())
+    return map_over_shards(attend, inputs, axes, qkv)
 
   def _einsum_attention(self, query, key, value, attention_mask, deterministic: bool):
     c = self.config
@@ -222,13 +260,46 @@ class BertLayer(nn.Module):
     c = self.config
     dropout = dropout_lib.Dropout(c.hidden_dropout_prob)
     attended = BertSelfAttention(c, name="attention")(x, attention_mask, deterministic=deterministic)
-    x = layer_norm(c, "attention_output_LayerNorm")(x + dropout(attended, deterministic=deterministic))
+    x = add_norm(c, dropout, x, *attended, "attention_output_LayerNorm", deterministic)
     x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
     h = dense(c, c.intermediate_size, (EMBED,), (MLP,), "intermediate")(x)  # [batch, seq, intermediate]
     h = nn.with_logical_constraint(activation(c.hidden_act)(h), (ACT_BATCH, ACT_LENGTH, ACT_MLP))
-    h = dense(c, c.hidden_size, (MLP,), (EMBED,), "output")(h)
-    x = layer_norm(c, "output_LayerNorm")(x + dropout(h, deterministic=deterministic))
+    h = dense(c, c.hidden_size, (MLP,), (EMBED,), "output").unbiased(h)
+    x = add_norm(c, dropout, x, *h, "output_LayerNorm", deterministic)
     return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+
+
+def add_norm(config: config_lib.BertConfig, dropout: dropout_lib.Dropout, residual, y, bias, name: str,
+             deterministic: bool):
+  """BERT's "add & norm", `LayerNorm(residual + dropout(y + bias))` `[batch, seq, hidden]`, by `config.layer_norm_impl`.
+
+  `y` is a projection without its bias (`Projection.unbiased`). Both implementations draw the same
+  dropout mask from `dropout` and name their parameters as `nn.LayerNorm` does (`name/scale`, `name/bias`).
+  """
+  if resolve_layer_norm_impl(config) == "xla":
+    return layer_norm(config, name)(residual + dropout(add_bias(y, bias), deterministic=deterministic))
+  rate = 0.0 if deterministic else dropout.rate
+  keep = dropout.keep_mask(y.shape) if rate else None
+  return FusedAddNorm(config, name=name)(y, bias, keep, residual, rate)
+
+
+class FusedAddNorm(nn.Module):
+  """`LayerNorm(residual + dropout(y + bias))` in one Pallas kernel (`fused_norm`), with `nn.LayerNorm`'s parameters."""
+  config: config_lib.BertConfig
+
+  @nn.compact
+  def __call__(self, y, bias, keep, residual, rate: float):
+    c = self.config
+    scale = self.param("scale", _norm_scale_init(), y.shape[-1:], c.parameter_dtype)
+    offset = self.param("bias", zeros_init(EMBED), y.shape[-1:], c.parameter_dtype)
+
+    def norm(y, residual, bias, scale, offset, keep=None):
+      return fused_norm.add_dropout_layer_norm(y, bias, keep, residual, scale, offset, rate=rate, eps=c.layer_norm_eps)
+
+    tokens = (ACT_BATCH, ACT_LENGTH, ACT_EMBED)
+    inputs = (y, residual, bias, scale, offset) + ((keep,) if keep is not None else ())
+    return map_over_shards(norm, inputs, (tokens, tokens, None, None, None) + ((tokens,) if keep is not None else ()),
+                           tokens)
 
 
 # `remat_policy` -> what each layer keeps for the backward pass (the rest is recomputed).

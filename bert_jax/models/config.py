@@ -25,8 +25,13 @@ ATTENTION_DROPOUT_IMPLS = ("einsum", "cpu_fused", "auto")
 # Rematerialisation of each encoder layer in the backward pass: none, all of it, or all but the
 # outputs of the weight matmuls (see `bert.REMAT_POLICIES`).
 REMAT_POLICIES = ("none", "full", "dots")
+# How each layer's "add & norm" (`LayerNorm(residual + dropout(h + bias))`) is computed: XLA's
+# passes, or one Pallas (Triton) kernel forward and one backward (`fused_norm`: GPUs; on a CPU
+# Pallas's interpreter runs it, slowly, for tests). 'auto': 'pallas' on a GPU, else 'xla'
+# (`bert.resolve_layer_norm_impl`).
+LAYER_NORM_IMPLS = ("xla", "pallas", "auto")
 # Fields that say how to compute, not what the model is: never read from or written to config.json.
-NON_HF_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers")
+NON_HF_FIELDS = ("dtype", "param_dtype", "attention_impl", "layer_norm_impl", "remat_policy", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +58,7 @@ class BertConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: str = "einsum"  # one of ATTENTION_IMPLS
+  layer_norm_impl: str = "xla"  # one of LAYER_NORM_IMPLS
   remat_policy: str = "none"  # one of REMAT_POLICIES
   # One `nn.scan` over the layers: parameters stacked as `encoder/layers/...` with a leading
   # `layers` axis (compile time independent of depth), instead of `encoder/layer_{i}/...`.
@@ -93,6 +99,9 @@ class BertConfig:
     if self.attention_impl == "cpu_fused" and self.dtype != "float32":
       raise ValueError(f"BertConfig.attention_impl='cpu_fused' computes in float32; got dtype={self.dtype!r}. Set "
                        "--config.model.dtype=float32 or use attention_impl='einsum'.")
+    if self.layer_norm_impl not in LAYER_NORM_IMPLS:
+      raise ValueError(f"BertConfig.layer_norm_impl={self.layer_norm_impl!r} is not supported; use one of "
+                       f"{LAYER_NORM_IMPLS}.")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"BertConfig.remat_policy={self.remat_policy!r} is not supported; use one of "
                        f"{REMAT_POLICIES}.")

@@ -50,9 +50,13 @@ class Projection(nn.Module):
     return kernel.astype(c.compute_dtype), bias.astype(c.compute_dtype)
 
   def __call__(self, x):
+    return add_bias(*self.unbiased(x))
+
+  def unbiased(self, x) -> tuple[jax.Array, jax.Array]:
+    """(`x @ kernel`, bias): for a consumer that adds the bias itself, as a fused kernel can."""
     n_in = len(self.in_axes)
     kernel, bias = self.weights(x.shape[-n_in:])
-    return add_bias(contract(x.astype(self.config.compute_dtype), kernel, n_in), bias)
+    return contract(x.astype(self.config.compute_dtype), kernel, n_in), bias
 
 
 def dense(config: config_lib.BertConfig, features, in_axes: tuple[str, ...], out_axes: tuple[str, ...],

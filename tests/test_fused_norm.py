@@ -1,0 +1,139 @@
+"""The Pallas add & norm (`fused_norm`, `layer_norm_impl='pallas'`) against the plain float32 path.
+
+On this CPU Pallas's interpreter runs the kernels' own code (the same tiles, masks and column sums
+the GPU compiles); `scripts/check_gpu.py` runs the same comparison compiled on a GPU.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bert_jax import hf
+from bert_jax import models
+from bert_jax.models import bert
+from bert_jax.models import fused_norm
+
+RATE, EPS = 0.1, 1e-12
+
+
+def plain_add_norm(h, bias, keep, residual, scale, offset):
+  """`LayerNorm(residual + dropout(h + bias))` as the model's XLA path computes it."""
+  dropped = h + bias
+  if keep is not None:
+    dropped = jnp.where(keep, dropped / jnp.asarray(1.0 - RATE, h.dtype), jnp.zeros((), h.dtype))
+  norm = nn.LayerNorm(epsilon=EPS, dtype=h.dtype)
+  return norm.apply({"params": {"scale": scale, "bias": offset}}, residual + dropped)
+
+
+def _operands(shape, dtype=jnp.float32, dropout=True, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 6)
+  h, residual = (jax.random.normal(k, shape).astype(dtype) for k in keys[:2])
+  bias = (0.5 * jax.random.normal(keys[2], shape[-1:])).astype(dtype)
+  scale = 1.0 + 0.1 * jax.random.normal(keys[3], shape[-1:])
+  offset = 0.1 * jax.random.normal(keys[4], shape[-1:])
+  keep = jax.random.bernoulli(keys[5], 1.0 - RATE, shape) if dropout else None
+  return h, bias, keep, residual, scale, offset
+
+
+def _value_and_grads(fn, operands):
+  h, bias, keep, residual, scale, offset = operands
+  weights = jax.random.normal(jax.random.key(9), h.shape)  # a loss that weighs every output differently
+
+  def loss(h, bias, residual, scale, offset):
+    return jnp.sum(fn(h, bias, keep, residual, scale, offset).astype(jnp.float32) * weights)
+
+  return jax.value_and_grad(loss, argnums=range(5))(h, bias, residual, scale, offset)
+
+
+def _fused(tiling=fused_norm.Tiling()):
+  return lambda *args: fused_norm.add_dropout_layer_norm(*args, rate=RATE, eps=EPS, tiling=tiling)
+
+
+@pytest.mark.parametrize("dropout", [True, False])
+@pytest.mark.parametrize("shape, tiling", [
+    ((2, 5, 48), fused_norm.Tiling()),  # hidden as 3 chunks of 16
+    ((37, 96), fused_norm.Tiling(block_rows=4, num_warps=4, backward_blocks=3)),  # rows not a multiple of a block
+    ((13, 50), fused_norm.Tiling(block_rows=2, num_warps=1, backward_blocks=2)),  # an odd width: one masked block
+])
+def test_value_and_every_gradient_match_the_plain_path_in_float32(shape, tiling, dropout):
+  operands = _operands(shape, dropout=dropout)
+  value, grads = _value_and_grads(_fused(tiling), operands)
+  plain_value, plain_grads = _value_and_grads(plain_add_norm, operands)
+  # float32: only the order of the row sums differs.
+  np.testing.assert_allclose(value, plain_value, rtol=1e-5, atol=1e-5)
+  for name, got, want in zip(("h", "bias", "residual", "scale", "offset"), grads, plain_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))), err_msg=name)
+
+
+def test_bfloat16_is_within_rounding_of_float32():
+  # bf16 keeps 8 significant bits: each rounded step is off by up to 0.4%; the bounds are those of the
+  # model's bf16 test (tests/test_models.py).
+  operands = _operands((4, 8, 64))
+  reference = plain_add_norm(*operands)
+  bf16 = [x.astype(jnp.bfloat16) for x in operands[:2]] + [operands[2], operands[3].astype(jnp.bfloat16)]
+  out = fused_norm.add_dropout_layer_norm(*bf16, *operands[4:], rate=RATE, eps=EPS)
+  assert out.dtype == jnp.bfloat16
+  error = np.linalg.norm(np.asarray(out, np.float32) - reference) / np.linalg.norm(reference)
+  assert error < 2e-2, error
+
+
+def test_parameter_gradients_keep_their_dtypes():
+  h, bias, keep, residual, scale, offset = _operands((3, 16), jnp.bfloat16)
+  grads = jax.grad(lambda *a: jnp.sum(fused_norm.add_dropout_layer_norm(*a, rate=RATE, eps=EPS).astype(jnp.float32)),
+                   argnums=(0, 1, 3, 4, 5))(h, bias, keep, residual, scale, offset)
+  assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32]
+
+
+def _classifier(tiny_config, **overrides):
+  return models.BertForSequenceClassification(tiny_config.replace(**overrides))
+
+
+def _loss_and_grads(module, params, deterministic):
+  rng = np.random.default_rng(0)
+  input_ids = rng.integers(1, 99, (3, 9)).astype(np.int32)
+  attention_mask = (np.arange(9)[None, :] < np.array([[9], [4], [7]])).astype(np.int32)
+
+  def loss(p):
+    logits = module.apply({"params": p}, input_ids, attention_mask, deterministic=deterministic,
+                          rngs={"dropout": jax.random.key(5)})
+    return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("layers", [dict(), dict(scan_layers=True, remat_policy="dots")])
+def test_model_with_pallas_add_norm_computes_what_xla_computes(tiny_config, deterministic, layers):
+  # Dropout on (deterministic=False): both draw the same keep masks from the layer's Dropout.
+  xla = _classifier(tiny_config, layer_norm_impl="xla", **layers)
+  pallas = _classifier(tiny_config, layer_norm_impl="pallas", **layers)
+  params = hf.init_params(xla)
+  # The same parameters under the same names: checkpoints and HF export do not see the switch.
+  assert jax.tree_util.tree_structure(hf.init_params(pallas)) == jax.tree_util.tree_structure(params)
+  value, grads = _loss_and_grads(pallas, params, deterministic)
+  plain_value, plain_grads = _loss_and_grads(xla, params, deterministic)
+  np.testing.assert_allclose(value, plain_value, rtol=1e-5)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(plain_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_auto_takes_the_kernel_on_a_gpu_only(tiny_config, monkeypatch):
+  config = tiny_config.replace(layer_norm_impl="auto")
+  assert models.resolve_layer_norm_impl(config) == "xla"  # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert models.resolve_layer_norm_impl(config) == "pallas"
+  assert "add & norm pallas (layer_norm_impl='auto')" in models.describe_kernels(config)
+
+
+def test_pallas_on_a_tpu_is_refused(tiny_config, monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with pytest.raises(ValueError, match="Triton kernel for GPUs.*layer_norm_impl=xla"):
+    bert.resolve_layer_norm_impl(tiny_config.replace(layer_norm_impl="pallas"))
+  assert bert.resolve_layer_norm_impl(tiny_config.replace(layer_norm_impl="auto")) == "xla"
+
+
+def test_an_unknown_layer_norm_impl_is_refused(tiny_config):
+  with pytest.raises(ValueError, match="layer_norm_impl='apex' is not supported"):
+    tiny_config.replace(layer_norm_impl="apex")
