@@ -12,7 +12,8 @@ FLOPs use one stated formula (matmuls only; layer norms, softmax and the optimiz
   train = 3 x forward (backward is twice the forward); eval = forward.
 
 The model's speed switches come from `config.model` like every other BertConfig field
-(`--config.model.attention_impl=dot_product`, `remat_policy`, `scan_layers`; `--config.dtype`).
+(`--config.model.attention_impl=dot_product`, `layer_norm_impl`, `remat_policy`, `scan_layers`;
+`--config.dtype`).
 The case `compile_depth` times tracing and compiling the train step (no step is run) at each depth
 of `config.compile_depths`, with the layers unrolled and scanned: one JSON line per model.
 The case `length_buckets` prices one fine-tuning epoch over real IMDB review lengths, every batch
@@ -237,6 +238,7 @@ def time_compile_depth(bench: ml_collections.ConfigDict, model_config: models.Be
       rows.append({
           "case": "compile_depth", "num_hidden_layers": depth, "scan_layers": scan_layers,
           "remat_policy": config.remat_policy, "attention_impl": models.resolve_attention_impl(config),
+          "layer_norm_impl": models.resolve_layer_norm_impl(config),
           "hidden_size": config.hidden_size, "trace_seconds": traced - start, "compile_seconds": compiled - traced,
           "batch_size": bench.batch_size, "seq_len": bench.seq_len, "dtype": bench.dtype,
           "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",

@@ -1,16 +1,17 @@
 """Processes, device mesh and sharding: mesh axes, the logical-to-mesh rules table, shardings for state
 and batch, and the per-device copies of the state that `jax.pmap` takes.
 
-Owns: every decision about where arrays live, and joining the processes of a multi-host run. The
-model only names logical axes (see `bert_jax.models.bert`); this module maps them to the mesh axes
-`data`, `fsdp` and `tensor`. Batches are placed by `batching.shard_batch`.
+Owns: every decision about where arrays live (kernels inside the model too: `map_over_shards`), and
+joining the processes of a multi-host run. The model only names logical axes (see
+`bert_jax.models.bert`); this module maps them to the mesh axes `data`, `fsdp` and `tensor`. Batches
+are placed by `batching.shard_batch`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -197,3 +198,28 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> None:
   jax.distributed.initialize(**settings)
   logging.info("Process %d of %d joined: %d local of %d devices.", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+def map_over_shards(fn: Callable, inputs, in_axes, out_axes):
+  """`fn(*inputs)` on each device's shard, the shards given by the logical axes of each input and output.
+
+  XLA cannot split a custom call (our CPU attention kernel, a Pallas kernel), so on a mesh it would
+  gather every input onto every device: map the call over the shards instead. `in_axes` has one
+  tuple of logical names per input (None: replicated). Without a mesh, or inside `pmap`/`shard_map`
+  (every axis manual: each device already holds only its own rows), it is `fn(*inputs)`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or set(mesh.axis_names) <= set(mesh.manual_axes):
+    return fn(*inputs)
+
+  def spec(logical):  # the rules' mesh axes for each dimension, those this mesh has
+    def on_mesh(axes):
+      axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.axis_names)
+      return axes or None
+    if logical is None:
+      return PartitionSpec()
+    return PartitionSpec(*(on_mesh(a) for a in nn.logical_to_mesh_axes(logical)))
+
+  # check_vma off: a custom call's outputs carry no varying-axes types for a custom VJP to match.
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in in_axes), out_specs=spec(out_axes),
+                       check_vma=False)(*inputs)

@@ -10,7 +10,8 @@ vs cut to length buckets).
 
 The model's speed switches are `config.model` fields like any other, e.g.
 `--config.model.attention_impl=dot_product --config.model.attention_probs_dropout_prob=0`,
-`--config.model.remat_policy=dots`, `--config.model.scan_layers=True`, `--config.dtype=bfloat16`.
+`--config.model.layer_norm_impl=xla`, `--config.model.remat_policy=dots`, `--config.model.scan_layers=True`,
+`--config.dtype=bfloat16`.
 """
 
 import ml_collections

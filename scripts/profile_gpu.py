@@ -49,7 +49,7 @@ def main(argv):
   (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   if flags.FLAGS.xplane_dir:
     os.makedirs(flags.FLAGS.xplane_dir, exist_ok=True)
-    shutil.copy(path, os.path.join(flags.FLAGS.xplane_dir, f"{case}_{model_config.attention_impl}.xplane.pb"))
+    shutil.copy(path, os.path.join(flags.FLAGS.xplane_dir, f"{case}_{model_config.attention_impl}_{model_config.layer_norm_impl}.xplane.pb"))
   kernels = collections.Counter()
   counts = collections.Counter()
   for plane in jax.profiler.ProfileData.from_file(path).planes:
@@ -64,7 +64,7 @@ def main(argv):
         counts[event.name] += 1
   steps_traced = flags.FLAGS.traced_steps
   total_ms = sum(kernels.values()) / 1e6 / steps_traced
-  print(f"{case} {model_config.attention_impl} {model_config.dtype} batch {config.batch_size} seq "
+  print(f"{case} {model_config.attention_impl} add&norm={model_config.layer_norm_impl} {model_config.dtype} batch {config.batch_size} seq "
         f"{config.seq_len}: wall {wall_seconds * 1e3:.2f} ms/step, kernels {total_ms:.2f} ms/step, "
         f"{sum(counts.values()) // steps_traced} launches/step")
   for name, ns in kernels.most_common(flags.FLAGS.top):

@@ -149,7 +149,7 @@ def test_scanned_model_loads_and_exports_like_the_unrolled_one(tmp_path):
 
   hf.save_pretrained(module, params, str(tmp_path / "ours"))
   config_json = json.loads((tmp_path / "ours" / "config.json").read_text())
-  assert "scan_layers" not in config_json and "attention_impl" not in config_json
+  assert not {"scan_layers", "attention_impl", "layer_norm_impl"} & set(config_json)
   reloaded, info = transformers.BertForSequenceClassification.from_pretrained(
       str(tmp_path / "ours"), output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info

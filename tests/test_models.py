@@ -364,12 +364,14 @@ def test_bfloat16_embedding_gradients_add_up_in_float32(tiny_config):
 
 def test_speed_switches_stay_out_of_hf_config(tiny_config):
   config = tiny_config.replace(attention_impl="dot_product", remat_policy="dots", scan_layers=True,
-                               dtype="bfloat16")
+                               dtype="bfloat16", layer_norm_impl="pallas")
   hf_dict = config.to_hf_dict()
-  assert not {"attention_impl", "remat_policy", "scan_layers", "dtype", "param_dtype"} & set(hf_dict)
+  assert not {"attention_impl", "layer_norm_impl", "remat_policy", "scan_layers", "dtype", "param_dtype"} & set(hf_dict)
   # A config.json that happens to carry such keys does not switch them on.
-  loaded = models.BertConfig.from_hf_dict(dict(hf_dict, scan_layers=True, attention_impl="cudnn"))
-  assert (loaded.scan_layers, loaded.attention_impl, loaded.remat_policy) == (False, "einsum", "none")
+  loaded = models.BertConfig.from_hf_dict(dict(hf_dict, scan_layers=True, attention_impl="cudnn",
+                                               layer_norm_impl="pallas"))
+  assert (loaded.scan_layers, loaded.attention_impl, loaded.remat_policy, loaded.layer_norm_impl) == (
+      False, "einsum", "none", "xla")
   assert models.BertConfig.from_hf_dict(hf_dict, scan_layers=True).scan_layers
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bert_jax import partitioning
 from bert_jax.models import config as config_lib
 from bert_jax.models import cpu_attention
 from bert_jax.models import dropout as dropout_lib
@@ -130,29 +131,6 @@ def resolve_attention_impl(config: config_lib.BertConfig) -> str:
   return "einsum"
 
 
-def map_over_shards(fn: Callable, inputs, in_axes, out_axes):
-  """`fn(*inputs)` on each device's shard, the shards given by the logical axes of each input and output.
-
-  XLA cannot split a custom call (our CPU attention kernel, a Pallas kernel), so on a mesh it would
-  gather every input onto every device: map the call over the shards instead. `in_axes` has one
-  tuple of logical names per input (None: replicated). Without a mesh, or inside `pmap`/`shard_map`
-  (every axis manual: each device already holds only its own rows), it is `fn(*inputs)`.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or set(mesh.axis_names) <= set(mesh.manual_axes):
-    return fn(*inputs)
-
-  def spec(logical):  # the rules' mesh axes for each dimension, those this mesh has
-    def on_mesh(axes):
-      axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.axis_names)
-      return axes or None
-    return jax.P() if logical is None else jax.P(*(on_mesh(a) for a in nn.logical_to_mesh_axes(logical)))
-
-  # check_vma off: a custom call's outputs carry no varying-axes types for a custom VJP to match.
-  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in in_axes), out_specs=spec(out_axes),
-                       check_vma=False)(*inputs)
-
-
 def resolve_layer_norm_impl(config: config_lib.BertConfig) -> str:
   """The add & norm `config.layer_norm_impl` names; 'auto' is decided here, where the model is traced:
   the Pallas kernel when JAX's default backend is a GPU (a BERT-base pretraining step 4-5% faster
@@ -229,7 +207,7 @@ class BertSelfAttention(nn.Module):
     attend = lambda q, k, v, key_valid, keep=None: cpu_attention.attention(q, k, v, key_valid, keep, rate)  # noqa: E731
     qkv = (ACT_BATCH, ACT_LENGTH, HEADS, KV)
     axes = (qkv, qkv, qkv, (ACT_BATCH, ACT_LENGTH)) + (((ACT_BATCH, HEADS, ACT_LENGTH, None),) if rate else ())
-    return map_over_shards(attend, inputs, axes, qkv)
+    return partitioning.map_over_shards(attend, inputs, axes, qkv)
 
   def _einsum_attention(self, query, key, value, attention_mask, deterministic: bool):
     c = self.config
@@ -289,6 +267,7 @@ class FusedAddNorm(nn.Module):
 
   @nn.compact
   def __call__(self, y, bias, keep, residual, rate: float):
+    """`y`, `residual` `[batch, seq, hidden]`, `bias` `[hidden]`, `keep` bool `[batch, seq, hidden]` or None."""
     c = self.config
     scale = self.param("scale", _norm_scale_init(), y.shape[-1:], c.parameter_dtype)
     offset = self.param("bias", zeros_init(EMBED), y.shape[-1:], c.parameter_dtype)
@@ -296,10 +275,11 @@ class FusedAddNorm(nn.Module):
     def norm(y, residual, bias, scale, offset, keep=None):
       return fused_norm.add_dropout_layer_norm(y, bias, keep, residual, scale, offset, rate=rate, eps=c.layer_norm_eps)
 
-    tokens = (ACT_BATCH, ACT_LENGTH, ACT_EMBED)
-    inputs = (y, residual, bias, scale, offset) + ((keep,) if keep is not None else ())
-    return map_over_shards(norm, inputs, (tokens, tokens, None, None, None) + ((tokens,) if keep is not None else ()),
-                           tokens)
+    rows = (ACT_BATCH, ACT_LENGTH, None)  # whole rows on each device: a layer norm reduces over hidden
+    with_keep = keep is not None
+    inputs = (y, residual, bias, scale, offset) + ((keep,) if with_keep else ())
+    axes = (rows, rows, None, None, None) + ((rows,) if with_keep else ())
+    return partitioning.map_over_shards(norm, inputs, axes, rows)
 
 
 # `remat_policy` -> what each layer keeps for the backward pass (the rest is recomputed).

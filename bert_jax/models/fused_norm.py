@@ -209,6 +209,16 @@ def add_dropout_layer_norm(h: jax.Array, bias: jax.Array, keep: jax.Array | None
   for no dropout; `scale` and `offset` `[hidden]`, the norm's parameters in their own dtype.
   `interpret` None: Pallas's interpreter unless JAX's backend is a GPU.
   """
+  hidden = h.shape[-1:]
+  if residual.shape != h.shape or residual.dtype != h.dtype or bias.dtype != h.dtype:
+    raise ValueError(f"add_dropout_layer_norm takes h, residual and bias in one dtype and h's shape for the "
+                     f"residual; got h {h.dtype}{list(h.shape)}, residual {residual.dtype}{list(residual.shape)}, "
+                     f"bias {bias.dtype}.")
+  if bias.shape != hidden or scale.shape != hidden or offset.shape != hidden:
+    raise ValueError(f"add_dropout_layer_norm's bias, scale and offset are [hidden] = {list(hidden)}; got "
+                     f"{list(bias.shape)}, {list(scale.shape)}, {list(offset.shape)}.")
+  if keep is not None and keep.shape != h.shape:
+    raise ValueError(f"add_dropout_layer_norm's keep mask has shape {list(keep.shape)}, not h's {list(h.shape)}.")
   # The plain path divides by `1 - rate` rounded to the compute dtype (bfloat16: 0.8984375 for 0.9).
   keep_divisor = float(np.asarray(1.0 - rate, h.dtype)) if keep is not None else 1.0
   if keep is not None:
