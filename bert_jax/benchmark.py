@@ -353,9 +353,9 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
       continue
     row, torch_row = time_case(case, config, model_config, mesh)
     row.update({name: getattr(model_config, name) for name in (
-        "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "layer_norm_impl", "remat_policy",
-        "scan_layers")})
-    row["attention_impl"] = models.resolve_attention_impl(model_config)  # what ran: 'auto' decided
+        "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "remat_policy", "scan_layers")})
+    # What ran: 'auto' decided.
+    row["attention_impl"] = models.resolve_attention_impl(model_config)
     row["layer_norm_impl"] = models.resolve_layer_norm_impl(model_config)
     row.update(environment)
     row.update(torch_row)

@@ -30,7 +30,8 @@ RATE, EPS = 0.1, 1e-12
 
 
 def keep_mask(key, shape):
-  return dropout.random_bits(key, shape) >= np.uint32(round(RATE * 2**32))
+  """The model's mask: `Dropout.keep_mask` (its bits and threshold) under `key`."""
+  return dropout.Dropout(RATE).apply({}, shape, rngs={"dropout": key}, method=dropout.Dropout.keep_mask)
 
 
 def xla(h, bias, residual, scale, offset, key, with_dropout=True):

@@ -66,6 +66,10 @@ def _loss_grads_and_output(config: models.BertConfig, params, inputs, dropout_ke
   return value, grads, jax.jit(sequence_output)(params)
 
 
+def _flat(tree) -> np.ndarray:
+  return np.concatenate([np.ravel(np.asarray(g, np.float32)) for g in jax.tree_util.tree_leaves(tree)])
+
+
 def _rel_l2(actual, expected) -> float:
   return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
@@ -93,7 +97,7 @@ def _check_add_norm_dropout(base: models.BertConfig, params, inputs) -> int:
   for impl in ("xla", "pallas"):
     config = base.replace(attention_impl="dot_product", hidden_dropout_prob=0.1, layer_norm_impl=impl)
     loss, grads, _ = _loss_grads_and_output(config, params, inputs, dropout_key=jax.random.key(3))
-    results[impl] = float(loss), np.concatenate([np.ravel(np.asarray(g)) for g in jax.tree_util.tree_leaves(grads)])
+    results[impl] = float(loss), _flat(grads)
   loss_rel = abs(results["pallas"][0] - results["xla"][0]) / abs(results["xla"][0])
   grad_rel = _rel_l2(results["pallas"][1], results["xla"][1])
   ok = loss_rel <= 1e-4 and grad_rel <= 1e-4
@@ -112,8 +116,7 @@ def main() -> int:
   params = hf.init_params(models.BertForSequenceClassification(base))
   ref_loss, ref_grads, ref_out = _loss_grads_and_output(base, params, inputs)
   real = inputs[1].astype(bool)  # [batch, seq]: compare the encoder output at real tokens only
-  flat = lambda tree: np.concatenate([np.ravel(np.asarray(g, np.float32)) for g in jax.tree_util.tree_leaves(tree)])  # noqa: E731
-  ref_flat, ref_real = flat(ref_grads), np.asarray(ref_out, np.float32)[real]
+  ref_flat, ref_real = _flat(ref_grads), np.asarray(ref_out, np.float32)[real]
   for attention_impl, dtype, layer_norm_impl in (
       ("dot_product", "float32", "xla"), ("einsum", "bfloat16", "xla"), ("dot_product", "bfloat16", "xla"),
       ("cudnn", "bfloat16", "xla"), ("dot_product", "float32", "pallas"), ("cudnn", "bfloat16", "pallas")):
@@ -126,9 +129,9 @@ def main() -> int:
       print(f"{name}: ERROR {type(e).__name__}: {str(e)[:300]}")
       continue
     loss_rel = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
-    grad_rel = _rel_l2(flat(grads), ref_flat)
+    grad_rel = _rel_l2(_flat(grads), ref_flat)
     out_rel = _rel_l2(np.asarray(out, np.float32)[real], ref_real)
-    finite = bool(np.isfinite(flat(grads)).all() and np.isfinite(np.asarray(out, np.float32)).all())
+    finite = bool(np.isfinite(_flat(grads)).all() and np.isfinite(np.asarray(out, np.float32)).all())
     loss_tol, tol = TOLERANCES[dtype]
     ok = finite and loss_rel <= loss_tol and grad_rel <= tol and out_rel <= tol
     failures += not ok

@@ -158,33 +158,27 @@ def eight_devices(tmp_path_factory):
     stacked, loss = one_step("jit", partitioning.make_mesh((2, 2, 2)))
     steps_out["2/2/2, stacked Q/K/V"] = dict(summary(stacked, loss), max_param_diff=max_diff(stacked, reference))
     bert.project_qkv = project_each
-    # The fused CPU attention kernel, mapped over each device's batch and heads (shard_map) or under pmap.
-    fused_module = models.BertForSequenceClassification(module.config.replace(attention_impl="cpu_fused"))
-    for name, parallelism, shape in [("2/2/2, cpu_fused", "jit", (2, 2, 2)), ("pmap, cpu_fused", "pmap", (8, 1, 1))]:
-      fused, loss = one_step(parallelism, partitioning.make_mesh(shape), fused_module)
-      steps_out[name] = dict(summary(fused, loss), max_param_diff=max_diff(fused, reference))
-    # Attention dropout on: the kernel's keep mask under shard_map against the einsum path, same mesh.
-    dropped = {}
-    for impl in ("einsum", "cpu_fused"):
-      dropout_module = models.BertForSequenceClassification(
-          module.config.replace(attention_impl=impl, attention_probs_dropout_prob=0.1))
-      dropped[impl] = one_step("jit", partitioning.make_mesh((2, 2, 2)), dropout_module)
-    attention_dropout = dict(loss_diff=abs(dropped["einsum"][1] - dropped["cpu_fused"][1]),
-                             max_param_diff=max_diff(dropped["einsum"][0], dropped["cpu_fused"][0]))
-    # The Pallas add & norm (interpreted on the CPU), mapped over each device's batch or under pmap;
-    # then with hidden dropout on, against XLA's add & norm on the same mesh (the same keep masks).
-    norm_module = models.BertForSequenceClassification(module.config.replace(layer_norm_impl="pallas"))
-    for name, parallelism, shape in [("2/2/2, pallas add & norm", "jit", (2, 2, 2)),
-                                     ("pmap, pallas add & norm", "pmap", (8, 1, 1))]:
-      normed, loss = one_step(parallelism, partitioning.make_mesh(shape), norm_module)
-      steps_out[name] = dict(summary(normed, loss), max_param_diff=max_diff(normed, reference))
-    dropped = {}
-    for impl in ("xla", "pallas"):
-      dropout_module = models.BertForSequenceClassification(
-          module.config.replace(layer_norm_impl=impl, hidden_dropout_prob=0.1))
-      dropped[impl] = one_step("jit", partitioning.make_mesh((2, 2, 2)), dropout_module)
-    hidden_dropout = dict(loss_diff=abs(dropped["xla"][1] - dropped["pallas"][1]),
-                          max_param_diff=max_diff(dropped["xla"][0], dropped["pallas"][0]))
+    # Each kernel (a custom call XLA cannot split) mapped over each device's shard (shard_map) or
+    # under pmap, against 1 device; then with its dropout on, against the plain path on one mesh:
+    # the same keep masks reach each device's shard, and parameter gradients sum over the shards.
+    def kernel_on_mesh_and_pmap(label, **overrides):
+      kernel_module = models.BertForSequenceClassification(module.config.replace(**overrides))
+      for name, parallelism, shape in [(f"2/2/2, {label}", "jit", (2, 2, 2)), (f"pmap, {label}", "pmap", (8, 1, 1))]:
+        state, loss = one_step(parallelism, partitioning.make_mesh(shape), kernel_module)
+        steps_out[name] = dict(summary(state, loss), max_param_diff=max_diff(state, reference))
+
+    def kernel_with_dropout_vs_plain(field, plain, kernel, **dropout):
+      (plain_state, plain_loss), (kernel_state, kernel_loss) = (
+          one_step("jit", partitioning.make_mesh((2, 2, 2)),
+                   models.BertForSequenceClassification(module.config.replace(**{field: impl}, **dropout)))
+          for impl in (plain, kernel))
+      return dict(loss_diff=abs(plain_loss - kernel_loss), max_param_diff=max_diff(plain_state, kernel_state))
+
+    kernel_on_mesh_and_pmap("cpu_fused", attention_impl="cpu_fused")
+    attention_dropout = kernel_with_dropout_vs_plain("attention_impl", "einsum", "cpu_fused",
+                                                     attention_probs_dropout_prob=0.1)
+    kernel_on_mesh_and_pmap("pallas add & norm", layer_norm_impl="pallas")  # interpreted on the CPU
+    hidden_dropout = kernel_with_dropout_vs_plain("layer_norm_impl", "xla", "pallas", hidden_dropout_prob=0.1)
 
     directory = sys.argv[1]
     saved = states["fsdp=8"]

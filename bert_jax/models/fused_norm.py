@@ -169,12 +169,12 @@ def _forward(h, bias, keep, residual, scale, offset, keep_divisor, eps, tiling, 
       residual.reshape(-1, n_cols), scale, offset)
   y, z, mean, rstd = _call(kernel, out_shape, pl.cdiv(n_rows, tiling.block_rows), tiling, interpret,
                         "add_dropout_layer_norm")(*inputs)
-  return y.reshape(h.shape), (z, keep, mean, rstd, scale, offset, bias)
+  return y.reshape(h.shape), (z, keep, mean, rstd, scale, offset)
 
 
 def _backward(keep_divisor, eps, tiling, interpret, saved, dy):
   del eps
-  z, keep, mean, rstd, scale, offset, bias = saved
+  z, keep, mean, rstd, scale, offset = saved
   n_rows, n_cols = z.shape
   has_keep = keep is not None
   programs = pl.cdiv(n_rows, tiling.block_rows * tiling.backward_blocks)
@@ -187,7 +187,8 @@ def _backward(keep_divisor, eps, tiling, interpret, saved, dy):
   d_residual = outputs[0].reshape(dy.shape)
   d_h = outputs[1].reshape(dy.shape) if has_keep else d_residual
   d_scale, d_offset, d_bias = (s.sum(axis=0) for s in outputs[-3:])
-  return (d_h, d_bias.astype(bias.dtype), None, d_residual, d_scale.astype(scale.dtype),
+  # The bias comes in h's dtype, as z does (checked in `add_dropout_layer_norm`).
+  return (d_h, d_bias.astype(z.dtype), None, d_residual, d_scale.astype(scale.dtype),
           d_offset.astype(offset.dtype))
 
 
