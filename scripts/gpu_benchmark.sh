@@ -8,15 +8,18 @@
 #
 # Needs the git-ignored .gpu/ folder (bash scripts/prepare_gpu_carry.sh). On the lent machine:
 #   device run, carry [".gpu"], command "bash scripts/gpu_benchmark.sh"
-# Results: $OUT/bench.jsonl (one JSON line per case), $OUT/check_gpu.txt, $OUT/env.txt, logs.
-# STAGES="check profile" runs a subset (default: all, in the order below); PROFILE_EINSUM=0 profiles
-# only the cuDNN step; PROFILE_ARGS="--case=pretrain_train --config.batch_size=256" picks the traced
+# Results: $OUT/bench.jsonl (one JSON line per case), $OUT/check_gpu.txt, $OUT/attention.jsonl,
+# $OUT/main_results.json, $OUT/env.txt, logs.
+# STAGES="check profile" runs a subset (default: ceilings check profile base128 base512 sweep
+# einsum128); PROFILE_EINSUM=0 profiles only the cuDNN step; PROFILE_ARGS="--case=pretrain_train --config.batch_size=256" picks the traced
 # step; DUMP_HLO=1 also keeps its optimized HLO ($OUT/hlo_after_optimizations.txt.gz);
 # CASES_512="('train','length_buckets')" narrows the seq-512 stage; SWEEP="default rbg" narrows the
 # batch-256 pretraining variants; SWEEP_SECONDS (default 150) limits each of them (100 s was too
 # short for every variant on 2026-11-27: the timeouts cost most of a lease). BUDGET_SECONDS (the
 # device call's timeout_s) cuts each process's limit to what is left of the call, less 20 s, and
 # skips what would start with under 30 s left, so a long STAGES list still ends with its summary.
+# STAGES=attention times the attention core alone (scripts/bench_attention.py); STAGES=main runs the
+# main job (configs/imdb.py:minilm) on all the labelled reviews, MAIN_EXTRA="--config...." adding flags.
 # A dry run elsewhere: ATTENTION=dot_product BENCH_EXTRA="--config.dtype=float32 ..." bash scripts/gpu_benchmark.sh
 set -u
 out=${OUT:-/tmp/bert_jax_gpu}
@@ -31,9 +34,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .gpu/whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import bert_jax.benchmark, bert_jax.train" 2> "$out/stderr.log"; then
   tail -n 3 "$out/stderr.log"
-  echo "the image's packages cannot import bert_jax: installing the carried flax/optax/orbax"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .gpu/fallback/*.whl
+  if compgen -G ".gpu/fallback/*.whl" > /dev/null; then
+    echo "the image's packages cannot import bert_jax: installing the carried flax/optax/orbax"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .gpu/fallback/*.whl
+  else
+    echo "the image's packages cannot import bert_jax; FALLBACK_WHEELS=1 bash scripts/prepare_gpu_carry.sh carries ours"
+  fi
 fi
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
@@ -80,6 +87,21 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; 
       limited 150 python3 -m scripts.check_gpu > "$out/check_gpu.txt" 2>> "$out/stderr.log"
       explain check 150 $?
       cat "$out/check_gpu.txt";;
+    attention)  # the attention core alone: einsums, cuDNN, the Pallas kernel at each tiling
+      echo "== attention kernels"
+      limited 240 python3 -m scripts.bench_attention --sweep > "$out/attention.jsonl" 2>> "$out/stderr.log"
+      explain attention 240 $?
+      limited 90 python3 -m scripts.bench_attention --batch=16 --seq=512 >> "$out/attention.jsonl" 2>> "$out/stderr.log"
+      explain attention512 90 $?
+      python3 - "$out/attention.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+  r = json.loads(line)
+  print(r["shape"], r["variant"], r["tiling"], r.get("error") or
+        f"fwd {r['forward_ms']:.3f} ms, fwd+bwd {r['forward_backward_ms']:.3f} ms, out {r.get('output_rel_l2', 0):.1e}, "
+        f"grads {max((r.get('grads_rel_l2') or {'-': 0}).values()):.1e}")
+PY
+      ;;
     ceilings)
       echo "== ceilings"
       limited 60 python3 -m scripts.measure_ceilings >> "$out/env.txt" 2>> "$out/stderr.log"
@@ -106,7 +128,7 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; 
     b256|sweep)
       # BERT's pretraining batch (256 x 128 tokens); sweep: each speed variant, one process apiece.
       b256=(--config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 "--config.cases=('pretrain_train',)")
-      variants=${SWEEP:-default triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention xla_norm wait_each}
+      variants=${SWEEP:-default triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention pallas_attention xla_norm wait_each}
       [ "$stage" = b256 ] && variants=default
       for variant in $variants; do  # each adds an XLA flag (after config.xla_flags: it wins), a PRNG or a model flag
         xla_flag="" prng=${JAX_DEFAULT_PRNG_IMPL:-threefry2x32} flags=()
@@ -123,6 +145,7 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; 
           no_hidden_dropout) flags=(--config.model.hidden_dropout_prob=0);;
           scan_remat) flags=(--config.model.scan_layers=True --config.model.remat_policy=dots);;
           xla_attention) flags=(--config.model.attention_impl=dot_product);;
+          pallas_attention) flags=(--config.model.attention_impl=pallas);;  # jax's Pallas flash attention
           xla_norm) flags=(--config.model.layer_norm_impl=xla);;  # XLA's add & norm (the presets: one Pallas kernel)
           wait_each) flags=(--config.steps_per_sample=1);;  # the timing before steps_per_sample
           *) echo "unknown variant $variant"; continue;;
@@ -131,7 +154,19 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; 
           run_case "${variant/#default/pretrain128_b256}" "${SWEEP_SECONDS:-150}" "${b256[@]}" "${flags[@]}"
       done;;
     base512) run_case base512 400 --config=configs/benchmark.py:base_gpu_512 "${fast[@]}" --config.compare_torch=True \
-      --config.tokenizer=.gpu/minilm --config.data_dir=.gpu/imdb ${CASES_512:+"--config.cases=$CASES_512"};;
+      --config.tokenizer=.gpu/minilm --config.data_dir=.gpu/aclImdb_labelled.tar.gz ${CASES_512:+"--config.cases=$CASES_512"};;
+    main)
+      # The README's main job as it runs on the CPU (configs/imdb.py:minilm: one epoch, float32,
+      # 'auto' kernels), from the carried float16 copy of the MiniLM weights; MAIN_EXTRA adds flags.
+      echo "== main job"
+      read -ra main_extra <<< "${MAIN_EXTRA:-}"
+      workdir=$(mktemp -d)
+      limited "${MAIN_SECONDS:-400}" python3 -m bert_jax.main --config=configs/imdb.py:minilm --workdir="$workdir" \
+        --config.init_checkpoint=.gpu/minilm --config.data.data_dir=.gpu/aclImdb_labelled.tar.gz \
+        "${main_extra[@]}" > "$out/main.log" 2>&1
+      explain main "${MAIN_SECONDS:-400}" $?
+      grep -E "Kernels|Training|step [0-9]+|Final evaluation|Error" "$out/main.log" | cut -c 1-400 | tail -n 12
+      [ -f "$workdir/results.json" ] && cp "$workdir/results.json" "$out/main_results.json" && cat "$out/main_results.json";;
     einsum128) run_case einsum128 120 --config=configs/benchmark.py:base_gpu "--config.cases=('train','pretrain_train')";;
     *) echo "unknown stage $stage";;
   esac

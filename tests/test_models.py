@@ -12,7 +12,7 @@ import pytest
 
 from bert_jax import hf
 from bert_jax import models
-from bert_jax.models import bert
+from bert_jax.models import attention, bert
 from bert_jax.models import dropout
 from bert_jax.models import projection
 
@@ -405,10 +405,10 @@ def test_fast_forms_compute_what_the_plain_forms_compute(tiny_config, monkeypatc
   monkeypatch.setattr(projection, "contract", projection._contract_general)
   monkeypatch.setattr(projection, "add_bias", jnp.add)
   monkeypatch.setattr(bert, "add_bias", jnp.add)  # the add & norm's bias
-  monkeypatch.setattr(bert, "project_qkv", projection._project_each)
+  monkeypatch.setattr(attention, "project_qkv", projection._project_each)
   plain_loss, plain_grads = _loss_and_grads(module, params)
   monkeypatch.setitem(bert._ACTIVATIONS, "gelu", bert.gelu)
-  monkeypatch.setattr(bert, "project_qkv", projection._project_stacked)
+  monkeypatch.setattr(attention, "project_qkv", projection._project_stacked)
   loss, grads = _loss_and_grads(module, params)
   np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
   flat, plain_flat = (np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(t)]) for t in (grads, plain_grads))

@@ -153,11 +153,11 @@ def eight_devices(tmp_path_factory):
       states[name], loss = one_step(parallelism, partitioning.make_mesh(shape))
       steps_out[name] = dict(summary(states[name], loss), max_param_diff=max_diff(states[name], reference))
     # The GPU/TPU form of the Q/K/V projection (one stacked matmul), here on the CPU, sharded.
-    from bert_jax.models import bert, projection
-    project_each, bert.project_qkv = bert.project_qkv, projection._project_stacked
+    from bert_jax.models import attention, projection
+    project_each, attention.project_qkv = attention.project_qkv, projection._project_stacked
     stacked, loss = one_step("jit", partitioning.make_mesh((2, 2, 2)))
     steps_out["2/2/2, stacked Q/K/V"] = dict(summary(stacked, loss), max_param_diff=max_diff(stacked, reference))
-    bert.project_qkv = project_each
+    attention.project_qkv = project_each
     # Each kernel (a custom call XLA cannot split) mapped over each device's shard (shard_map) or
     # under pmap, against 1 device; then with its dropout on, against the plain path on one mesh:
     # the same keep masks reach each device's shard, and parameter gradients sum over the shards.
@@ -178,6 +178,7 @@ def eight_devices(tmp_path_factory):
     attention_dropout = kernel_with_dropout_vs_plain("attention_impl", "einsum", "cpu_fused",
                                                      attention_probs_dropout_prob=0.1)
     kernel_on_mesh_and_pmap("pallas add & norm", layer_norm_impl="pallas")  # interpreted on the CPU
+    kernel_on_mesh_and_pmap("pallas attention", attention_impl="pallas")  # no attention dropout: MODEL has none
     hidden_dropout = kernel_with_dropout_vs_plain("layer_norm_impl", "xla", "pallas", hidden_dropout_prob=0.1)
 
     directory = sys.argv[1]

@@ -1,7 +1,7 @@
 """BERT models in Flax Linen: `from bert_jax.models import BertModel, BertForSequenceClassification`."""
 
-from bert_jax.models.bert import (BertModel, BertOutput, describe_kernels, resolve_attention_impl,
-                                  resolve_layer_norm_impl)
+from bert_jax.models.attention import resolve_attention_impl
+from bert_jax.models.bert import BertModel, BertOutput, describe_kernels, resolve_layer_norm_impl
 from bert_jax.models.config import BertConfig
 from bert_jax.models.heads import BertForPreTraining, BertForSequenceClassification, PreTrainingOutput
 

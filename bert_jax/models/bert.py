@@ -1,7 +1,8 @@
 """The BERT encoder (Devlin et al. 2019) in Flax Linen: embeddings, post-LN layers, pooler.
 
-Owns: the encoder's computation and its parameters' logical axis names. Does not own: task heads
-(see `heads`), nor the mapping of logical axes to a device mesh (see `bert_jax.partitioning`).
+Owns: the encoder's computation and the choice of its add & norm. Does not own: the attention
+sublayer and its kernels (see `attention`), task heads (see `heads`), the logical axis names (see
+`axes`), nor their mapping to a device mesh (see `bert_jax.partitioning`).
 Submodule names follow Hugging Face's so parameter paths read like the checkpoints they map to.
 """
 
@@ -17,21 +18,12 @@ import numpy as np
 
 from bert_jax import partitioning
 from bert_jax.models import config as config_lib
-from bert_jax.models import cpu_attention
 from bert_jax.models import dropout as dropout_lib
 from bert_jax.models import fused_norm
-from bert_jax.models.projection import add_bias, contract, dense, kernel_init, project_qkv, zeros_init
-
-# Logical axis names of parameters; `bert_jax.partitioning` maps them to mesh axes.
-EMBED, MLP, HEADS, KV = "embed", "mlp", "heads", "kv"
-VOCAB, POSITION, TOKEN_TYPE, CLASSES = "vocab", "position", "token_type", "classes"
-# Output axis of the square hidden->hidden projections (pooler, MLM transform): an array cannot
-# name one logical axis twice.
-EMBED_OUT = "embed_out"
-# Activations have names of their own: a weight's `embed` may be sharded (fsdp) where an
-# activation's must not be, since its batch axis already uses that mesh axis.
-ACT_BATCH, ACT_LENGTH = "activation_batch", "activation_length"
-ACT_EMBED, ACT_MLP = "activation_embed", "activation_mlp"
+from bert_jax.models.attention import BertSelfAttention, resolve_attention_impl
+from bert_jax.models.axes import (ACT_BATCH, ACT_EMBED, ACT_LENGTH, ACT_MLP, EMBED, EMBED_OUT, LAYERS, MLP, POSITION,
+                                  TOKEN_TYPE, VOCAB)
+from bert_jax.models.projection import add_bias, contract, dense, kernel_init, zeros_init
 
 
 def gelu_erf(x: jax.Array) -> jax.Array:
@@ -118,19 +110,6 @@ class BertEmbeddings(nn.Module):
     return contract(x, table.T, 1)  # as the dense layers: on XLA:CPU, the table's gradient without a transposing copy
 
 
-def resolve_attention_impl(config: config_lib.BertConfig) -> str:
-  """The attention kernel `config.attention_impl` names; 'auto' is decided here, where the model is traced:
-  our fused kernel when JAX's default backend is the CPU and the dtype float32 (train steps 10-15%
-  faster there, docs/performance.md), unless it cannot be built or loaded (logged), else the einsums.
-  Both apply attention dropout and agree to rounding. Each process decides for itself: on a
-  multi-host CPU cluster whose hosts differ in having a compiler, name the kernel explicitly."""
-  if config.attention_impl != "auto":
-    return config.attention_impl
-  if jax.default_backend() == "cpu" and config.dtype == "float32" and cpu_attention.available():
-    return "cpu_fused"
-  return "einsum"
-
-
 def resolve_layer_norm_impl(config: config_lib.BertConfig) -> str:
   """The add & norm `config.layer_norm_impl` names; 'auto' is decided here, where the model is traced:
   the Pallas kernel when JAX's default backend is a GPU (a BERT-base pretraining step 4-5% faster
@@ -149,83 +128,6 @@ def describe_kernels(config: config_lib.BertConfig) -> str:
   """What the speed switches resolve to here, for logs: "attention cpu_fused (attention_impl='auto'), ..."."""
   return (f"attention {resolve_attention_impl(config)} (attention_impl={config.attention_impl!r}), "
           f"add & norm {resolve_layer_norm_impl(config)} (layer_norm_impl={config.layer_norm_impl!r})")
-
-
-class BertSelfAttention(nn.Module):
-  """Multi-head scaled dot-product self-attention over the unpadded keys.
-
-  Returns the attention output projection without its bias `[batch, seq, hidden]`, and that bias
-  `[hidden]`: the layer's add & norm adds it (`add_norm`).
-
-  `config.attention_impl` picks the kernel: 'einsum' (ours: float32 softmax, attention dropout),
-  'dot_product' (`jax.nn.dot_product_attention`, implementation=None: XLA in jax 0.10), 'cudnn'
-  (the same, forced onto cuDNN's fused kernel; neither has attention dropout), 'cpu_fused' (the
-  einsum path's function in one C++ kernel for XLA:CPU, `cpu_attention`) or 'auto' (one of 'einsum'
-  and 'cpu_fused', see `resolve_attention_impl`).
-  """
-  config: config_lib.BertConfig
-
-  @nn.compact
-  def __call__(self, x, attention_mask, *, deterministic: bool):
-    """`x` [batch, seq, hidden], `attention_mask` bool [batch, 1, 1, seq] (True: a real key)."""
-    c = self.config
-    heads = (c.num_attention_heads, c.head_dim)
-    kernels, biases = zip(*(dense(c, heads, (EMBED,), (HEADS, KV), name).weights(x.shape[-1:])
-                            for name in ("query", "key", "value")))
-    query, key, value = project_qkv(x.astype(c.compute_dtype), kernels, biases)  # [batch, seq, heads, head_dim]
-    impl = resolve_attention_impl(c)
-    if impl == "einsum":
-      context = self._einsum_attention(query, key, value, attention_mask, deterministic)
-    elif impl == "cpu_fused":
-      context = self._cpu_fused_attention(query, key, value, attention_mask, deterministic)
-    else:
-      if not deterministic:
-        c.check_trainable()  # dropout on: refuse to silently drop the attention dropout
-      if c.attention_impl == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(f"BertConfig.attention_impl='cudnn' needs a GPU; this is {jax.default_backend()!r}. "
-                         "Use --config.model.attention_impl=dot_product (or einsum).")
-      if c.attention_impl == "cudnn":
-        # cuDNN takes padding as per-row key lengths (it has no broadcast [batch, 1, 1, seq] mask):
-        # BERT's inputs are right-padded, real tokens first. Padded queries still see every real key.
-        context = jax.nn.dot_product_attention(
-            query, key, value, key_value_seq_lengths=jnp.sum(attention_mask[:, 0, 0, :], axis=-1, dtype=jnp.int32),
-            implementation="cudnn")  # [batch, seq, heads, head_dim]
-      else:
-        context = jax.nn.dot_product_attention(query, key, value, mask=attention_mask)
-    return dense(c, c.hidden_size, (HEADS, KV), (EMBED,), "output").unbiased(context)
-
-  def _cpu_fused_attention(self, query, key, value, attention_mask, deterministic: bool):
-    c = self.config
-    if jax.default_backend() != "cpu":
-      raise ValueError(f"BertConfig.attention_impl='cpu_fused' is a kernel for XLA:CPU; this is "
-                       f"{jax.default_backend()!r}. Use --config.model.attention_impl=einsum (or cudnn on a GPU).")
-    batch, seq, heads, _ = query.shape
-    rate = 0.0 if deterministic else c.attention_probs_dropout_prob
-    # The einsum path's mask, bit for bit: the same submodule name and shape draw the same bits.
-    keep = dropout_lib.Dropout(rate).keep_mask((batch, heads, seq, seq)) if rate else None
-    inputs = (query, key, value, attention_mask[:, 0, 0, :]) + ((keep,) if rate else ())
-    attend = lambda q, k, v, key_valid, keep=None: cpu_attention.attention(q, k, v, key_valid, keep, rate)  # noqa: E731
-    qkv = (ACT_BATCH, ACT_LENGTH, HEADS, KV)
-    axes = (qkv, qkv, qkv, (ACT_BATCH, ACT_LENGTH)) + (((ACT_BATCH, HEADS, ACT_LENGTH, None),) if rate else ())
-    return partitioning.map_over_shards(attend, inputs, axes, qkv)
-
-  def _einsum_attention(self, query, key, value, attention_mask, deterministic: bool):
-    c = self.config
-    # Heads before positions ([batch, heads, seq, head_dim]): the batched matmuls then run on
-    # contiguous [seq, head_dim] blocks, as in HF's PyTorch BERT. On XLA:CPU this is faster than
-    # contracting over the projections' [batch, seq, heads, head_dim] layout directly.
-    query, key, value = (jnp.swapaxes(t, 1, 2) for t in (query, key, value))
-    query = query / jnp.sqrt(c.head_dim).astype(query.dtype)
-    # Scores accumulate and stay in float32 (a no-op for float32 compute): with bf16 scores the
-    # softmax would see logits rounded to 3 significant digits and lose the small probabilities.
-    scores = jnp.einsum("bhqd,bhkd->bhqk", query, key,
-                        preferred_element_type=jnp.float32)  # [batch, heads, q_seq, k_seq]
-    # Padding keys get the most negative float32 (as HF does), so they take exactly zero weight.
-    scores = jnp.where(attention_mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
-    probs = dropout_lib.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-    context = jnp.einsum("bhqk,bhkd->bhqd", probs, value)  # [batch, heads, seq, head_dim]
-    return jnp.swapaxes(context, 1, 2)  # [batch, seq, heads, head_dim]
 
 
 class BertLayer(nn.Module):
@@ -296,8 +198,6 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-# The logical name of the stacked layer axis of scanned parameters (`partitioning.RULES` maps it).
-LAYERS = "layers"
 
 
 def _scan_body(layer: nn.Module, x, attention_mask, deterministic: bool):

@@ -15,11 +15,13 @@ import jax.numpy as jnp
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
 # How attention is computed: our einsums (with attention dropout), `jax.nn.dot_product_attention`
 # with `implementation=None` (XLA in jax 0.10), the same forced onto cuDNN's fused kernel (GPU,
-# bfloat16/float16 only), or our fused C++ kernel for XLA:CPU (float32, with attention dropout;
-# `cpu_attention`). 'dot_product' and 'cudnn' have no attention-probability dropout. 'auto' picks
-# one of the two with dropout where the model is traced (`bert.resolve_attention_impl`): 'cpu_fused'
-# on XLA:CPU in float32 when its kernel builds, else 'einsum'.
-ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn", "cpu_fused", "auto")
+# bfloat16/float16 only), jax's Pallas (Triton) flash attention (GPU; Pallas's interpreter on a
+# CPU, for tests), or our fused C++ kernel for XLA:CPU (float32, with attention dropout;
+# `cpu_attention`). 'dot_product', 'cudnn' and 'pallas' have no attention-probability dropout.
+# 'auto' picks one of the two with dropout where the model is traced
+# (`attention.resolve_attention_impl`): 'cpu_fused' on XLA:CPU in float32 when its kernel builds,
+# else 'einsum'.
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn", "pallas", "cpu_fused", "auto")
 # The implementations that apply attention-probability dropout.
 ATTENTION_DROPOUT_IMPLS = ("einsum", "cpu_fused", "auto")
 # Rematerialisation of each encoder layer in the backward pass: none, all of it, or all but the

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bert_jax.models import bert
+from bert_jax.models import axes, bert
 from bert_jax.models import config as config_lib
 from bert_jax.models import dropout as dropout_lib
 from bert_jax.models.projection import dense, zeros_init
@@ -29,9 +29,9 @@ class MaskedLMHead(nn.Module):
   @nn.compact
   def __call__(self, hidden, decode):
     c = self.config
-    h = dense(c, c.hidden_size, (bert.EMBED,), (bert.EMBED_OUT,), "transform_dense")(hidden)
+    h = dense(c, c.hidden_size, (axes.EMBED,), (axes.EMBED_OUT,), "transform_dense")(hidden)
     h = bert.layer_norm(c, "transform_LayerNorm")(bert.activation(c.hidden_act)(h))
-    bias = self.param("bias", zeros_init(bert.VOCAB), (c.vocab_size,), c.parameter_dtype)
+    bias = self.param("bias", zeros_init(axes.VOCAB), (c.vocab_size,), c.parameter_dtype)
     return decode(h) + bias.astype(c.compute_dtype)  # [..., vocab]
 
 
@@ -46,7 +46,7 @@ class BertForPreTraining(nn.Module):
   def setup(self):
     self.bert = bert.BertModel(self.config)
     self.predictions = MaskedLMHead(self.config)
-    self.seq_relationship = dense(self.config, 2, (bert.EMBED,), (bert.CLASSES,), "seq_relationship")
+    self.seq_relationship = dense(self.config, 2, (axes.EMBED,), (axes.CLASSES,), "seq_relationship")
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                masked_lm_positions=None, deterministic: bool = True) -> PreTrainingOutput:
@@ -71,4 +71,4 @@ class BertForSequenceClassification(nn.Module):
                                              deterministic=deterministic)
     rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
     pooled = dropout_lib.Dropout(rate)(outputs.pooled_output, deterministic=deterministic)
-    return dense(c, c.num_labels, (bert.EMBED,), (bert.CLASSES,), "classifier")(pooled)
+    return dense(c, c.num_labels, (axes.EMBED,), (axes.CLASSES,), "classifier")(pooled)

@@ -1,0 +1,158 @@
+"""BERT's self-attention sublayer, and the choice of the kernel that computes its core.
+
+Owns: `BertSelfAttention` (Q/K/V projections, the attention core, the output projection) and
+`config.attention_impl`: 'einsum' (ours: float32 softmax, attention dropout), 'dot_product'
+(`jax.nn.dot_product_attention`: XLA), 'cudnn' (the same, forced onto cuDNN's fused kernel),
+'pallas' (jax's Pallas flash attention for GPUs, `flash_attention`), 'cpu_fused' (the einsum path's
+function in one C++ kernel for XLA:CPU, `cpu_attention`) or 'auto' (`resolve_attention_impl`).
+Only 'einsum' and 'cpu_fused' apply attention dropout; the others refuse to train with it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+from bert_jax import partitioning
+from bert_jax.models import config as config_lib
+from bert_jax.models import cpu_attention
+from bert_jax.models import dropout as dropout_lib
+from bert_jax.models.axes import ACT_BATCH, ACT_LENGTH, EMBED, HEADS, KV
+from bert_jax.models.projection import dense, project_qkv
+
+
+def resolve_attention_impl(config: config_lib.BertConfig) -> str:
+  """The attention kernel `config.attention_impl` names; 'auto' is decided here, where the model is traced:
+  our fused kernel when JAX's default backend is the CPU and the dtype float32 (train steps 10-15%
+  faster there, docs/performance.md), unless it cannot be built or loaded (logged), else the einsums.
+  Both apply attention dropout and agree to rounding. Each process decides for itself: on a
+  multi-host CPU cluster whose hosts differ in having a compiler, name the kernel explicitly."""
+  if config.attention_impl != "auto":
+    return config.attention_impl
+  if jax.default_backend() == "cpu" and config.dtype == "float32" and cpu_attention.available():
+    return "cpu_fused"
+  return "einsum"
+
+
+class AttentionTiling(NamedTuple):
+  """The Pallas flash attention's tiling: query rows per forward program, the query/key block of the
+  backward pass, and Triton's warps (None: the library's choice by block size) and pipeline stages.
+  The forward's key block is the whole sequence up to 128 (BERT's usual length). Of 20 tilings timed
+  at 256 x 128 x 12 heads x 64 in bfloat16 on an H200, the fastest forward + backward were within
+  4% of each other; this is one of them (docs/performance.md)."""
+  block_q: int = 128
+  backward_block: int = 64
+  num_warps: int | None = None
+  num_stages: int = 2
+
+
+def flash_attention(query, key, value, key_valid, *, tiling: AttentionTiling = AttentionTiling(),
+                    interpret: bool | None = None):
+  """`softmax(q k^T / sqrt(head_dim)) v` over the real keys, by jax's Pallas (Triton) flash attention.
+
+  `query`, `key`, `value` `[batch, seq, heads, head_dim]`, `key_valid` bool `[batch, seq]`. The
+  kernel masks by segment ids, and padding is segment 0: a padded query attends to the padded keys,
+  where the einsum path lets it see the real keys. No real token and no loss reads a padded row,
+  so losses and gradients agree; the padded rows of the output do not. A sequence is padded to a
+  multiple of the block (16 to 128). On a GPU, float32 inputs multiply in TF32 (Triton's dots); off
+  a GPU, Pallas's interpreter runs the kernel in full float32 (for tests).
+  """
+  seq, head_dim = query.shape[1], query.shape[-1]
+  block = max(16, min(128, pl.next_power_of_2(seq)))  # Triton's dots want power-of-2 tiles of 16 or more
+  padded = -(-seq // block) * block
+  if padded != seq:
+    widths = ((0, 0), (0, padded - seq), (0, 0), (0, 0))
+    query, key, value = (jnp.pad(t, widths) for t in (query, key, value))
+    key_valid = jnp.pad(key_valid, ((0, 0), (0, padded - seq)))
+  backward = min(tiling.backward_block, block)
+  blocks = pallas_attention.BlockSizes(block_q=min(tiling.block_q, block), block_k=block, block_q_dkv=backward,
+                                       block_kv_dkv=backward, block_q_dq=backward, block_kv_dq=backward)
+  out = pallas_attention.mha(query, key, value, key_valid.astype(jnp.int32), sm_scale=float(1 / np.sqrt(head_dim)),
+                             block_sizes=blocks, num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+                             interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
+  return out[:, :seq]
+
+
+class BertSelfAttention(nn.Module):
+  """Multi-head scaled dot-product self-attention over the unpadded keys, by `config.attention_impl`.
+
+  Returns the attention output projection without its bias `[batch, seq, hidden]`, and that bias
+  `[hidden]`: the layer's add & norm adds it (`bert.add_norm`).
+  """
+  config: config_lib.BertConfig
+
+  @nn.compact
+  def __call__(self, x, attention_mask, *, deterministic: bool):
+    """`x` [batch, seq, hidden], `attention_mask` bool [batch, 1, 1, seq] (True: a real key)."""
+    c = self.config
+    heads = (c.num_attention_heads, c.head_dim)
+    kernels, biases = zip(*(dense(c, heads, (EMBED,), (HEADS, KV), name).weights(x.shape[-1:])
+                            for name in ("query", "key", "value")))
+    query, key, value = project_qkv(x.astype(c.compute_dtype), kernels, biases)  # [batch, seq, heads, head_dim]
+    impl = resolve_attention_impl(c)
+    if impl == "einsum":
+      context = self._einsum_attention(query, key, value, attention_mask, deterministic)
+    elif impl == "cpu_fused":
+      context = self._cpu_fused_attention(query, key, value, attention_mask, deterministic)
+    else:
+      if not deterministic:
+        c.check_trainable()  # dropout on: refuse to silently drop the attention dropout
+      # 'pallas' runs on a CPU too, in Pallas's interpreter (slow: for tests); a TPU cannot run Triton.
+      if jax.default_backend() not in (("gpu",) if impl == "cudnn" else ("gpu", "cpu")):
+        raise ValueError(f"BertConfig.attention_impl={impl!r} needs a GPU; this is {jax.default_backend()!r}. "
+                         "Use --config.model.attention_impl=dot_product (or einsum).")
+      if impl == "pallas":
+        context = self._on_shards(flash_attention, query, key, value, attention_mask)
+      elif impl == "cudnn":
+        # cuDNN takes padding as per-row key lengths (it has no broadcast [batch, 1, 1, seq] mask):
+        # BERT's inputs are right-padded, real tokens first. Padded queries still see every real key.
+        context = jax.nn.dot_product_attention(
+            query, key, value, key_value_seq_lengths=jnp.sum(attention_mask[:, 0, 0, :], axis=-1, dtype=jnp.int32),
+            implementation="cudnn")  # [batch, seq, heads, head_dim]
+      else:
+        context = jax.nn.dot_product_attention(query, key, value, mask=attention_mask)
+    return dense(c, c.hidden_size, (HEADS, KV), (EMBED,), "output").unbiased(context)
+
+  @staticmethod
+  def _on_shards(kernel, query, key, value, attention_mask, keep=None):
+    """`kernel(q, k, v, key_valid[, keep])` on each device's rows (heads) of a mesh: XLA cannot split a custom call."""
+    qkv = (ACT_BATCH, ACT_LENGTH, HEADS, KV)
+    inputs = (query, key, value, attention_mask[:, 0, 0, :]) + (() if keep is None else (keep,))
+    axes = (qkv, qkv, qkv, (ACT_BATCH, ACT_LENGTH)) + (() if keep is None else ((ACT_BATCH, HEADS, ACT_LENGTH, None),))
+    return partitioning.map_over_shards(kernel, inputs, axes, qkv)
+
+  def _cpu_fused_attention(self, query, key, value, attention_mask, deterministic: bool):
+    c = self.config
+    if jax.default_backend() != "cpu":
+      raise ValueError(f"BertConfig.attention_impl='cpu_fused' is a kernel for XLA:CPU; this is "
+                       f"{jax.default_backend()!r}. Use --config.model.attention_impl=einsum (or cudnn on a GPU).")
+    batch, seq, heads, _ = query.shape
+    rate = 0.0 if deterministic else c.attention_probs_dropout_prob
+    # The einsum path's mask, bit for bit: the same submodule name and shape draw the same bits.
+    keep = dropout_lib.Dropout(rate).keep_mask((batch, heads, seq, seq)) if rate else None
+    attend = lambda q, k, v, key_valid, keep=None: cpu_attention.attention(q, k, v, key_valid, keep, rate)  # noqa: E731
+    return self._on_shards(attend, query, key, value, attention_mask, keep)
+
+  def _einsum_attention(self, query, key, value, attention_mask, deterministic: bool):
+    c = self.config
+    # Heads before positions ([batch, heads, seq, head_dim]): the batched matmuls then run on
+    # contiguous [seq, head_dim] blocks, as in HF's PyTorch BERT. On XLA:CPU this is faster than
+    # contracting over the projections' [batch, seq, heads, head_dim] layout directly.
+    query, key, value = (jnp.swapaxes(t, 1, 2) for t in (query, key, value))
+    query = query / jnp.sqrt(c.head_dim).astype(query.dtype)
+    # Scores accumulate and stay in float32 (a no-op for float32 compute): with bf16 scores the
+    # softmax would see logits rounded to 3 significant digits and lose the small probabilities.
+    scores = jnp.einsum("bhqd,bhkd->bhqk", query, key,
+                        preferred_element_type=jnp.float32)  # [batch, heads, q_seq, k_seq]
+    # Padding keys get the most negative float32 (as HF does), so they take exactly zero weight.
+    scores = jnp.where(attention_mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
+    probs = dropout_lib.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+    context = jnp.einsum("bhqk,bhkd->bhqd", probs, value)  # [batch, heads, seq, head_dim]
+    return jnp.swapaxes(context, 1, 2)  # [batch, seq, heads, head_dim]

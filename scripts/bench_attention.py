@@ -1,0 +1,90 @@
+"""Times the attention core of one BERT layer, `softmax(q k^T / sqrt(d)) v` over the real keys: XLA's
+einsums, cuDNN's fused kernel and jax's Pallas (Triton) flash attention
+(`jax.experimental.pallas.ops.gpu.attention`, as `attention_impl='pallas'` calls it), forward and
+forward + backward, with each kernel's distance from XLA's values and gradients on the real rows.
+One JSON line per variant.
+
+  python -m scripts.bench_attention [--batch=256] [--seq=128] [--heads=12] [--head-dim=64] [--sweep]
+
+Half the rows are full, the rest hold between half and all of `seq` real tokens. `--sweep` also
+times the Pallas kernel at each tiling (forward query block, backward block, warps, stages); the default
+`AttentionTiling` came from that sweep. Meant for a GPU: elsewhere only the einsums run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bert_jax.models import attention
+from scripts.bench_fused_norm import rel_l2, timed
+
+
+def einsum(q, k, v, key_valid):
+  return jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :], implementation="xla")
+
+
+def cudnn(q, k, v, key_valid):
+  lengths = jnp.sum(key_valid, axis=-1, dtype=jnp.int32)
+  return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+
+
+def pallas(tiling: attention.AttentionTiling):
+  return lambda q, k, v, key_valid: attention.flash_attention(q, k, v, key_valid, tiling=tiling)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--seq", type=int, default=128)
+  parser.add_argument("--heads", type=int, default=12)
+  parser.add_argument("--head-dim", type=int, default=64)
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--sweep", action="store_true")
+  args = parser.parse_args()
+  shape = (args.batch, args.seq, args.heads, args.head_dim)
+  keys = jax.random.split(jax.random.key(0), 5)
+  q, k, v, d_out = (jax.random.normal(key, shape, jnp.float32).astype(args.dtype) for key in keys[:4])
+  lengths = jax.random.randint(keys[4], (args.batch,), args.seq // 2, args.seq + 1)
+  lengths = jnp.where(jnp.arange(args.batch) % 2 == 0, args.seq, lengths)
+  key_valid = jnp.arange(args.seq)[None, :] < lengths[:, None]  # [batch, seq]
+  real_rows = key_valid[:, :, None, None]
+  d_out = jnp.where(real_rows, d_out, 0)  # padded rows are never read: their gradient is zero
+  inputs = (q, k, v, key_valid)
+  common = {"shape": list(shape), "dtype": args.dtype, "device": jax.devices()[0].device_kind}
+
+  variants = [("einsum", einsum, None)]
+  if jax.default_backend() == "gpu":
+    variants.append(("cudnn", cudnn, None))
+    tilings = [attention.AttentionTiling()]
+    if args.sweep:
+      tilings += [attention.AttentionTiling(*t) for t in itertools.product((64, 128), (32, 64, 128), (None, 4, 8), (2,))
+                  if attention.AttentionTiling(*t) != tilings[0]]
+      tilings += [tilings[0]._replace(num_stages=s) for s in (1, 3)]
+    variants += [("pallas", pallas(t), t) for t in tilings]
+  reference = None
+  for name, fn, tiling in variants:
+    row = dict(common, variant=name, tiling=list(tiling) if tiling else None)
+    forward = jax.jit(fn)
+    backward = jax.jit(lambda *a, fn=fn: jax.vjp(lambda *qkv: fn(*qkv, a[-1]), *a[:-1])[1](d_out))
+    try:
+      row["forward_ms"], row["forward_backward_ms"] = timed(forward, inputs), timed(backward, inputs)
+      out, grads = jnp.where(real_rows, forward(*inputs), 0), backward(*inputs)
+    except Exception as e:  # pylint: disable=broad-except  # a tiling Triton rejects: report, go on
+      print(json.dumps(dict(row, error=f"{type(e).__name__}: {str(e)[:200]}")), flush=True)
+      continue
+    if reference is None:
+      reference = out, grads
+    else:
+      row["output_rel_l2"] = rel_l2(out, reference[0])
+      row["grads_rel_l2"] = {g: rel_l2(a, b) for g, a, b in zip("qkv", grads, reference[1])}
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()
