@@ -3,7 +3,7 @@ and batch, and the per-device copies of the state that `jax.pmap` takes.
 
 Owns: every decision about where arrays live (kernels inside the model too: `map_over_shards`), and
 joining the processes of a multi-host run. The model only names logical axes (see
-`bert_jax.models.bert`); this module maps them to the mesh axes `data`, `fsdp` and `tensor`. Batches
+`bert_jax.models.axes`); this module maps them to the mesh axes `data`, `fsdp` and `tensor`. Batches
 are placed by `batching.shard_batch`.
 """
 

@@ -11,15 +11,18 @@
 # Results: $OUT/bench.jsonl (one JSON line per case), $OUT/check_gpu.txt, $OUT/attention.jsonl,
 # $OUT/main_results.json, $OUT/env.txt, logs.
 # STAGES="check profile" runs a subset (default: ceilings check profile base128 base512 sweep
-# einsum128); PROFILE_EINSUM=0 profiles only the cuDNN step; PROFILE_ARGS="--case=pretrain_train --config.batch_size=256" picks the traced
-# step; DUMP_HLO=1 also keeps its optimized HLO ($OUT/hlo_after_optimizations.txt.gz);
+# einsum128); PROFILE_EINSUM=0 profiles only the cuDNN step;
+# PROFILE_ARGS="--case=pretrain_train --config.batch_size=256" picks the traced step; DUMP_HLO=1
+# also keeps its optimized HLO ($OUT/hlo_after_optimizations.txt.gz);
 # CASES_512="('train','length_buckets')" narrows the seq-512 stage; SWEEP="default rbg" narrows the
 # batch-256 pretraining variants; SWEEP_SECONDS (default 150) limits each of them (100 s was too
 # short for every variant on 2026-11-27: the timeouts cost most of a lease). BUDGET_SECONDS (the
 # device call's timeout_s) cuts each process's limit to what is left of the call, less 20 s, and
 # skips what would start with under 30 s left, so a long STAGES list still ends with its summary.
 # STAGES=attention times the attention core alone (scripts/bench_attention.py); STAGES=main runs the
-# main job (configs/imdb.py:minilm) on all the labelled reviews, MAIN_EXTRA="--config...." adding flags.
+# main job (configs/imdb.py:minilm) on all the labelled reviews within MAIN_SECONDS (default 400),
+# MAIN_EXTRA="--config.a=1 --config.b=2" adding flags (split at spaces, as BENCH_EXTRA is: no
+# spaces inside a value).
 # A dry run elsewhere: ATTENTION=dot_product BENCH_EXTRA="--config.dtype=float32 ..." bash scripts/gpu_benchmark.sh
 set -u
 out=${OUT:-/tmp/bert_jax_gpu}
@@ -60,12 +63,12 @@ limited() {  # limited SECONDS COMMAND...: COMMAND under `timeout`, cut to what 
   fi
   timeout -k 10 "$seconds" "$@"
 }
-explain() {  # explain NAME SECONDS STATUS: what became of a `limited` run that exited with STATUS
+explain() {  # explain NAME SECONDS STATUS [LOG]: what became of a `limited` run that exited with STATUS
   case $3 in
     0) ;;
     124|137) echo "$1 timed out (limit $2 s, or what BUDGET_SECONDS left)";;
     125) echo "$1 skipped: under 30 s of BUDGET_SECONDS left";;
-    *) echo "$1 failed (exit $3)"; grep -v "^[IW][0-9]" "$out/stderr.log" | tail -n 4;;
+    *) echo "$1 failed (exit $3)"; grep -v "^[IW][0-9]" "${4:-$out/stderr.log}" | tail -n 4;;
   esac
 }
 run_case() {  # run_case NAME SECONDS FLAGS...: JSON lines to bench.jsonl, stderr to stderr.log
@@ -98,8 +101,8 @@ import json, sys
 for line in open(sys.argv[1]):
   r = json.loads(line)
   print(r["shape"], r["variant"], r["tiling"], r.get("error") or
-        f"fwd {r['forward_ms']:.3f} ms, fwd+bwd {r['forward_backward_ms']:.3f} ms, out {r.get('output_rel_l2', 0):.1e}, "
-        f"grads {max((r.get('grads_rel_l2') or {'-': 0}).values()):.1e}")
+        f"fwd {r['forward_ms']:.3f} ms, fwd+bwd {r['forward_backward_ms']:.3f} ms, "
+        f"out {r.get('output_rel_l2', 0):.1e}, grads {max((r.get('grads_rel_l2') or {'-': 0}).values()):.1e}")
 PY
       ;;
     ceilings)
@@ -164,9 +167,11 @@ PY
       limited "${MAIN_SECONDS:-400}" python3 -m bert_jax.main --config=configs/imdb.py:minilm --workdir="$workdir" \
         --config.init_checkpoint=.gpu/minilm --config.data.data_dir=.gpu/aclImdb_labelled.tar.gz \
         "${main_extra[@]}" > "$out/main.log" 2>&1
-      explain main "${MAIN_SECONDS:-400}" $?
+      explain main "${MAIN_SECONDS:-400}" $? "$out/main.log"
       grep -E "Kernels|Training|step [0-9]+|Final evaluation|Error" "$out/main.log" | cut -c 1-400 | tail -n 12
-      [ -f "$workdir/results.json" ] && cp "$workdir/results.json" "$out/main_results.json" && cat "$out/main_results.json";;
+      if [ -f "$workdir/results.json" ]; then
+        cp "$workdir/results.json" "$out/main_results.json" && cat "$out/main_results.json"
+      fi;;
     einsum128) run_case einsum128 120 --config=configs/benchmark.py:base_gpu "--config.cases=('train','pretrain_train')";;
     *) echo "unknown stage $stage";;
   esac

@@ -15,7 +15,7 @@ ATOL = 2e-5
 
 
 def einsum_attention(query, key, value, key_valid, keep=None, rate=0.0):
-  """bert.py's einsum attention, written out: the reference."""
+  """attention.py's einsum attention, written out: the reference."""
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (query, key, value))
   scores = jnp.einsum("bhqd,bhkd->bhqk", q / jnp.sqrt(q.shape[-1]).astype(q.dtype), k)
   scores = jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min)

@@ -21,13 +21,15 @@ def _einsum_attention(q, k, v, key_valid):
   return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
 
 
-@pytest.mark.parametrize("seq, tiling", [
-    (24, attention.AttentionTiling()),  # padded to one 32-wide block
-    (64, attention.AttentionTiling(block_q=32, backward_block=16)),  # several blocks each way
+@pytest.mark.parametrize("seq, head_dim, tiling", [
+    (24, 16, attention.AttentionTiling()),  # padded to one 32-wide block
+    (64, 16, attention.AttentionTiling(block_q=32, backward_block=16)),  # several query and backward blocks
+    (200, 16, attention.AttentionTiling()),  # padded to 256: two 128-wide key blocks in the forward pass
+    (24, 8, attention.AttentionTiling()),  # a head narrower than Triton's 16, padded with zeros
 ])
-def test_flash_attention_matches_the_einsums_on_real_rows(seq, tiling):
+def test_flash_attention_matches_the_einsums_on_real_rows(seq, head_dim, tiling):
   keys = jax.random.split(jax.random.key(0), 4)
-  q, k, v, d_out = (jax.random.normal(key, (2, seq, 2, 16)) for key in keys)
+  q, k, v, d_out = (jax.random.normal(key, (2, seq, 2, head_dim)) for key in keys)
   key_valid = jnp.arange(seq)[None, :] < jnp.array([[seq], [seq // 3]])  # row 1 mostly padding
   real_rows = key_valid[:, :, None, None]
   d_out = jnp.where(real_rows, d_out, 0)  # the model never reads a padded row
@@ -46,8 +48,9 @@ def test_model_with_pallas_attention_trains_as_the_einsums_do(tiny_config):
   params = hf.init_params(einsum)
   input_ids = jnp.asarray(np.random.default_rng(0).integers(1, 99, (2, 11)), jnp.int32)
   attention_mask = (jnp.arange(11)[None, :] < jnp.array([[11], [6]])).astype(jnp.int32)
-  count = lambda module: str(jax.make_jaxpr(lambda p: module.apply({"params": p}, input_ids))(params)).count("mha")  # noqa: E731
-  assert count(pallas) >= 2 and count(einsum) == 0  # the kernel runs (each layer), and only under its switch
+  def count(module):  # the kernel runs (each layer), and only under its switch
+    return str(jax.make_jaxpr(lambda p: module.apply({"params": p}, input_ids))(params)).count("mha")
+  assert count(pallas) >= 2 and count(einsum) == 0
 
   def loss_and_grads(module):
     def loss(p):
@@ -71,8 +74,13 @@ def test_pallas_attention_refuses_attention_dropout_in_training(tiny_config):
                  rngs={"dropout": jax.random.key(0)})
 
 
-def test_pallas_attention_on_a_tpu_is_refused(tiny_config, monkeypatch):
-  module = models.BertModel(tiny_config.replace(attention_impl="pallas"))
+def test_pallas_attention_on_a_tpu_is_refused_and_dot_product_is_not(tiny_config, monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   with pytest.raises(ValueError, match="attention_impl='pallas' needs a GPU.*attention_impl=dot_product"):
-    hf.init_params(module)
+    hf.init_params(models.BertModel(tiny_config.replace(attention_impl="pallas")))
+  assert hf.init_params(models.BertModel(tiny_config.replace(attention_impl="dot_product")))
+
+
+def test_the_log_says_when_pallas_kernels_are_interpreted(tiny_config):
+  assert "interpreter" in models.describe_kernels(tiny_config.replace(attention_impl="pallas"))  # this CPU
+  assert "interpreter" not in models.describe_kernels(tiny_config)

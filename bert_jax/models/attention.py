@@ -20,10 +20,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
 from bert_jax import partitioning
+from bert_jax.models import axes
 from bert_jax.models import config as config_lib
 from bert_jax.models import cpu_attention
 from bert_jax.models import dropout as dropout_lib
-from bert_jax.models.axes import ACT_BATCH, ACT_LENGTH, EMBED, HEADS, KV
 from bert_jax.models.projection import dense, project_qkv
 
 
@@ -60,14 +60,17 @@ def flash_attention(query, key, value, key_valid, *, tiling: AttentionTiling = A
   kernel masks by segment ids, and padding is segment 0: a padded query attends to the padded keys,
   where the einsum path lets it see the real keys. No real token and no loss reads a padded row,
   so losses and gradients agree; the padded rows of the output do not. A sequence is padded to a
-  multiple of the block (16 to 128). On a GPU, float32 inputs multiply in TF32 (Triton's dots); off
-  a GPU, Pallas's interpreter runs the kernel in full float32 (for tests).
+  multiple of the block (16 to 128: lengths that are multiples of 128 pad nothing, 129 pads to 256).
+  On a GPU, float32 inputs multiply in TF32 (Triton's dots); off a GPU, Pallas's interpreter runs
+  the kernel in full float32 (for tests).
   """
   seq, head_dim = query.shape[1], query.shape[-1]
-  block = max(16, min(128, pl.next_power_of_2(seq)))  # Triton's dots want power-of-2 tiles of 16 or more
-  padded = -(-seq // block) * block
-  if padded != seq:
-    widths = ((0, 0), (0, padded - seq), (0, 0), (0, 0))
+  # Triton's dots want power-of-2 tiles of 16 or more: the sequence is padded to a multiple of the
+  # block, and a head narrower than 16 with zeros (they add nothing to q k^T, and give zero columns).
+  block = max(16, min(128, pl.next_power_of_2(seq)))
+  padded, padded_head = -(-seq // block) * block, max(head_dim, 16)
+  if (padded, padded_head) != (seq, head_dim):
+    widths = ((0, 0), (0, padded - seq), (0, 0), (0, padded_head - head_dim))
     query, key, value = (jnp.pad(t, widths) for t in (query, key, value))
     key_valid = jnp.pad(key_valid, ((0, 0), (0, padded - seq)))
   backward = min(tiling.backward_block, block)
@@ -76,7 +79,7 @@ def flash_attention(query, key, value, key_valid, *, tiling: AttentionTiling = A
   out = pallas_attention.mha(query, key, value, key_valid.astype(jnp.int32), sm_scale=float(1 / np.sqrt(head_dim)),
                              block_sizes=blocks, num_warps=tiling.num_warps, num_stages=tiling.num_stages,
                              interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
-  return out[:, :seq]
+  return out[:, :seq, :, :head_dim]
 
 
 class BertSelfAttention(nn.Module):
@@ -92,7 +95,7 @@ class BertSelfAttention(nn.Module):
     """`x` [batch, seq, hidden], `attention_mask` bool [batch, 1, 1, seq] (True: a real key)."""
     c = self.config
     heads = (c.num_attention_heads, c.head_dim)
-    kernels, biases = zip(*(dense(c, heads, (EMBED,), (HEADS, KV), name).weights(x.shape[-1:])
+    kernels, biases = zip(*(dense(c, heads, (axes.EMBED,), (axes.HEADS, axes.KV), name).weights(x.shape[-1:])
                             for name in ("query", "key", "value")))
     query, key, value = project_qkv(x.astype(c.compute_dtype), kernels, biases)  # [batch, seq, heads, head_dim]
     impl = resolve_attention_impl(c)
@@ -104,7 +107,8 @@ class BertSelfAttention(nn.Module):
       if not deterministic:
         c.check_trainable()  # dropout on: refuse to silently drop the attention dropout
       # 'pallas' runs on a CPU too, in Pallas's interpreter (slow: for tests); a TPU cannot run Triton.
-      if jax.default_backend() not in (("gpu",) if impl == "cudnn" else ("gpu", "cpu")):
+      backends = {"cudnn": ("gpu",), "pallas": ("gpu", "cpu")}.get(impl)
+      if backends and jax.default_backend() not in backends:
         raise ValueError(f"BertConfig.attention_impl={impl!r} needs a GPU; this is {jax.default_backend()!r}. "
                          "Use --config.model.attention_impl=dot_product (or einsum).")
       if impl == "pallas":
@@ -117,15 +121,17 @@ class BertSelfAttention(nn.Module):
             implementation="cudnn")  # [batch, seq, heads, head_dim]
       else:
         context = jax.nn.dot_product_attention(query, key, value, mask=attention_mask)
-    return dense(c, c.hidden_size, (HEADS, KV), (EMBED,), "output").unbiased(context)
+    return dense(c, c.hidden_size, (axes.HEADS, axes.KV), (axes.EMBED,), "output").unbiased(context)
 
   @staticmethod
   def _on_shards(kernel, query, key, value, attention_mask, keep=None):
     """`kernel(q, k, v, key_valid[, keep])` on each device's rows (heads) of a mesh: XLA cannot split a custom call."""
-    qkv = (ACT_BATCH, ACT_LENGTH, HEADS, KV)
-    inputs = (query, key, value, attention_mask[:, 0, 0, :]) + (() if keep is None else (keep,))
-    axes = (qkv, qkv, qkv, (ACT_BATCH, ACT_LENGTH)) + (() if keep is None else ((ACT_BATCH, HEADS, ACT_LENGTH, None),))
-    return partitioning.map_over_shards(kernel, inputs, axes, qkv)
+    qkv = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.HEADS, axes.KV)
+    inputs = (query, key, value, attention_mask[:, 0, 0, :])
+    in_axes = (qkv, qkv, qkv, (axes.ACT_BATCH, axes.ACT_LENGTH))
+    if keep is not None:
+      inputs, in_axes = inputs + (keep,), in_axes + ((axes.ACT_BATCH, axes.HEADS, axes.ACT_LENGTH, None),)
+    return partitioning.map_over_shards(kernel, inputs, in_axes, qkv)
 
   def _cpu_fused_attention(self, query, key, value, attention_mask, deterministic: bool):
     c = self.config

@@ -17,12 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_jax import partitioning
+from bert_jax.models import attention, axes
 from bert_jax.models import config as config_lib
 from bert_jax.models import dropout as dropout_lib
 from bert_jax.models import fused_norm
-from bert_jax.models.attention import BertSelfAttention, resolve_attention_impl
-from bert_jax.models.axes import (ACT_BATCH, ACT_EMBED, ACT_LENGTH, ACT_MLP, EMBED, EMBED_OUT, LAYERS, MLP, POSITION,
-                                  TOKEN_TYPE, VOCAB)
 from bert_jax.models.projection import add_bias, contract, dense, kernel_init, zeros_init
 
 
@@ -63,11 +61,11 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 def layer_norm(config: config_lib.BertConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.compute_dtype, param_dtype=config.parameter_dtype,
-                      scale_init=_norm_scale_init(), bias_init=zeros_init(EMBED), name=name)
+                      scale_init=_norm_scale_init(), bias_init=zeros_init(axes.EMBED), name=name)
 
 
 def _norm_scale_init():
-  return nn.with_logical_partitioning(nn.initializers.ones_init(), (EMBED,))
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), (axes.EMBED,))
 
 
 class BertOutput(NamedTuple):
@@ -85,9 +83,10 @@ class BertEmbeddings(nn.Module):
     # the table, and in bfloat16 on a GPU that scatter took 78% of a BERT-base train step.
     embed = functools.partial(nn.Embed, features=c.hidden_size, dtype=c.parameter_dtype,
                               param_dtype=c.parameter_dtype)
-    self.word_embeddings = embed(c.vocab_size, embedding_init=kernel_init(c, VOCAB, EMBED))
-    self.position_embeddings = embed(c.max_position_embeddings, embedding_init=kernel_init(c, POSITION, EMBED))
-    self.token_type_embeddings = embed(c.type_vocab_size, embedding_init=kernel_init(c, TOKEN_TYPE, EMBED))
+    self.word_embeddings = embed(c.vocab_size, embedding_init=kernel_init(c, axes.VOCAB, axes.EMBED))
+    self.position_embeddings = embed(c.max_position_embeddings,
+                                     embedding_init=kernel_init(c, axes.POSITION, axes.EMBED))
+    self.token_type_embeddings = embed(c.type_vocab_size, embedding_init=kernel_init(c, axes.TOKEN_TYPE, axes.EMBED))
     self.LayerNorm = layer_norm(c, "LayerNorm")
     self.dropout = dropout_lib.Dropout(c.hidden_dropout_prob)
 
@@ -126,8 +125,11 @@ def resolve_layer_norm_impl(config: config_lib.BertConfig) -> str:
 
 def describe_kernels(config: config_lib.BertConfig) -> str:
   """What the speed switches resolve to here, for logs: "attention cpu_fused (attention_impl='auto'), ..."."""
-  return (f"attention {resolve_attention_impl(config)} (attention_impl={config.attention_impl!r}), "
-          f"add & norm {resolve_layer_norm_impl(config)} (layer_norm_impl={config.layer_norm_impl!r})")
+  impls = attention.resolve_attention_impl(config), resolve_layer_norm_impl(config)
+  interpreted = "pallas" in impls and jax.default_backend() != "gpu"
+  return (f"attention {impls[0]} (attention_impl={config.attention_impl!r}), "
+          f"add & norm {impls[1]} (layer_norm_impl={config.layer_norm_impl!r})"
+          + ("; the Pallas kernels run in Pallas's interpreter off a GPU: slow, meant for tests" if interpreted else ""))
 
 
 class BertLayer(nn.Module):
@@ -139,14 +141,14 @@ class BertLayer(nn.Module):
     # `deterministic` is positional (argnum 3, counting self) so `nn.remat` can hold it static.
     c = self.config
     dropout = dropout_lib.Dropout(c.hidden_dropout_prob)
-    attended = BertSelfAttention(c, name="attention")(x, attention_mask, deterministic=deterministic)
+    attended = attention.BertSelfAttention(c, name="attention")(x, attention_mask, deterministic=deterministic)
     x = add_norm(c, dropout, x, *attended, "attention_output_LayerNorm", deterministic)
-    x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
-    h = dense(c, c.intermediate_size, (EMBED,), (MLP,), "intermediate")(x)  # [batch, seq, intermediate]
-    h = nn.with_logical_constraint(activation(c.hidden_act)(h), (ACT_BATCH, ACT_LENGTH, ACT_MLP))
-    h = dense(c, c.hidden_size, (MLP,), (EMBED,), "output").unbiased(h)
+    x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+    h = dense(c, c.intermediate_size, (axes.EMBED,), (axes.MLP,), "intermediate")(x)  # [batch, seq, intermediate]
+    h = nn.with_logical_constraint(activation(c.hidden_act)(h), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
+    h = dense(c, c.hidden_size, (axes.MLP,), (axes.EMBED,), "output").unbiased(h)
     x = add_norm(c, dropout, x, *h, "output_LayerNorm", deterministic)
-    return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+    return nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
 
 def add_norm(config: config_lib.BertConfig, dropout: dropout_lib.Dropout, residual, y, bias, name: str,
@@ -172,16 +174,16 @@ class FusedAddNorm(nn.Module):
     """`y`, `residual` `[batch, seq, hidden]`, `bias` `[hidden]`, `keep` bool `[batch, seq, hidden]` or None."""
     c = self.config
     scale = self.param("scale", _norm_scale_init(), y.shape[-1:], c.parameter_dtype)
-    offset = self.param("bias", zeros_init(EMBED), y.shape[-1:], c.parameter_dtype)
+    offset = self.param("bias", zeros_init(axes.EMBED), y.shape[-1:], c.parameter_dtype)
 
     def norm(y, residual, bias, scale, offset, keep=None):
       return fused_norm.add_dropout_layer_norm(y, bias, keep, residual, scale, offset, rate=rate, eps=c.layer_norm_eps)
 
-    rows = (ACT_BATCH, ACT_LENGTH, None)  # whole rows on each device: a layer norm reduces over hidden
+    rows = (axes.ACT_BATCH, axes.ACT_LENGTH, None)  # whole rows on each device: a layer norm reduces over hidden
     with_keep = keep is not None
     inputs = (y, residual, bias, scale, offset) + ((keep,) if with_keep else ())
-    axes = (rows, rows, None, None, None) + ((rows,) if with_keep else ())
-    return partitioning.map_over_shards(norm, inputs, axes, rows)
+    in_axes = (rows, rows, None, None, None) + ((rows,) if with_keep else ())
+    return partitioning.map_over_shards(norm, inputs, in_axes, rows)
 
 
 # `remat_policy` -> what each layer keeps for the backward pass (the rest is recomputed).
@@ -209,7 +211,7 @@ class BertEncoder(nn.Module):
 
   Unrolled, the layers are named `layer_{i}` as in HF's `encoder.layer.{i}`. With
   `config.scan_layers` they run as one `nn.scan` over `layers`, whose parameters carry a leading
-  `[num_hidden_layers]` axis named LAYERS (`bert_jax.hf` stacks and unstacks them for HF).
+  `[num_hidden_layers]` axis named `axes.LAYERS` (`bert_jax.hf` stacks and unstacks them for HF).
   """
   config: config_lib.BertConfig
 
@@ -224,7 +226,7 @@ class BertEncoder(nn.Module):
     if c.scan_layers:
       scan = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                      in_axes=(nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
-                     metadata_params={nn.PARTITION_NAME: LAYERS})
+                     metadata_params={nn.PARTITION_NAME: axes.LAYERS})
       x, _ = scan(layer_cls(c, name="layers"), x, attention_mask, deterministic)
       return x
     for i in range(c.num_hidden_layers):
@@ -239,7 +241,7 @@ class BertPooler(nn.Module):
   @nn.compact
   def __call__(self, sequence_output):
     c = self.config
-    return jnp.tanh(dense(c, c.hidden_size, (EMBED,), (EMBED_OUT,), "dense")(sequence_output[:, 0]))
+    return jnp.tanh(dense(c, c.hidden_size, (axes.EMBED,), (axes.EMBED_OUT,), "dense")(sequence_output[:, 0]))
 
 
 def check_inputs(config: config_lib.BertConfig, input_ids) -> None:
@@ -282,7 +284,7 @@ class BertModel(nn.Module):
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic)
-    x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+    x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     key_mask = attention_mask[:, None, None, :] > 0  # [batch, 1, 1, seq], True for real tokens
     x = self.encoder(x, key_mask, deterministic=deterministic)
     pooled = self.pooler(x) if self.add_pooling_layer else None

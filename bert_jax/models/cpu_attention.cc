@@ -10,7 +10,7 @@
 // projections' own layout (no transposes); key_valid uint8 [batch, seq] (1: a real token); keep uint8
 // [batch, heads, seq, seq] (dropout's keep mask on the probabilities; [1] when there is no dropout);
 // lse float32 [batch, heads, seq] (max + log of the softmax's normaliser, per query).
-// Semantics are those of bert.py's einsum attention: scores (q / root) . k with root = sqrt(head_dim)
+// Semantics are those of attention.py's einsum attention: scores (q / root) . k with root = sqrt(head_dim)
 // (here q * (1 / root), within an ulp), padding keys at the most negative float32 (a query with no
 // real key attends to all keys evenly), softmax, dropout p * keep / keep_prob, then the weighted sum
 // of values.
