@@ -9,20 +9,11 @@ from bert_jax import hf
 from bert_jax import models
 from bert_jax.models import cpu_attention
 
+from attention_reference import einsum_attention
+
 # float32; the kernel sums in another order than XLA's matmuls and softmax, and uses its own exp
 # (within 2 ulp): outputs of unit scale agree to a few 1e-6.
 ATOL = 2e-5
-
-
-def einsum_attention(query, key, value, key_valid, keep=None, rate=0.0):
-  """attention.py's einsum attention, written out: the reference."""
-  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (query, key, value))
-  scores = jnp.einsum("bhqd,bhkd->bhqk", q / jnp.sqrt(q.shape[-1]).astype(q.dtype), k)
-  scores = jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  if keep is not None:
-    probs = jnp.where(keep, probs / jnp.asarray(1.0 - rate, probs.dtype), 0.0)
-  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)
 
 
 def _inputs(batch=4, seq=37, heads=3, head_dim=32, lengths=(37, 1, 20, 0)):

@@ -238,19 +238,22 @@ def test_dot_product_attention_matches_einsum_with_padding(tiny_config):
   np.testing.assert_allclose(fused.pooled_output, einsum.pooled_output, atol=F32_ATOL, rtol=0)
 
 
-def test_dot_product_attention_gradients_match_einsum(tiny_config):
+# 'pallas' runs jax's Pallas flash attention in Pallas's interpreter here (tests/test_pallas_attention.py).
+@pytest.mark.parametrize("impl", ["dot_product", "pallas"])
+def test_fused_attention_gradients_match_einsum(tiny_config, impl):
   config = _speed_config(tiny_config, hidden_dropout_prob=0.1)  # hidden dropout on: training mode
   params = hf.init_params(models.BertForSequenceClassification(config))
   loss, grads = _loss_and_grads(models.BertForSequenceClassification(config), params, deterministic=False)
   fused_loss, fused_grads = _loss_and_grads(
-      models.BertForSequenceClassification(config.replace(attention_impl="dot_product")), params,
+      models.BertForSequenceClassification(config.replace(attention_impl=impl)), params,
       deterministic=False)
   np.testing.assert_allclose(fused_loss, loss, atol=F32_ATOL, rtol=0)
   _assert_trees_close(fused_grads, grads, atol=F32_ATOL)
 
 
-def test_dot_product_attention_refuses_attention_dropout_in_training(tiny_config):
-  config = tiny_config.replace(attention_impl="dot_product", attention_probs_dropout_prob=0.1)
+@pytest.mark.parametrize("impl", ["dot_product", "pallas"])
+def test_fused_attention_refuses_attention_dropout_in_training(tiny_config, impl):
+  config = tiny_config.replace(attention_impl=impl, attention_probs_dropout_prob=0.1)
   module = models.BertForSequenceClassification(config)
   params = hf.init_params(module)  # inference (deterministic) is fine: no dropout to drop
   with pytest.raises(ValueError, match=r"attention_probs_dropout_prob=0.*attention_impl=einsum"):

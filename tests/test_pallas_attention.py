@@ -11,14 +11,10 @@ import pytest
 from bert_jax import hf, models
 from bert_jax.models import attention
 
+from attention_reference import einsum_attention
+
 # Two float32 orderings of the same softmax(q k^T) v: measured <= 1e-6 here.
 F32_ATOL = 2e-5
-
-
-def _einsum_attention(q, k, v, key_valid):
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-  scores = jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
 
 
 @pytest.mark.parametrize("seq, head_dim, tiling", [
@@ -34,44 +30,22 @@ def test_flash_attention_matches_the_einsums_on_real_rows(seq, head_dim, tiling)
   real_rows = key_valid[:, :, None, None]
   d_out = jnp.where(real_rows, d_out, 0)  # the model never reads a padded row
   out, grads = jax.vjp(lambda *qkv: attention.flash_attention(*qkv, key_valid, tiling=tiling), q, k, v)
-  want, want_grads = jax.vjp(lambda *qkv: _einsum_attention(*qkv, key_valid), q, k, v)
+  want, want_grads = jax.vjp(lambda *qkv: einsum_attention(*qkv, key_valid), q, k, v)
   np.testing.assert_allclose(jnp.where(real_rows, out, 0), jnp.where(real_rows, want, 0), atol=F32_ATOL, rtol=0)
   for name, got, expected in zip("qkv", grads(d_out), want_grads(d_out)):
     np.testing.assert_allclose(got, expected, atol=F32_ATOL, rtol=0, err_msg=f"d{name}")
 
 
-def test_model_with_pallas_attention_trains_as_the_einsums_do(tiny_config):
-  # Hidden dropout on (training mode; both draw the same masks), attention dropout off: the kernel has none.
-  config = tiny_config.replace(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)
-  einsum = models.BertForSequenceClassification(config)
-  pallas = models.BertForSequenceClassification(config.replace(attention_impl="pallas"))
+def test_the_model_runs_the_kernel_only_under_its_switch(tiny_config):
+  # Its loss and gradients against the einsums: tests/test_models.py, test_fused_attention_*.
+  einsum = models.BertModel(tiny_config)
+  pallas = models.BertModel(tiny_config.replace(attention_impl="pallas"))
   params = hf.init_params(einsum)
-  input_ids = jnp.asarray(np.random.default_rng(0).integers(1, 99, (2, 11)), jnp.int32)
-  attention_mask = (jnp.arange(11)[None, :] < jnp.array([[11], [6]])).astype(jnp.int32)
-  def count(module):  # the kernel runs (each layer), and only under its switch
+  input_ids = jnp.ones((2, 11), jnp.int32)
+
+  def count(module):
     return str(jax.make_jaxpr(lambda p: module.apply({"params": p}, input_ids))(params)).count("mha")
-  assert count(pallas) >= 2 and count(einsum) == 0
-
-  def loss_and_grads(module):
-    def loss(p):
-      logits = module.apply({"params": p}, input_ids, attention_mask, deterministic=False,
-                            rngs={"dropout": jax.random.key(3)})
-      return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  (value, grads), (want, want_grads) = loss_and_grads(pallas), loss_and_grads(einsum)
-  np.testing.assert_allclose(value, want, atol=F32_ATOL, rtol=0)
-  for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(want_grads)):
-    np.testing.assert_allclose(got, expected, atol=F32_ATOL, rtol=0, err_msg=jax.tree_util.keystr(path))
-
-
-def test_pallas_attention_refuses_attention_dropout_in_training(tiny_config):
-  module = models.BertForSequenceClassification(
-      tiny_config.replace(attention_impl="pallas", attention_probs_dropout_prob=0.1))
-  params = hf.init_params(module)  # inference is fine: no dropout to drop
-  with pytest.raises(ValueError, match=r"attention_probs_dropout_prob=0.*attention_impl=einsum"):
-    module.apply({"params": params}, jnp.ones((1, 4), jnp.int32), deterministic=False,
-                 rngs={"dropout": jax.random.key(0)})
+  assert count(pallas) >= 2 and count(einsum) == 0  # each layer
 
 
 def test_pallas_attention_on_a_tpu_is_refused_and_dot_product_is_not(tiny_config, monkeypatch):

@@ -27,17 +27,31 @@ from bert_jax.models import dropout as dropout_lib
 from bert_jax.models.projection import dense, project_qkv
 
 
+# The kernels that run on some backends only, and the fix their refusal names.
+_BACKENDS = {
+    "cudnn": (("gpu",), "needs a GPU", "dot_product (or einsum)"),
+    # On a CPU in Pallas's interpreter (slow: for tests); a TPU cannot run Triton.
+    "pallas": (("gpu", "cpu"), "needs a GPU", "dot_product (or einsum)"),
+    "cpu_fused": (("cpu",), "is a kernel for XLA:CPU", "einsum (or cudnn on a GPU)"),
+}
+
+
 def resolve_attention_impl(config: config_lib.BertConfig) -> str:
   """The attention kernel `config.attention_impl` names; 'auto' is decided here, where the model is traced:
   our fused kernel when JAX's default backend is the CPU and the dtype float32 (train steps 10-15%
   faster there, docs/performance.md), unless it cannot be built or loaded (logged), else the einsums.
   Both apply attention dropout and agree to rounding. Each process decides for itself: on a
-  multi-host CPU cluster whose hosts differ in having a compiler, name the kernel explicitly."""
-  if config.attention_impl != "auto":
-    return config.attention_impl
-  if jax.default_backend() == "cpu" and config.dtype == "float32" and cpu_attention.available():
-    return "cpu_fused"
-  return "einsum"
+  multi-host CPU cluster whose hosts differ in having a compiler, name the kernel explicitly.
+  A kernel this backend cannot run is refused, with the setting to use instead."""
+  backend = jax.default_backend()
+  impl = config.attention_impl
+  if impl == "auto":
+    impl = "cpu_fused" if backend == "cpu" and config.dtype == "float32" and cpu_attention.available() else "einsum"
+  backends, problem, fix = _BACKENDS.get(impl, ((backend,), "", ""))
+  if backend not in backends:
+    raise ValueError(f"BertConfig.attention_impl={impl!r} {problem}; this is {backend!r}. "
+                     f"Use --config.model.attention_impl={fix}.")
+  return impl
 
 
 class AttentionTiling(NamedTuple):
@@ -106,11 +120,6 @@ class BertSelfAttention(nn.Module):
     else:
       if not deterministic:
         c.check_trainable()  # dropout on: refuse to silently drop the attention dropout
-      # 'pallas' runs on a CPU too, in Pallas's interpreter (slow: for tests); a TPU cannot run Triton.
-      backends = {"cudnn": ("gpu",), "pallas": ("gpu", "cpu")}.get(impl)
-      if backends and jax.default_backend() not in backends:
-        raise ValueError(f"BertConfig.attention_impl={impl!r} needs a GPU; this is {jax.default_backend()!r}. "
-                         "Use --config.model.attention_impl=dot_product (or einsum).")
       if impl == "pallas":
         context = self._on_shards(flash_attention, query, key, value, attention_mask)
       elif impl == "cudnn":
@@ -135,9 +144,6 @@ class BertSelfAttention(nn.Module):
 
   def _cpu_fused_attention(self, query, key, value, attention_mask, deterministic: bool):
     c = self.config
-    if jax.default_backend() != "cpu":
-      raise ValueError(f"BertConfig.attention_impl='cpu_fused' is a kernel for XLA:CPU; this is "
-                       f"{jax.default_backend()!r}. Use --config.model.attention_impl=einsum (or cudnn on a GPU).")
     batch, seq, heads, _ = query.shape
     rate = 0.0 if deterministic else c.attention_probs_dropout_prob
     # The einsum path's mask, bit for bit: the same submodule name and shape draw the same bits.
