@@ -41,6 +41,7 @@ from ml_collections import config_flags
 from bert_jax import hf
 from bert_jax import batching
 from bert_jax import device_peaks
+from bert_jax import host_memory
 from bert_jax import input_pipeline
 from bert_jax import models
 from bert_jax import optim
@@ -326,7 +327,10 @@ def torch_case_step(case: str, bench: ml_collections.ConfigDict,
                                          "torch_attention": model.config._attn_implementation}
 
 
-def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) -> list[dict]:
+def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print,
+        cpu_buffers_reused: bool = False) -> list[dict]:
+  """Times `config.cases`, emitting one JSON line per case; `cpu_buffers_reused`: whether `main` kept
+  XLA:CPU's step buffers in the heap (`host_memory`), reported with each line."""
   unknown = sorted(set(config.cases) - set(CASES))
   if unknown:
     raise ValueError(f"config.cases has unknown case(s) {unknown}; use any of {CASES}.")
@@ -337,9 +341,9 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
     model_config.check_trainable()  # before any compile: e.g. dot_product attention with attention dropout
   mesh = partitioning.make_mesh(config.mesh_shape)
   # What else sets the step's speed from outside the config: the PRNG behind dropout, XLA's flags, the
-  # processor (a cloud VM's can change between runs). The same for every case: read once.
+  # host allocator's setting, the processor (a cloud VM's can change between runs). Read once.
   environment = dict(prng_impl=jax.config.jax_default_prng_impl, xla_flags=os.environ.get("XLA_FLAGS", ""),
-                     host_cpu=device_peaks.host_cpu())
+                     cpu_buffers_reused=cpu_buffers_reused, host_cpu=device_peaks.host_cpu())
   rows = []
   for case in config.cases:
     if case == "compile_depth":
@@ -366,8 +370,10 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print) 
 
 def main(argv):
   del argv
-  partitioning.add_xla_flags(flags.FLAGS.config.get("xla_flags", ""))  # before JAX starts a backend
-  run(flags.FLAGS.config)
+  config = flags.FLAGS.config
+  partitioning.add_xla_flags(config.get("xla_flags", ""))  # before JAX starts a backend
+  host_memory.dispatch_on_caller(config.get("cpu_reuse_buffers", False))  # likewise
+  run(config, cpu_buffers_reused=host_memory.keep_heap(config.get("cpu_reuse_buffers", False)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""XLA:CPU's step buffers kept in the heap (`config.cpu_reuse_buffers`, bert_jax/host_memory.py)."""
+
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from bert_jax import host_memory
+
+# A fresh process (the settings are process-wide, and the dispatch one must come before JAX starts):
+# a jitted step whose 64 MB output is dropped after each call, as a train step's buffers are; prints
+# whether the heap setting was applied and the median page faults of a call after warm-up (a call
+# now and then still grows the heap while the last output's memory is being freed).
+_PROGRAM = """
+import resource, statistics, sys
+import jax, jax.numpy as jnp
+from bert_jax import host_memory
+enabled = sys.argv[1] == "1"
+host_memory.dispatch_on_caller(enabled)
+kept = host_memory.keep_heap(enabled)
+step = jax.jit(lambda x: x * 2.0 + 1.0)
+x = jnp.ones((4096, 4096), jnp.float32)
+faults = []
+for _ in range(10):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  step(x).block_until_ready()
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, statistics.median(faults[2:]))
+"""
+
+
+def _faults_per_step(enabled: bool) -> tuple[str, float]:
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", _PROGRAM, "1" if enabled else "0"], capture_output=True, text=True,
+                          timeout=120, env=env, check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+  kept, faults = result.stdout.split()
+  return kept, float(faults)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the heap setting is glibc's (mallopt)")
+def test_a_steps_buffers_are_reused_rather_than_faulted_in_anew():
+  kept, faults = _faults_per_step(enabled=True)
+  default_kept, default_faults = _faults_per_step(enabled=False)
+  assert (kept, default_kept) == ("True", "False")
+  assert default_faults > 8000  # glibc's default: the 64 MB (16,384 pages) mapped and faulted in per call
+  assert faults < default_faults / 20
+
+
+def test_caller_dispatch_after_jax_started_is_refused_with_the_fix():
+  jax.devices()  # this process's backend has started
+  with pytest.raises(RuntimeError, match="after JAX started its backends"):
+    host_memory.dispatch_on_caller(True)
+  host_memory.dispatch_on_caller(False)  # off: nothing to do, no error
+  assert jax.config.values["jax_cpu_enable_async_dispatch"]
+
+
+def test_the_allocator_is_left_alone_when_off_off_a_cpu_or_without_glibc(monkeypatch):
+  assert not host_memory.keep_heap(False)
+  with monkeypatch.context() as patch:
+    patch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not host_memory.keep_heap(True)
+  monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+  assert not host_memory.keep_heap(True)
