@@ -70,7 +70,8 @@ def _interleaved_step_seconds(runners: Sequence[tuple[Callable[[], Any], Callabl
 
   `step()` dispatches one step and returns what `wait` blocks on. A sample dispatches `steps_per_sample`
   steps back to back and waits once, as the training loop does (it syncs only to log): the host's
-  dispatch of a step then overlaps the device's work on the one before, as in training. After each
+  dispatch of a step then overlaps the device's work on the one before, as in training (except on a
+  CPU with `config.cpu_reuse_buffers`, where a one-device step runs on the calling thread). After each
   runner's warm-up, the runners take turns sample by sample, in alternating order (A B, B A, ...): a
   drift in the machine's speed (other tenants, clocks) then falls on all of them alike, and the i-th
   samples of two runners make a pair.
@@ -372,8 +373,8 @@ def main(argv):
   del argv
   config = flags.FLAGS.config
   partitioning.add_xla_flags(config.get("xla_flags", ""))  # before JAX starts a backend
-  host_memory.dispatch_on_caller(config.get("cpu_reuse_buffers", False))  # likewise
-  run(config, cpu_buffers_reused=host_memory.keep_heap(config.get("cpu_reuse_buffers", False)))
+  dispatched = host_memory.dispatch_on_caller(config.get("cpu_reuse_buffers", False))  # likewise
+  run(config, cpu_buffers_reused=host_memory.keep_heap(dispatched))
 
 
 if __name__ == "__main__":

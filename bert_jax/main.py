@@ -43,9 +43,9 @@ def main(argv):
   try:
     config_checks.check(config)
     partitioning.add_xla_flags(config.get("xla_flags", ""))  # before JAX starts a backend
-    host_memory.dispatch_on_caller(config.get("cpu_reuse_buffers", False))  # likewise
+    dispatched = host_memory.dispatch_on_caller(config.get("cpu_reuse_buffers", False))  # likewise
     partitioning.initialize_distributed()  # before anything asks JAX for its devices
-    host_memory.keep_heap(config.get("cpu_reuse_buffers", False))
+    host_memory.keep_heap(dispatched)
     os.makedirs(workdir, exist_ok=True)
     if config.mode == "train":
       train.train_and_evaluate(config, workdir)

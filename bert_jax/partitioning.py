@@ -171,6 +171,12 @@ def _int_env(environ: Mapping[str, str], name: str) -> int | None:
     raise ValueError(f"{name}={value!r} is not an integer; fix or unset it.") from None
 
 
+def backends_started() -> bool:
+  """Whether JAX has started its backends (after which XLA's flags and the CPU client's options are fixed)."""
+  from jax._src import xla_bridge  # no public API says whether a backend has started
+  return xla_bridge.backends_are_initialized()
+
+
 def add_xla_flags(xla_flags: str, environ: dict[str, str] = os.environ) -> None:
   """Puts `xla_flags` (`config.xla_flags`) before the environment's XLA_FLAGS, whose own flags then win.
 
@@ -179,8 +185,7 @@ def add_xla_flags(xla_flags: str, environ: dict[str, str] = os.environ) -> None:
   xla_flags = xla_flags.strip()
   if not xla_flags:
     return
-  from jax._src import xla_bridge  # no public API says whether a backend has started
-  if xla_bridge.backends_are_initialized():
+  if backends_started():
     raise RuntimeError(f"config.xla_flags={xla_flags!r} came after JAX started its backends, so XLA would "
                        "ignore them: apply them at the start of the program, or put them in XLA_FLAGS.")
   environ["XLA_FLAGS"] = " ".join(part for part in (xla_flags, environ.get("XLA_FLAGS", "").strip()) if part)

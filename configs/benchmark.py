@@ -44,7 +44,7 @@ def get_config(preset: str = "minilm_cpu") -> ml_collections.ConfigDict:
   config.length_buckets = (128, 256, 384)
   config.mesh_shape = common.MESH_SHAPE
   config.xla_flags = common.XLA_FLAGS  # added before JAX starts; your XLA_FLAGS win
-  config.cpu_reuse_buffers = True  # on a CPU, XLA's step buffers stay in the heap (bert_jax/host_memory.py)
+  config.cpu_reuse_buffers = common.CPU_REUSE_BUFFERS  # on a CPU with glibc: see configs/common.py
   config.optimizer = common.optimizer(warmup_fraction=0.1)
 
   if preset == "minilm_cpu":

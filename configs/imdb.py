@@ -57,7 +57,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   config.mesh_shape = common.MESH_SHAPE  # (data, fsdp, tensor); -1 takes the remaining devices
   config.xla_flags = common.XLA_FLAGS  # added before JAX starts; your XLA_FLAGS win
-  config.cpu_reuse_buffers = True  # on a CPU, XLA's step buffers stay in the heap (bert_jax/host_memory.py)
+  config.cpu_reuse_buffers = common.CPU_REUSE_BUFFERS  # on a CPU with glibc: see configs/common.py
   config.parallelism = "jit"  # 'jit' over that mesh, or 'pmap' over every device (data parallel only)
 
   config.evaluate = ml_collections.ConfigDict()

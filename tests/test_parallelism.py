@@ -368,6 +368,16 @@ def test_two_processes_of_4_devices_train_as_one_device_does(tmp_path, main_runs
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [21, 42]
 
 
+@pytest.mark.slow
+def test_two_processes_of_one_device_each_train_as_one_device_does(tmp_path, main_runs):
+  """A CPU cluster's layout: with one device per process, each step runs on the calling thread
+  (config.cpu_reuse_buffers, bert_jax/host_memory.py) and all-reduces its gradients across processes."""
+  _, data, results = main_runs
+  result = run_main(tmp_path, 1, *data, processes=2)
+  assert result["final_train_loss"] == pytest.approx(results["1 device"]["final_train_loss"], rel=1e-3)
+  assert result["test_loss"] == pytest.approx(results["1 device"]["test_loss"], rel=1e-3)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Layouts that do not fit: refused at start, before any data is read or any file written.
 
