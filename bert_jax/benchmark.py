@@ -10,9 +10,15 @@ FLOPs use one stated formula (matmuls only; layer norms, softmax and the optimiz
                        + 4*L*T^2*d               (attention scores and weighted values)
                        + 2*P*(d^2 + d*V)         (MLM head on P predicted positions; pretraining)
   train = 3 x forward (backward is twice the forward); eval = forward.
+With `prune_last_layer` (unrolled layers) the FLOPs counted are those computed: the last layer's
+projections of keys and values cover all T tokens, its queries, attention output projection and
+feed-forward only the R rows the heads read (R = 1 + P: [CLS] and the predicted positions), so
+its 2*T*(4*d^2 + 2*d*I) + 4*T^2*d become 4*T*d^2 + 2*R*(2*d^2 + 2*d*I) + 4*R*T*d. MFU is then the
+hardware's use on the work done; examples/s shows what pruning saves.
 
 The model's speed switches come from `config.model` like every other BertConfig field
-(`--config.model.attention_impl=dot_product`, `layer_norm_impl`, `remat_policy`, `scan_layers`;
+(`--config.model.attention_impl=dot_product`, `layer_norm_impl`, `remat_policy`, `scan_layers`,
+`prune_last_layer`;
 `--config.dtype`).
 The case `compile_depth` times tracing and compiling the train step (no step is run) at each depth
 of `config.compile_depths`, with the layers unrolled and scanned: one JSON line per model.
@@ -61,7 +67,12 @@ def forward_flops(config: models.BertConfig, seq_len: int, num_predictions: int 
   """Matmul FLOPs of one sequence's forward pass (see the module docstring)."""
   d, L, I, V, T = (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size,
                    seq_len)
-  return 2 * T * L * (4 * d * d + 2 * d * I) + 4 * L * T * T * d + 2 * num_predictions * (d * d + d * V)
+  head = 2 * num_predictions * (d * d + d * V)
+  if not config.prune_last_layer or config.scan_layers:
+    return 2 * T * L * (4 * d * d + 2 * d * I) + 4 * L * T * T * d + head
+  R = 1 + num_predictions
+  last = 4 * T * d * d + 2 * R * (2 * d * d + 2 * d * I) + 4 * R * T * d
+  return 2 * T * (L - 1) * (4 * d * d + 2 * d * I) + 4 * (L - 1) * T * T * d + last + head
 
 
 def _interleaved_step_seconds(runners: Sequence[tuple[Callable[[], Any], Callable[[Any], Any]]], num_steps: int,
@@ -358,7 +369,8 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print,
       continue
     row, torch_row = time_case(case, config, model_config, mesh)
     row.update({name: getattr(model_config, name) for name in (
-        "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "remat_policy", "scan_layers")})
+        "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "remat_policy", "scan_layers",
+        "prune_last_layer")})
     # What ran: 'auto' decided.
     row["attention_impl"] = models.resolve_attention_impl(model_config)
     row["layer_norm_impl"] = models.resolve_layer_norm_impl(model_config)

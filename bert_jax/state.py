@@ -36,7 +36,7 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
 _SHAPE_DEFAULTS = {"scan_layers": False}
 # BertConfig fields that say only how to compute: evaluate/predict take them from the config, not
 # the checkpoint (e.g. a model trained with attention_impl='cpu_fused' evaluated on a GPU).
-COMPUTE_FIELDS = ("dtype", "attention_impl", "layer_norm_impl", "remat_policy")
+COMPUTE_FIELDS = ("dtype", "attention_impl", "layer_norm_impl", "remat_policy", "prune_last_layer")
 
 
 def is_workdir(path: str) -> bool:

@@ -23,7 +23,7 @@ def get_config(preset: str = "minilm_cpu") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Only the model's config.json is read: the weights do not change the step time.
   config.init_checkpoint = ""
-  config.model = common.model_overrides(num_labels=2)
+  config.model = common.model_overrides(num_labels=2, prune_last_layer=common.PRUNE_LAST_LAYER)
   config.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
   config.model.dtype = config.get_ref("dtype")  # one value: --config.dtype and --config.model.dtype set both
   config.batch_size = 32

@@ -24,8 +24,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   # None keeps BertConfig's default (bert-base) or the checkpoint's. attention_impl 'auto': our fused
   # C++ attention kernel on a CPU in float32, else the einsums; layer_norm_impl 'auto': the add & norm
-  # in one Pallas kernel on a GPU, else XLA's.
-  config.model = common.model_overrides(attention_impl="auto", layer_norm_impl="auto")
+  # in one Pallas kernel on a GPU, else XLA's; prune_last_layer: the last layer computes only [CLS] and
+  # the masked positions, all the heads read (configs/common.py).
+  config.model = common.model_overrides(attention_impl="auto", layer_norm_impl="auto",
+                                        prune_last_layer=common.PRUNE_LAST_LAYER)
 
   config.data = ml_collections.ConfigDict()
   # A text file or folder of them (one sentence per line, blank line between documents), or an

@@ -123,6 +123,18 @@ def test_flops_formula_counts_attention_and_the_mlm_head():
   assert config.dtype == "bfloat16"
 
 
+def test_flops_of_a_pruned_last_layer_leave_out_the_rows_it_does_not_compute():
+  plain, pruned = benchmark.models.BertConfig(), benchmark.models.BertConfig(prune_last_layer=True)
+  d, I, T, P = 768, 3072, 128, 20
+  for predictions, rows in ((0, 1), (P, 1 + P)):  # classification reads [CLS]; pretraining also the predictions
+    # The last layer's queries, attention output, feed-forward and attention skip T - rows rows.
+    skipped = 2 * (T - rows) * (2 * d * d + 2 * d * I) + 4 * (T - rows) * T * d
+    assert benchmark.forward_flops(plain, T, predictions) - benchmark.forward_flops(pruned, T, predictions) == skipped
+  # Under scan_layers the switch does not apply: every position is computed.
+  assert (benchmark.forward_flops(pruned.replace(scan_layers=True), T, P)
+          == benchmark.forward_flops(plain.replace(scan_layers=True), T, P))
+
+
 def test_compile_depth_reports_trace_and_compile_seconds_unrolled_and_scanned():
   lines = []
   config = _tiny_benchmark_config(cases=("compile_depth",), compile_depths=(2,))  # each model: one compile

@@ -367,9 +367,10 @@ def test_bfloat16_embedding_gradients_add_up_in_float32(tiny_config):
 
 def test_speed_switches_stay_out_of_hf_config(tiny_config):
   config = tiny_config.replace(attention_impl="dot_product", remat_policy="dots", scan_layers=True,
-                               dtype="bfloat16", layer_norm_impl="pallas")
+                               dtype="bfloat16", layer_norm_impl="pallas", prune_last_layer=True)
   hf_dict = config.to_hf_dict()
-  assert not {"attention_impl", "layer_norm_impl", "remat_policy", "scan_layers", "dtype", "param_dtype"} & set(hf_dict)
+  assert not {"attention_impl", "layer_norm_impl", "remat_policy", "scan_layers", "dtype", "param_dtype",
+              "prune_last_layer"} & set(hf_dict)
   # A config.json that happens to carry such keys does not switch them on.
   loaded = models.BertConfig.from_hf_dict(dict(hf_dict, scan_layers=True, attention_impl="cudnn",
                                                layer_norm_impl="pallas"))
@@ -382,6 +383,7 @@ def test_speed_switches_stay_out_of_hf_config(tiny_config):
     ({"attention_impl": "flash"}, "attention_impl='flash' is not supported"),
     ({"remat_policy": "some"}, "remat_policy='some' is not supported"),
     ({"scan_layers": "yes"}, "scan_layers='yes' must be True or False"),
+    ({"prune_last_layer": 1}, "prune_last_layer=1 must be True or False"),
 ])
 def test_bad_speed_switches_are_named(tiny_config, overrides, match):
   with pytest.raises(ValueError, match=match):

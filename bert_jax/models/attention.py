@@ -105,14 +105,22 @@ class BertSelfAttention(nn.Module):
   config: config_lib.BertConfig
 
   @nn.compact
-  def __call__(self, x, attention_mask, *, deterministic: bool):
-    """`x` [batch, seq, hidden], `attention_mask` bool [batch, 1, 1, seq] (True: a real key)."""
+  def __call__(self, x, attention_mask, *, deterministic: bool, queries=None):
+    """`x` [batch, seq, hidden], `attention_mask` bool [batch, 1, 1, seq] (True: a real key).
+
+    With `queries` `[batch, n, hidden]` (rows of `x`: the pruned last layer), only those rows attend
+    (to every key of `x`), and the outputs are `[batch, n, hidden]`.
+    """
     c = self.config
     heads = (c.num_attention_heads, c.head_dim)
     kernels, biases = zip(*(dense(c, heads, (axes.EMBED,), (axes.HEADS, axes.KV), name).weights(x.shape[-1:])
                             for name in ("query", "key", "value")))
-    query, key, value = project_qkv(x.astype(c.compute_dtype), kernels, biases)  # [batch, seq, heads, head_dim]
+    queries = None if queries is None else queries.astype(c.compute_dtype)
+    query, key, value = project_qkv(x.astype(c.compute_dtype), kernels, biases, queries)  # [batch, seq, heads, head_dim]
     impl = resolve_attention_impl(c)
+    if queries is not None and impl != "dot_product":
+      # The fused kernels take as many queries as keys; a few query rows cost little in the einsums.
+      impl = "einsum"
     if impl == "einsum":
       context = self._einsum_attention(query, key, value, attention_mask, deterministic)
     elif impl == "cpu_fused":

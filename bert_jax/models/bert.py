@@ -127,9 +127,22 @@ def describe_kernels(config: config_lib.BertConfig) -> str:
   """What the speed switches resolve to here, for logs: "attention cpu_fused (attention_impl='auto'), ..."."""
   impls = attention.resolve_attention_impl(config), resolve_layer_norm_impl(config)
   interpreted = "pallas" in impls and jax.default_backend() != "gpu"
+  last_layer = ("the positions the heads read" if config.prune_last_layer and not config.scan_layers
+                else "every position")
   return (f"attention {impls[0]} (attention_impl={config.attention_impl!r}), "
-          f"add & norm {impls[1]} (layer_norm_impl={config.layer_norm_impl!r})"
+          f"add & norm {impls[1]} (layer_norm_impl={config.layer_norm_impl!r}), "
+          f"last layer computes {last_layer} (prune_last_layer={config.prune_last_layer!r}"
+          + (", scan_layers=True" if config.prune_last_layer and config.scan_layers else "") + ")"
           + ("; the Pallas kernels run in Pallas's interpreter off a GPU: slow, meant for tests" if interpreted else ""))
+
+
+def take_rows(x: jax.Array, output_positions: jax.Array) -> jax.Array:
+  """[CLS] (the pooler's row) and the rows at `output_positions` `[batch, n]` of `x` `[batch, seq, hidden]`:
+  `[batch, 1 + n, hidden]`. [CLS] is a slice, whose gradient is a pad, not a scatter-add."""
+  cls = x[:, :1]
+  if not output_positions.shape[1]:
+    return cls
+  return jnp.concatenate([cls, jnp.take_along_axis(x, output_positions[:, :, None], axis=1)], axis=1)
 
 
 class BertLayer(nn.Module):
@@ -137,12 +150,17 @@ class BertLayer(nn.Module):
   config: config_lib.BertConfig
 
   @nn.compact
-  def __call__(self, x, attention_mask, deterministic: bool):
+  def __call__(self, x, attention_mask, deterministic: bool, output_positions=None):
+    """`x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`; with `output_positions` `[batch, n]`, only
+    [CLS] and those rows are computed, `[batch, 1 + n, hidden]` (every row of `x` is still a key and a value)."""
     # `deterministic` is positional (argnum 3, counting self) so `nn.remat` can hold it static.
     c = self.config
     dropout = dropout_lib.Dropout(c.hidden_dropout_prob)
-    attended = attention.BertSelfAttention(c, name="attention")(x, attention_mask, deterministic=deterministic)
-    x = add_norm(c, dropout, x, *attended, "attention_output_LayerNorm", deterministic)
+    queries = None if output_positions is None else take_rows(x, output_positions)
+    attended = attention.BertSelfAttention(c, name="attention")(x, attention_mask, deterministic=deterministic,
+                                                                queries=queries)
+    x = add_norm(c, dropout, x if queries is None else queries, *attended, "attention_output_LayerNorm",
+                 deterministic)
     x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     h = dense(c, c.intermediate_size, (axes.EMBED,), (axes.MLP,), "intermediate")(x)  # [batch, seq, intermediate]
     h = nn.with_logical_constraint(activation(c.hidden_act)(h), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
@@ -216,7 +234,11 @@ class BertEncoder(nn.Module):
   config: config_lib.BertConfig
 
   @nn.compact
-  def __call__(self, x, attention_mask, *, deterministic: bool):
+  def __call__(self, x, attention_mask, *, deterministic: bool, output_positions=None):
+    """`x` `[batch, seq, hidden]` -> the last layer's output `[batch, seq, hidden]`, or with
+    `output_positions` `[batch, n]` its rows at [CLS] and there (`take_rows`) `[batch, 1 + n, hidden]`:
+    under `prune_last_layer` (unrolled layers) the last layer computes only those rows, else all,
+    then they are taken."""
     c = self.config
     layer_cls = BertLayer
     if c.remat_policy != "none":
@@ -228,10 +250,12 @@ class BertEncoder(nn.Module):
                      in_axes=(nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
                      metadata_params={nn.PARTITION_NAME: axes.LAYERS})
       x, _ = scan(layer_cls(c, name="layers"), x, attention_mask, deterministic)
-      return x
+      return x if output_positions is None else take_rows(x, output_positions)
+    pruned = output_positions is not None and c.prune_last_layer
     for i in range(c.num_hidden_layers):
-      x = layer_cls(c, name=f"layer_{i}")(x, attention_mask, deterministic)
-    return x
+      last = (output_positions,) if pruned and i == c.num_hidden_layers - 1 else ()
+      x = layer_cls(c, name=f"layer_{i}")(x, attention_mask, deterministic, *last)
+    return x if output_positions is None or pruned else take_rows(x, output_positions)
 
 
 class BertPooler(nn.Module):
@@ -263,7 +287,12 @@ def check_inputs(config: config_lib.BertConfig, input_ids) -> None:
 
 
 class BertModel(nn.Module):
-  """The BERT encoder. Returns `BertOutput(sequence_output [b, s, h], pooled_output [b, h])`."""
+  """The BERT encoder. Returns `BertOutput(sequence_output [b, s, h], pooled_output [b, h])`.
+
+  With `output_positions` `[batch, n]`, `sequence_output` holds the last layer's rows at those
+  positions `[batch, n, hidden]` (what a head reads, e.g. the masked positions; `[batch, 0]` for
+  the pooled output alone); under `config.prune_last_layer` the last layer computes only them and [CLS].
+  """
   config: config_lib.BertConfig
   add_pooling_layer: bool = True
 
@@ -275,7 +304,7 @@ class BertModel(nn.Module):
       self.pooler = BertPooler(c)
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
-               deterministic: bool = True) -> BertOutput:
+               output_positions=None, deterministic: bool = True) -> BertOutput:
     check_inputs(self.config, input_ids)
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
@@ -286,9 +315,13 @@ class BertModel(nn.Module):
     x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic)
     x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     key_mask = attention_mask[:, None, None, :] > 0  # [batch, 1, 1, seq], True for real tokens
-    x = self.encoder(x, key_mask, deterministic=deterministic)
+    if output_positions is None:
+      x = self.encoder(x, key_mask, deterministic=deterministic)
+      pooled = self.pooler(x) if self.add_pooling_layer else None
+      return BertOutput(sequence_output=x, pooled_output=pooled)
+    x = self.encoder(x, key_mask, deterministic=deterministic, output_positions=output_positions)  # [batch, 1 + n, hidden]
     pooled = self.pooler(x) if self.add_pooling_layer else None
-    return BertOutput(sequence_output=x, pooled_output=pooled)
+    return BertOutput(sequence_output=x[:, 1:], pooled_output=pooled)
 
   def attend(self, x: jax.Array) -> jax.Array:
     return self.embeddings.attend(x)

@@ -33,7 +33,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 # (`bert.resolve_layer_norm_impl`).
 LAYER_NORM_IMPLS = ("xla", "pallas", "auto")
 # Fields that say how to compute, not what the model is: never read from or written to config.json.
-NON_HF_FIELDS = ("dtype", "param_dtype", "attention_impl", "layer_norm_impl", "remat_policy", "scan_layers")
+NON_HF_FIELDS = ("dtype", "param_dtype", "attention_impl", "layer_norm_impl", "remat_policy", "scan_layers",
+                 "prune_last_layer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,12 @@ class BertConfig:
   # One `nn.scan` over the layers: parameters stacked as `encoder/layers/...` with a leading
   # `layers` axis (compile time independent of depth), instead of `encoder/layer_{i}/...`.
   scan_layers: bool = False
+  # The last layer computes only the positions the heads read: [CLS] for classification, [CLS] and
+  # the masked positions for pretraining (every position still serves as a key and value). The
+  # outputs the heads read are the same up to float32 rounding; with dropout on, the last layer
+  # draws its masks for those rows only. Unrolled layers only: under `scan_layers` every layer is
+  # one loop body, and every position is computed (`bert.describe_kernels` says which applies).
+  prune_last_layer: bool = False
 
   def __post_init__(self):
     positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -107,8 +114,9 @@ class BertConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"BertConfig.remat_policy={self.remat_policy!r} is not supported; use one of "
                        f"{REMAT_POLICIES}.")
-    if not isinstance(self.scan_layers, bool):
-      raise ValueError(f"BertConfig.scan_layers={self.scan_layers!r} must be True or False.")
+    for name in ("scan_layers", "prune_last_layer"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"BertConfig.{name}={getattr(self, name)!r} must be True or False.")
 
   def check_trainable(self) -> None:
     """Raises if training (dropout on) cannot run with this config; call before compiling a train step."""

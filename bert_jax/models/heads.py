@@ -50,10 +50,9 @@ class BertForPreTraining(nn.Module):
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                masked_lm_positions=None, deterministic: bool = True) -> PreTrainingOutput:
-    outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, deterministic=deterministic)
-    hidden = outputs.sequence_output  # [batch, seq, hidden]
-    if masked_lm_positions is not None:
-      hidden = jnp.take_along_axis(hidden, masked_lm_positions[:, :, None], axis=1)  # [batch, preds, hidden]
+    outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_positions=masked_lm_positions,
+                        deterministic=deterministic)
+    hidden = outputs.sequence_output  # [batch, preds or seq, hidden]
     mlm_logits = self.predictions(hidden, self.bert.attend)
     nsp_logits = self.seq_relationship(outputs.pooled_output)
     return PreTrainingOutput(mlm_logits=mlm_logits, nsp_logits=nsp_logits)
@@ -67,8 +66,9 @@ class BertForSequenceClassification(nn.Module):
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                deterministic: bool = True) -> jax.Array:
     c = self.config
+    no_positions = jnp.zeros((input_ids.shape[0], 0), jnp.int32)  # the pooled output is all it reads
     outputs = bert.BertModel(c, name="bert")(input_ids, attention_mask, token_type_ids, position_ids,
-                                             deterministic=deterministic)
+                                             output_positions=no_positions, deterministic=deterministic)
     rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
     pooled = dropout_lib.Dropout(rate)(outputs.pooled_output, deterministic=deterministic)
     return dense(c, c.num_labels, (axes.EMBED,), (axes.CLASSES,), "classifier")(pooled)
