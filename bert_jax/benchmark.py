@@ -18,8 +18,7 @@ hardware's use on the work done; examples/s shows what pruning saves.
 
 The model's speed switches come from `config.model` like every other BertConfig field
 (`--config.model.attention_impl=dot_product`, `layer_norm_impl`, `remat_policy`, `scan_layers`,
-`prune_last_layer`;
-`--config.dtype`).
+`prune_last_layer`; `--config.dtype`).
 The case `compile_depth` times tracing and compiling the train step (no step is run) at each depth
 of `config.compile_depths`, with the layers unrolled and scanned: one JSON line per model.
 The case `length_buckets` prices one fine-tuning epoch over real IMDB review lengths, every batch
@@ -250,7 +249,8 @@ def time_compile_depth(bench: ml_collections.ConfigDict, model_config: models.Be
         compiled = time.perf_counter()
       rows.append({
           "case": "compile_depth", "num_hidden_layers": depth, "scan_layers": scan_layers,
-          "remat_policy": config.remat_policy, "attention_impl": models.resolve_attention_impl(config),
+          "prune_last_layer": config.prune_last_layer, "remat_policy": config.remat_policy,
+          "attention_impl": models.resolve_attention_impl(config),
           "layer_norm_impl": models.resolve_layer_norm_impl(config),
           "hidden_size": config.hidden_size, "trace_seconds": traced - start, "compile_seconds": compiled - traced,
           "batch_size": bench.batch_size, "seq_len": bench.seq_len, "dtype": bench.dtype,

@@ -117,12 +117,18 @@ def main() -> int:
   ref_loss, ref_grads, ref_out = _loss_grads_and_output(base, params, inputs)
   real = inputs[1].astype(bool)  # [batch, seq]: compare the encoder output at real tokens only
   ref_flat, ref_real = _flat(ref_grads), np.asarray(ref_out, np.float32)[real]
-  for attention_impl, dtype, layer_norm_impl in (
-      ("dot_product", "float32", "xla"), ("einsum", "bfloat16", "xla"), ("dot_product", "bfloat16", "xla"),
-      ("cudnn", "bfloat16", "xla"), ("dot_product", "float32", "pallas"), ("cudnn", "bfloat16", "pallas"),
-      ("pallas", "bfloat16", "pallas")):  # Pallas attention in bf16 only: in float32 Triton's dots take TF32
-    config = base.replace(attention_impl=attention_impl, dtype=dtype, layer_norm_impl=layer_norm_impl)
-    name = f"{attention_impl:>11} {dtype:>8} {layer_norm_impl:>6}"
+  # Pallas attention in bf16 only: in float32 Triton's dots take TF32. Pruned: the classifier's last
+  # layer computes [CLS] only (its attention by the einsums or dot_product); the encoder output compared
+  # is BertModel's without output_positions, every row.
+  for attention_impl, dtype, layer_norm_impl, pruned in (
+      ("dot_product", "float32", "xla", False), ("einsum", "bfloat16", "xla", False),
+      ("dot_product", "bfloat16", "xla", False), ("cudnn", "bfloat16", "xla", False),
+      ("dot_product", "float32", "pallas", False), ("cudnn", "bfloat16", "pallas", False),
+      ("pallas", "bfloat16", "pallas", False), ("dot_product", "float32", "pallas", True),
+      ("cudnn", "bfloat16", "pallas", True), ("pallas", "bfloat16", "pallas", True)):
+    config = base.replace(attention_impl=attention_impl, dtype=dtype, layer_norm_impl=layer_norm_impl,
+                          prune_last_layer=pruned)
+    name = f"{attention_impl:>11} {dtype:>8} {layer_norm_impl:>6}" + (" pruned" if pruned else "")
     try:
       loss, grads, out = _loss_grads_and_output(config, params, inputs)
     except Exception as e:  # pylint: disable=broad-except  # report every variant, then fail

@@ -373,9 +373,9 @@ def test_speed_switches_stay_out_of_hf_config(tiny_config):
               "prune_last_layer"} & set(hf_dict)
   # A config.json that happens to carry such keys does not switch them on.
   loaded = models.BertConfig.from_hf_dict(dict(hf_dict, scan_layers=True, attention_impl="cudnn",
-                                               layer_norm_impl="pallas"))
-  assert (loaded.scan_layers, loaded.attention_impl, loaded.remat_policy, loaded.layer_norm_impl) == (
-      False, "einsum", "none", "xla")
+                                               layer_norm_impl="pallas", prune_last_layer=True))
+  assert (loaded.scan_layers, loaded.attention_impl, loaded.remat_policy, loaded.layer_norm_impl,
+          loaded.prune_last_layer) == (False, "einsum", "none", "xla", False)
   assert models.BertConfig.from_hf_dict(hf_dict, scan_layers=True).scan_layers
 
 

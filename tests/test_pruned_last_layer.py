@@ -65,6 +65,7 @@ def _plain_loss_and_grads(config, pretraining: bool):
     ("pretraining", dict(attention_impl="cpu_fused")),
     ("pretraining", dict(attention_impl="dot_product")),
     ("pretraining", dict(attention_impl="cpu_fused", remat_policy="dots")),
+    ("pretraining", dict(layer_norm_impl="pallas")),  # the Pallas add & norm on 1 + n rows (its interpreter here)
 ])
 def test_loss_and_gradients_match_the_plain_path(tiny_config, task, switches):
   pretraining = task == "pretraining"
@@ -91,21 +92,26 @@ def test_output_positions_give_those_rows_of_the_sequence_output(tiny_config, pr
   np.testing.assert_allclose(rows.pooled_output, every.pooled_output, atol=ATOL, rtol=0)
 
 
-def _compiled_flops(config) -> float:
-  module = models.BertForSequenceClassification(config)
+def _compiled_flops(config, pretraining: bool = False) -> float:
+  """XLA's count of the compiled forward pass's FLOPs."""
+  module = (models.BertForPreTraining if pretraining else models.BertForSequenceClassification)(config)
   params = hf.init_params(module)
-  batch = _batch(False)
-  apply = jax.jit(lambda p: module.apply({"params": p}, batch["input_ids"], batch["attention_mask"]))
+  batch = _batch(pretraining)
+  extra = {"masked_lm_positions": batch["masked_lm_positions"]} if pretraining else {}
+  apply = jax.jit(lambda p: module.apply({"params": p}, batch["input_ids"], batch["attention_mask"], **extra))
   return apply.lower(params).compile().cost_analysis()["flops"]
 
 
-def test_the_last_layer_computes_only_the_cls_row_for_classification(tiny_config):
+@pytest.mark.parametrize("task, rows_read", [("classification", 1), ("pretraining", 1 + 3)])
+def test_the_last_layer_computes_only_the_rows_the_heads_read(tiny_config, task, rows_read):
   config = _config(tiny_config, attention_impl="einsum")
-  plain, pruned = _compiled_flops(config), _compiled_flops(config.replace(prune_last_layer=True))
-  # XLA's own count: the last layer's query, attention output and feed-forward matmuls run on 1 row
-  # of each 8, so at least 7 rows' worth of them are gone from the compiled program.
+  pretraining = task == "pretraining"
+  plain = _compiled_flops(config, pretraining)
+  pruned = _compiled_flops(config.replace(prune_last_layer=True), pretraining)
+  # XLA's own count: the last layer's query, attention output and feed-forward matmuls run on the
+  # rows read ([CLS], and the 3 masked positions), so the other rows' worth of them are gone.
   d, inner, batch, seq = config.hidden_size, config.intermediate_size, 2, 8
-  assert plain - pruned >= 2 * batch * (seq - 1) * (2 * d * d + 2 * d * inner)
+  assert plain - pruned >= 2 * batch * (seq - rows_read) * (2 * d * d + 2 * d * inner)
 
 
 def test_under_scan_layers_every_position_is_computed_and_the_log_says_so(tiny_config):
@@ -128,3 +134,12 @@ def test_attention_dropout_applies_in_the_pruned_layer(tiny_config):
   losses = {float(steps.classification_loss(module, params, batch, jax.random.key(seed), deterministic=False)[0])
             for seed in range(3)}
   assert len(losses) == 3
+
+
+@pytest.mark.parametrize("positions", [np.zeros((2,), np.int32), np.zeros((3, 1), np.int32),
+                                       np.zeros((2, 1), np.float32)])
+def test_output_positions_not_integer_batch_by_n_are_refused(tiny_config, positions):
+  module = models.BertModel(tiny_config)
+  batch = _batch(False)
+  with pytest.raises(ValueError, match=r"output_positions .* must be an integer array \[batch, n\] with batch 2"):
+    module.init(jax.random.key(0), batch["input_ids"], output_positions=positions)

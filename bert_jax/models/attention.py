@@ -54,6 +54,13 @@ def resolve_attention_impl(config: config_lib.BertConfig) -> str:
   return impl
 
 
+def pruned_layer_attention_impl(config: config_lib.BertConfig) -> str:
+  """The kernel of the pruned last layer's attention (`prune_last_layer`: a few query rows, every key):
+  'dot_product' stays; the rest run the einsums, whose cost is small at 1 or 21 query rows (our CPU
+  and Pallas kernels take as many queries as keys; cuDNN would take fewer, untried here)."""
+  return "dot_product" if resolve_attention_impl(config) == "dot_product" else "einsum"
+
+
 class AttentionTiling(NamedTuple):
   """The Pallas flash attention's tiling: query rows per forward program, the query/key block of the
   backward pass, and Triton's warps (None: the library's choice by block size) and pipeline stages.
@@ -99,28 +106,26 @@ def flash_attention(query, key, value, key_valid, *, tiling: AttentionTiling = A
 class BertSelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention over the unpadded keys, by `config.attention_impl`.
 
-  Returns the attention output projection without its bias `[batch, seq, hidden]`, and that bias
-  `[hidden]`: the layer's add & norm adds it (`bert.add_norm`).
+  Returns the attention output projection without its bias `[batch, seq or n, hidden]` (n: with
+  `query_rows`), and that bias `[hidden]`: the layer's add & norm adds it (`bert.add_norm`).
   """
   config: config_lib.BertConfig
 
   @nn.compact
-  def __call__(self, x, attention_mask, *, deterministic: bool, queries=None):
+  def __call__(self, x, attention_mask, *, deterministic: bool, query_rows=None):
     """`x` [batch, seq, hidden], `attention_mask` bool [batch, 1, 1, seq] (True: a real key).
 
-    With `queries` `[batch, n, hidden]` (rows of `x`: the pruned last layer), only those rows attend
+    With `query_rows` `[batch, n, hidden]` (rows of `x`: the pruned last layer), only those rows attend
     (to every key of `x`), and the outputs are `[batch, n, hidden]`.
     """
     c = self.config
     heads = (c.num_attention_heads, c.head_dim)
     kernels, biases = zip(*(dense(c, heads, (axes.EMBED,), (axes.HEADS, axes.KV), name).weights(x.shape[-1:])
                             for name in ("query", "key", "value")))
-    queries = None if queries is None else queries.astype(c.compute_dtype)
-    query, key, value = project_qkv(x.astype(c.compute_dtype), kernels, biases, queries)  # [batch, seq, heads, head_dim]
-    impl = resolve_attention_impl(c)
-    if queries is not None and impl != "dot_product":
-      # The fused kernels take as many queries as keys; a few query rows cost little in the einsums.
-      impl = "einsum"
+    query_rows = None if query_rows is None else query_rows.astype(c.compute_dtype)
+    # [batch, seq or n, heads, head_dim] (the query), [batch, seq, heads, head_dim] (key, value)
+    query, key, value = project_qkv(x.astype(c.compute_dtype), kernels, biases, query_rows)
+    impl = pruned_layer_attention_impl(c) if query_rows is not None else resolve_attention_impl(c)
     if impl == "einsum":
       context = self._einsum_attention(query, key, value, attention_mask, deterministic)
     elif impl == "cpu_fused":
@@ -132,7 +137,7 @@ class BertSelfAttention(nn.Module):
         context = self._on_shards(flash_attention, query, key, value, attention_mask)
       elif impl == "cudnn":
         # cuDNN takes padding as per-row key lengths (it has no broadcast [batch, 1, 1, seq] mask):
-        # BERT's inputs are right-padded, real tokens first. Padded queries still see every real key.
+        # BERT's inputs are right-padded, real tokens first. Padded query_rows still see every real key.
         context = jax.nn.dot_product_attention(
             query, key, value, key_value_seq_lengths=jnp.sum(attention_mask[:, 0, 0, :], axis=-1, dtype=jnp.int32),
             implementation="cudnn")  # [batch, seq, heads, head_dim]

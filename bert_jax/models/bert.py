@@ -69,7 +69,7 @@ def _norm_scale_init():
 
 
 class BertOutput(NamedTuple):
-  sequence_output: jax.Array  # [batch, seq, hidden]
+  sequence_output: jax.Array  # [batch, seq, hidden], or [batch, n, hidden] with `output_positions`
   pooled_output: jax.Array | None  # [batch, hidden]
 
 
@@ -127,8 +127,8 @@ def describe_kernels(config: config_lib.BertConfig) -> str:
   """What the speed switches resolve to here, for logs: "attention cpu_fused (attention_impl='auto'), ..."."""
   impls = attention.resolve_attention_impl(config), resolve_layer_norm_impl(config)
   interpreted = "pallas" in impls and jax.default_backend() != "gpu"
-  last_layer = ("the positions the heads read" if config.prune_last_layer and not config.scan_layers
-                else "every position")
+  last_layer = (f"the positions the heads read, its attention by {attention.pruned_layer_attention_impl(config)}"
+                if config.prune_last_layer and not config.scan_layers else "every position")
   return (f"attention {impls[0]} (attention_impl={config.attention_impl!r}), "
           f"add & norm {impls[1]} (layer_norm_impl={config.layer_norm_impl!r}), "
           f"last layer computes {last_layer} (prune_last_layer={config.prune_last_layer!r}"
@@ -156,10 +156,10 @@ class BertLayer(nn.Module):
     # `deterministic` is positional (argnum 3, counting self) so `nn.remat` can hold it static.
     c = self.config
     dropout = dropout_lib.Dropout(c.hidden_dropout_prob)
-    queries = None if output_positions is None else take_rows(x, output_positions)
+    query_rows = None if output_positions is None else take_rows(x, output_positions)
     attended = attention.BertSelfAttention(c, name="attention")(x, attention_mask, deterministic=deterministic,
-                                                                queries=queries)
-    x = add_norm(c, dropout, x if queries is None else queries, *attended, "attention_output_LayerNorm",
+                                                                query_rows=query_rows)
+    x = add_norm(c, dropout, x if query_rows is None else query_rows, *attended, "attention_output_LayerNorm",
                  deterministic)
     x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     h = dense(c, c.intermediate_size, (axes.EMBED,), (axes.MLP,), "intermediate")(x)  # [batch, seq, intermediate]
@@ -225,7 +225,8 @@ def _scan_body(layer: nn.Module, x, attention_mask, deterministic: bool):
 
 
 class BertEncoder(nn.Module):
-  """The stack of `num_hidden_layers` layers `[batch, seq, hidden] -> [batch, seq, hidden]`.
+  """The stack of `num_hidden_layers` layers `[batch, seq, hidden] -> [batch, seq, hidden]` (or the
+  rows of `output_positions`, see `__call__`).
 
   Unrolled, the layers are named `layer_{i}` as in HF's `encoder.layer.{i}`. With
   `config.scan_layers` they run as one `nn.scan` over `layers`, whose parameters carry a leading
@@ -253,6 +254,7 @@ class BertEncoder(nn.Module):
       return x if output_positions is None else take_rows(x, output_positions)
     pruned = output_positions is not None and c.prune_last_layer
     for i in range(c.num_hidden_layers):
+      # Positional, so that `nn.remat` traces it (its static_argnums hold only `deterministic`).
       last = (output_positions,) if pruned and i == c.num_hidden_layers - 1 else ()
       x = layer_cls(c, name=f"layer_{i}")(x, attention_mask, deterministic, *last)
     return x if output_positions is None or pruned else take_rows(x, output_positions)
@@ -286,6 +288,15 @@ def check_inputs(config: config_lib.BertConfig, input_ids) -> None:
                        "was the text tokenized with another model's vocab?")
 
 
+def check_output_positions(input_ids, output_positions) -> None:
+  """Raises unless `output_positions` is integer `[batch, n]` for `input_ids` `[batch, seq]`."""
+  shape, dtype = getattr(output_positions, "shape", None), getattr(output_positions, "dtype", None)
+  if shape is None or len(shape) != 2 or shape[0] != input_ids.shape[0] or not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"output_positions (e.g. masked_lm_positions) must be an integer array [batch, n] with "
+                     f"batch {input_ids.shape[0]}; got {type(output_positions).__name__} of dtype {dtype} and "
+                     f"shape {shape}.")
+
+
 class BertModel(nn.Module):
   """The BERT encoder. Returns `BertOutput(sequence_output [b, s, h], pooled_output [b, h])`.
 
@@ -306,6 +317,8 @@ class BertModel(nn.Module):
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                output_positions=None, deterministic: bool = True) -> BertOutput:
     check_inputs(self.config, input_ids)
+    if output_positions is not None:
+      check_output_positions(input_ids, output_positions)
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
@@ -319,7 +332,8 @@ class BertModel(nn.Module):
       x = self.encoder(x, key_mask, deterministic=deterministic)
       pooled = self.pooler(x) if self.add_pooling_layer else None
       return BertOutput(sequence_output=x, pooled_output=pooled)
-    x = self.encoder(x, key_mask, deterministic=deterministic, output_positions=output_positions)  # [batch, 1 + n, hidden]
+    # [CLS] and the rows at output_positions: [batch, 1 + n, hidden]
+    x = self.encoder(x, key_mask, deterministic=deterministic, output_positions=output_positions)
     pooled = self.pooler(x) if self.add_pooling_layer else None
     return BertOutput(sequence_output=x[:, 1:], pooled_output=pooled)
 

@@ -102,21 +102,21 @@ def _add_bias_spread_by_matmul(y, bias):
   return y + spread.reshape(y.shape)
 
 
-def _project_each(x, kernels, biases, queries=None):
-  inputs = (x,) * 3 if queries is None else (queries, x, x)
+def _project_each(x, kernels, biases, query_rows=None):
+  inputs = (x,) * 3 if query_rows is None else (query_rows, x, x)
   return tuple(add_bias(contract(rows, kernel, 1), bias) for rows, kernel, bias in zip(inputs, kernels, biases))
 
 
-def _project_stacked(x, kernels, biases, queries=None):
-  if queries is not None:  # the query apart, the key and value stacked
-    return (add_bias(contract(queries, kernels[0], 1), biases[0]), *_project_stacked(x, kernels[1:], biases[1:]))
+def _project_stacked(x, kernels, biases, query_rows=None):
+  if query_rows is not None:  # the query apart, the key and value stacked
+    return (add_bias(contract(query_rows, kernels[0], 1), biases[0]), *_project_stacked(x, kernels[1:], biases[1:]))
   stacked = add_bias(contract(x, jnp.stack(kernels, axis=1), 1), jnp.stack(biases))  # [batch, seq, 3, heads, head_dim]
   return tuple(stacked[:, :, i] for i in range(len(kernels)))
 
 
-def project_qkv(x: jax.Array, kernels, biases, queries: jax.Array | None = None
+def project_qkv(x: jax.Array, kernels, biases, query_rows: jax.Array | None = None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Query, key and value `[batch, seq, heads, head_dim]` of `x` `[batch, seq, hidden]`; with `queries`
+  """Query, key and value `[batch, seq, heads, head_dim]` of `x` `[batch, seq, hidden]`; with `query_rows`
   `[batch, n, hidden]` (some of `x`'s rows), the query of those rows only, `[batch, n, heads, head_dim]`.
 
   `kernels` `[hidden, heads, head_dim]` and `biases` `[heads, head_dim]`, three of each. On GPUs and
@@ -125,4 +125,4 @@ def project_qkv(x: jax.Array, kernels, biases, queries: jax.Array | None = None
   BERT-base pretraining step on an H100. On XLA:CPU the stacked form was not clearly faster (with
   YNNPACK matmuls it made MiniLM eval slower), so the CPU keeps three matmuls.
   """
-  return jax.lax.platform_dependent(x, kernels, biases, queries, cpu=_project_each, default=_project_stacked)
+  return jax.lax.platform_dependent(x, kernels, biases, query_rows, cpu=_project_each, default=_project_stacked)
