@@ -35,7 +35,9 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
 # Their values in checkpoints written before the field existed.
 _SHAPE_DEFAULTS = {"scan_layers": False}
 # BertConfig fields that say only how to compute: evaluate/predict take them from the config, not
-# the checkpoint (e.g. a model trained with attention_impl='cpu_fused' evaluated on a GPU).
+# the checkpoint (e.g. a model trained with attention_impl='cpu_fused' evaluated on a GPU). Training
+# resumes with the config's values too: the parameters are the same, though with another
+# prune_last_layer the last layer draws its dropout masks for other rows.
 COMPUTE_FIELDS = ("dtype", "attention_impl", "layer_norm_impl", "remat_policy", "prune_last_layer")
 
 
