@@ -67,7 +67,7 @@ def forward_flops(config: models.BertConfig, seq_len: int, num_predictions: int 
   d, L, I, V, T = (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size,
                    seq_len)
   head = 2 * num_predictions * (d * d + d * V)
-  if not config.prune_last_layer or config.scan_layers:
+  if not config.prunes_last_layer:
     return 2 * T * L * (4 * d * d + 2 * d * I) + 4 * L * T * T * d + head
   R = 1 + num_predictions
   last = 4 * T * d * d + 2 * R * (2 * d * d + 2 * d * I) + 4 * R * T * d

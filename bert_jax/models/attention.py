@@ -137,7 +137,7 @@ class BertSelfAttention(nn.Module):
         context = self._on_shards(flash_attention, query, key, value, attention_mask)
       elif impl == "cudnn":
         # cuDNN takes padding as per-row key lengths (it has no broadcast [batch, 1, 1, seq] mask):
-        # BERT's inputs are right-padded, real tokens first. Padded query_rows still see every real key.
+        # BERT's inputs are right-padded, real tokens first. Padded queries still see every real key.
         context = jax.nn.dot_product_attention(
             query, key, value, key_value_seq_lengths=jnp.sum(attention_mask[:, 0, 0, :], axis=-1, dtype=jnp.int32),
             implementation="cudnn")  # [batch, seq, heads, head_dim]

@@ -128,7 +128,7 @@ def describe_kernels(config: config_lib.BertConfig) -> str:
   impls = attention.resolve_attention_impl(config), resolve_layer_norm_impl(config)
   interpreted = "pallas" in impls and jax.default_backend() != "gpu"
   last_layer = (f"the positions the heads read, its attention by {attention.pruned_layer_attention_impl(config)}"
-                if config.prune_last_layer and not config.scan_layers else "every position")
+                if config.prunes_last_layer else "every position")
   return (f"attention {impls[0]} (attention_impl={config.attention_impl!r}), "
           f"add & norm {impls[1]} (layer_norm_impl={config.layer_norm_impl!r}), "
           f"last layer computes {last_layer} (prune_last_layer={config.prune_last_layer!r}"
@@ -252,7 +252,7 @@ class BertEncoder(nn.Module):
                      metadata_params={nn.PARTITION_NAME: axes.LAYERS})
       x, _ = scan(layer_cls(c, name="layers"), x, attention_mask, deterministic)
       return x if output_positions is None else take_rows(x, output_positions)
-    pruned = output_positions is not None and c.prune_last_layer
+    pruned = output_positions is not None and c.prunes_last_layer
     for i in range(c.num_hidden_layers):
       # Positional, so that `nn.remat` traces it (its static_argnums hold only `deterministic`).
       last = (output_positions,) if pruned and i == c.num_hidden_layers - 1 else ()
@@ -328,14 +328,10 @@ class BertModel(nn.Module):
     x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic)
     x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     key_mask = attention_mask[:, None, None, :] > 0  # [batch, 1, 1, seq], True for real tokens
-    if output_positions is None:
-      x = self.encoder(x, key_mask, deterministic=deterministic)
-      pooled = self.pooler(x) if self.add_pooling_layer else None
-      return BertOutput(sequence_output=x, pooled_output=pooled)
-    # [CLS] and the rows at output_positions: [batch, 1 + n, hidden]
+    # [batch, seq, hidden], or [CLS] and the rows at output_positions: [batch, 1 + n, hidden]
     x = self.encoder(x, key_mask, deterministic=deterministic, output_positions=output_positions)
     pooled = self.pooler(x) if self.add_pooling_layer else None
-    return BertOutput(sequence_output=x[:, 1:], pooled_output=pooled)
+    return BertOutput(sequence_output=x if output_positions is None else x[:, 1:], pooled_output=pooled)
 
   def attend(self, x: jax.Array) -> jax.Array:
     return self.embeddings.attend(x)

@@ -128,6 +128,11 @@ class BertConfig:
           "--config.model.attention_impl=einsum (or cpu_fused on a CPU).")
 
   @property
+  def prunes_last_layer(self) -> bool:
+    """Whether the last layer computes only the rows the heads read: the switch, with unrolled layers."""
+    return self.prune_last_layer and not self.scan_layers
+
+  @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
 
