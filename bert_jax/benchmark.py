@@ -226,6 +226,15 @@ def _figures(case, bench, step_seconds: float, flops_per_sequence: float, compil
   }
 
 
+def model_fields(config: models.BertConfig) -> dict:
+  """The model's size and speed switches for a JSON row, with the kernels that ran ('auto' decided)."""
+  fields = {name: getattr(config, name) for name in (
+      "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "remat_policy", "scan_layers",
+      "prune_last_layer")}
+  return fields | {"attention_impl": models.resolve_attention_impl(config),
+                   "layer_norm_impl": models.resolve_layer_norm_impl(config)}
+
+
 def time_compile_depth(bench: ml_collections.ConfigDict, model_config: models.BertConfig, mesh) -> list[dict]:
   """Seconds to trace and to compile the classification train step, per depth, unrolled and scanned."""
   rows = []
@@ -248,11 +257,8 @@ def time_compile_depth(bench: ml_collections.ConfigDict, model_config: models.Be
         lowered.compile()
         compiled = time.perf_counter()
       rows.append({
-          "case": "compile_depth", "num_hidden_layers": depth, "scan_layers": scan_layers,
-          "prune_last_layer": config.prune_last_layer, "remat_policy": config.remat_policy,
-          "attention_impl": models.resolve_attention_impl(config),
-          "layer_norm_impl": models.resolve_layer_norm_impl(config),
-          "hidden_size": config.hidden_size, "trace_seconds": traced - start, "compile_seconds": compiled - traced,
+          "case": "compile_depth", **model_fields(config), "trace_seconds": traced - start,
+          "compile_seconds": compiled - traced,
           "batch_size": bench.batch_size, "seq_len": bench.seq_len, "dtype": bench.dtype,
           "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       })
@@ -368,12 +374,7 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[str], None] = print,
       emit(json.dumps(rows[-1]))
       continue
     row, torch_row = time_case(case, config, model_config, mesh)
-    row.update({name: getattr(model_config, name) for name in (
-        "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "remat_policy", "scan_layers",
-        "prune_last_layer")})
-    # What ran: 'auto' decided.
-    row["attention_impl"] = models.resolve_attention_impl(model_config)
-    row["layer_norm_impl"] = models.resolve_layer_norm_impl(model_config)
+    row.update(model_fields(model_config))
     row.update(environment)
     row.update(torch_row)
     emit(json.dumps(row))

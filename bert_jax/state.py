@@ -34,11 +34,6 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
                 "max_position_embeddings", "type_vocab_size", "num_labels", "scan_layers")
 # Their values in checkpoints written before the field existed.
 _SHAPE_DEFAULTS = {"scan_layers": False}
-# BertConfig fields that say only how to compute: evaluate/predict take them from the config, not
-# the checkpoint (e.g. a model trained with attention_impl='cpu_fused' evaluated on a GPU). Training
-# resumes with the config's values too: the parameters are the same, though with another
-# prune_last_layer the last layer draws its dropout masks for other rows.
-COMPUTE_FIELDS = ("dtype", "attention_impl", "layer_norm_impl", "remat_policy", "prune_last_layer")
 
 
 def is_workdir(path: str) -> bool:
@@ -165,9 +160,10 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, which: str,
                             + (f"; damaged, left untouched: {damaged}" if damaged else "") + ".")
   meta = ckpt.read_meta(step)
   module_cls = models.MODEL_CLASSES[meta.get("model_class", "BertForSequenceClassification")]
-  # How to compute may differ from training (another device, or 'auto' deciding anew); what the
-  # parameters are may not.
-  compute = {name: value for name, value in config_checks.model_overrides(config).items() if name in COMPUTE_FIELDS}
+  # How to compute (`models.COMPUTE_FIELDS`) may differ from training: e.g. a model trained with
+  # attention_impl='cpu_fused' evaluated on a GPU, or 'auto' deciding anew. What the parameters are may not.
+  compute = {name: value for name, value in config_checks.model_overrides(config).items()
+             if name in models.COMPUTE_FIELDS}
   module = module_cls(models.BertConfig(**meta["model"]).replace(**compute))
   # The checkpoint's optimizer gives the state's tree structure; its schedule plays no part here.
   optimizer_name = meta.get("optimizer", config.optimizer.name)

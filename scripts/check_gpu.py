@@ -45,11 +45,10 @@ def _inputs(config: models.BertConfig):
   return input_ids, attention_mask, token_type_ids, labels
 
 
-def _loss_grads_and_output(config: models.BertConfig, params, inputs, dropout_key=None):
-  """Loss, gradients and encoder output; with `dropout_key`, the loss and gradients with dropout on."""
+def _loss_and_grads(config: models.BertConfig, params, inputs, dropout_key=None):
+  """The classifier's summed loss and its gradients; with `dropout_key`, with dropout on."""
   input_ids, attention_mask, token_type_ids, labels = inputs
   classifier = models.BertForSequenceClassification(config)
-  encoder = models.BertModel(config)
 
   def loss(p):
     logits = classifier.apply({"params": p}, input_ids, attention_mask, token_type_ids,
@@ -58,12 +57,15 @@ def _loss_grads_and_output(config: models.BertConfig, params, inputs, dropout_ke
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     return -jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
 
-  def sequence_output(p):
-    return encoder.apply({"params": p["bert"]}, input_ids, attention_mask, token_type_ids,
-                         deterministic=True).sequence_output  # [batch, seq, hidden]
+  return jax.jit(jax.value_and_grad(loss))(params)
 
-  value, grads = jax.jit(jax.value_and_grad(loss))(params)
-  return value, grads, jax.jit(sequence_output)(params)
+
+def _sequence_output(config: models.BertConfig, params, inputs) -> jax.Array:
+  """The encoder's output `[batch, seq, hidden]`, deterministic."""
+  input_ids, attention_mask, token_type_ids, _ = inputs
+  encoder = models.BertModel(config)
+  return jax.jit(lambda p: encoder.apply({"params": p["bert"]}, input_ids, attention_mask, token_type_ids,
+                                         deterministic=True).sequence_output)(params)
 
 
 def _flat(tree) -> np.ndarray:
@@ -96,7 +98,7 @@ def _check_add_norm_dropout(base: models.BertConfig, params, inputs) -> int:
   results = {}
   for impl in ("xla", "pallas"):
     config = base.replace(attention_impl="dot_product", hidden_dropout_prob=0.1, layer_norm_impl=impl)
-    loss, grads, _ = _loss_grads_and_output(config, params, inputs, dropout_key=jax.random.key(3))
+    loss, grads = _loss_and_grads(config, params, inputs, dropout_key=jax.random.key(3))
     results[impl] = float(loss), _flat(grads)
   loss_rel = abs(results["pallas"][0] - results["xla"][0]) / abs(results["xla"][0])
   grad_rel = _rel_l2(results["pallas"][1], results["xla"][1])
@@ -114,7 +116,7 @@ def main() -> int:
                            intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   inputs = _inputs(base)
   params = hf.init_params(models.BertForSequenceClassification(base))
-  ref_loss, ref_grads, ref_out = _loss_grads_and_output(base, params, inputs)
+  (ref_loss, ref_grads), ref_out = _loss_and_grads(base, params, inputs), _sequence_output(base, params, inputs)
   real = inputs[1].astype(bool)  # [batch, seq]: compare the encoder output at real tokens only
   ref_flat, ref_real = _flat(ref_grads), np.asarray(ref_out, np.float32)[real]
   # Pallas attention in bf16 only: in float32 Triton's dots take TF32. Pruned: the classifier's last
@@ -130,7 +132,7 @@ def main() -> int:
                           prune_last_layer=pruned)
     name = f"{attention_impl:>11} {dtype:>8} {layer_norm_impl:>6}" + (" pruned" if pruned else "")
     try:
-      loss, grads, out = _loss_grads_and_output(config, params, inputs)
+      (loss, grads), out = _loss_and_grads(config, params, inputs), _sequence_output(config, params, inputs)
     except Exception as e:  # pylint: disable=broad-except  # report every variant, then fail
       failures += 1
       print(f"{name}: ERROR {type(e).__name__}: {str(e)[:300]}")

@@ -12,6 +12,7 @@ import pytest
 
 from bert_jax import hf
 from bert_jax import models
+from bert_jax import steps
 from bert_jax.models import bert
 from bert_jax.models import fused_norm
 
@@ -104,15 +105,13 @@ def _classifier(tiny_config, **overrides):
 
 
 def _loss_and_grads(module, params, deterministic):
+  """The train step's classification loss (`steps.classification_loss`) and its gradients."""
   rng = np.random.default_rng(0)
-  input_ids = rng.integers(1, 99, (3, 9)).astype(np.int32)
   attention_mask = (np.arange(9)[None, :] < np.array([[9], [4], [7]])).astype(np.int32)
-
-  def loss(p):
-    logits = module.apply({"params": p}, input_ids, attention_mask, deterministic=deterministic,
-                          rngs={"dropout": jax.random.key(5)})
-    return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
-
+  batch = {"input_ids": rng.integers(1, 99, (3, 9)).astype(np.int32), "attention_mask": attention_mask,
+           "token_type_ids": np.zeros((3, 9), np.int32), "labels": np.array([0, 1, 0], np.int32),
+           "weights": np.ones((3,), np.float32)}
+  loss = lambda p: steps.classification_loss(module, p, batch, jax.random.key(5), deterministic)[0]  # noqa: E731
   return jax.jit(jax.value_and_grad(loss))(params)
 
 

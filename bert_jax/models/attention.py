@@ -24,6 +24,7 @@ from bert_jax.models import axes
 from bert_jax.models import config as config_lib
 from bert_jax.models import cpu_attention
 from bert_jax.models import dropout as dropout_lib
+from bert_jax.models import fused_norm
 from bert_jax.models.projection import dense, project_qkv
 
 
@@ -99,7 +100,7 @@ def flash_attention(query, key, value, key_valid, *, tiling: AttentionTiling = A
                                        block_kv_dkv=backward, block_q_dq=backward, block_kv_dq=backward)
   out = pallas_attention.mha(query, key, value, key_valid.astype(jnp.int32), sm_scale=float(1 / np.sqrt(head_dim)),
                              block_sizes=blocks, num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-                             interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
+                             interpret=fused_norm.interprets(interpret))
   return out[:, :seq, :, :head_dim]
 
 

@@ -32,9 +32,14 @@ REMAT_POLICIES = ("none", "full", "dots")
 # Pallas's interpreter runs it, slowly, for tests). 'auto': 'pallas' on a GPU, else 'xla'
 # (`bert.resolve_layer_norm_impl`).
 LAYER_NORM_IMPLS = ("xla", "pallas", "auto")
-# Fields that say how to compute, not what the model is: never read from or written to config.json.
-NON_HF_FIELDS = ("dtype", "param_dtype", "attention_impl", "layer_norm_impl", "remat_policy", "scan_layers",
-                 "prune_last_layer")
+# Fields that say only how to compute: the same parameters give the same model under any of their
+# values, to rounding. evaluate/predict take them from the config, not the checkpoint (`state`), and
+# training resumes with the config's (with another prune_last_layer, the last layer draws its dropout
+# masks for other rows).
+COMPUTE_FIELDS = ("dtype", "attention_impl", "layer_norm_impl", "remat_policy", "prune_last_layer")
+# Fields that are not the model's in HF's sense: never read from or written to config.json. Beside
+# how to compute, how the parameters are stored: their dtype, and the layers stacked (scan_layers).
+NON_HF_FIELDS = COMPUTE_FIELDS + ("param_dtype", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,10 +149,14 @@ def _backward_kernel(*refs, has_keep: bool, keep_divisor: float, block_rows: int
       plgpu.store(ref.at[program, cols], total, mask=cols < n_cols)
 
 
+def interprets(interpret: bool | None = None) -> bool:
+  """Whether a Pallas kernel runs in Pallas's interpreter: `interpret`, or when None, unless JAX's
+  backend is a GPU (the kernels are written for Triton)."""
+  return jax.default_backend() != "gpu" if interpret is None else interpret
+
+
 def _call(kernel, out_shape, grid: int, tiling: Tiling, interpret: bool | None, name: str):
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  return pl.pallas_call(kernel, out_shape=out_shape, grid=(grid,), interpret=interpret, name=name,
+  return pl.pallas_call(kernel, out_shape=out_shape, grid=(grid,), interpret=interprets(interpret), name=name,
                         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps))
 
 
@@ -208,7 +212,7 @@ def add_dropout_layer_norm(h: jax.Array, bias: jax.Array, keep: jax.Array | None
   `h` and `residual` `[..., hidden]` in the compute dtype, `bias` `[hidden]` in the same; `keep`
   the dropout's keep mask (bool, `h`'s shape; True: kept and scaled by `1 / (1 - rate)`), or None
   for no dropout; `scale` and `offset` `[hidden]`, the norm's parameters in their own dtype.
-  `interpret` None: Pallas's interpreter unless JAX's backend is a GPU.
+  `interpret`: see `interprets`.
   """
   hidden = h.shape[-1:]
   if residual.shape != h.shape or residual.dtype != h.dtype or bias.dtype != h.dtype:
