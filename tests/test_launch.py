@@ -202,7 +202,9 @@ def test_slurm_tasks_get_the_jax_variables(tmp_path):
              f'printf "%s\\n" "$@" > "{out}/$JAX_PROCESS_ID.args"\n')
   env.update(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[007-008]", SLURM_NTASKS="2",
              SLURM_NTASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(REPO_ROOT), PYTHON="python")
-  env.update(dict.fromkeys(("JAX_COORDINATOR_PORT", "JAX_LOCAL_DEVICE_IDS", "CONFIG", "WORKDIR", "REPO_DIR")))
+  # Only the launcher's JAX variables: none from this process (e.g. the tests' compilation cache).
+  env.update(dict.fromkeys([name for name in os.environ if name.startswith("JAX_")]
+                           + ["CONFIG", "WORKDIR", "REPO_DIR"]))
   env["XLA_FLAGS"] = "--xla_dump_to=/tmp/hlo"  # the user's flags reach the tasks as they are
   bash(SLURM, "--", "--config.train.batch_size=256", env=env)
   for rank in (0, 1):
