@@ -18,6 +18,7 @@ import zipfile
 
 import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from bert_jax import models
 
@@ -28,20 +29,31 @@ _CACHE_OWNER = "_bert_jax_compilation_cache"
 
 def pytest_configure(config):
   # The first process (xdist's controller, or the only one) makes the directory; the environment
-  # hands it to the workers and to their subprocesses. Every program is cached, however quick to compile.
+  # hands it to the workers and to their subprocesses. Every program is cached, however quick to
+  # compile. A cache the user set (or turned off with an empty value) is left as it is.
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    directory = tempfile.mkdtemp(prefix="bert_jax_test_xla_cache_")
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=directory, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    setattr(config, _CACHE_OWNER, directory)
+    added = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="bert_jax_test_xla_cache_")}
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+      added["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ.update(added)
+    setattr(config, _CACHE_OWNER, added)
   # This process imported jax before this hook ran, so it reads the settings here.
-  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")))
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"] or None)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def pytest_unconfigure(config):
-  if hasattr(config, _CACHE_OWNER):
-    shutil.rmtree(getattr(config, _CACHE_OWNER), ignore_errors=True)
+  added = getattr(config, _CACHE_OWNER, None)
+  if added is None:
+    return
+  # As before the session, for a second pytest run in this process (an IDE's, `pytest.main`).
+  for name in added:
+    os.environ.pop(name)
+  jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()
+  shutil.rmtree(added["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
