@@ -25,6 +25,7 @@ import numpy as np
 from bert_jax import hf
 from bert_jax import models
 from bert_jax import partitioning
+from bert_jax import steps
 from bert_jax.models import dropout
 from configs import common
 
@@ -46,16 +47,15 @@ def _inputs(config: models.BertConfig):
 
 
 def _loss_and_grads(config: models.BertConfig, params, inputs, dropout_key=None):
-  """The classifier's summed loss and its gradients; with `dropout_key`, with dropout on."""
+  """The train step's summed classification loss (`steps.classification_loss`) and its gradients;
+  with `dropout_key`, with dropout on."""
   input_ids, attention_mask, token_type_ids, labels = inputs
   classifier = models.BertForSequenceClassification(config)
+  batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+           "labels": labels, "weights": np.ones(labels.shape, np.float32)}
 
   def loss(p):
-    logits = classifier.apply({"params": p}, input_ids, attention_mask, token_type_ids,
-                              deterministic=dropout_key is None,
-                              rngs=None if dropout_key is None else {"dropout": dropout_key})
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    return -jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+    return steps.classification_loss(classifier, p, batch, dropout_key, deterministic=dropout_key is None)[0]
 
   return jax.jit(jax.value_and_grad(loss))(params)
 

@@ -246,17 +246,17 @@ class BertEncoder(nn.Module):
       # Inside a scan the loop already keeps XLA from merging recomputation with the forward pass.
       layer_cls = nn.remat(BertLayer, policy=REMAT_POLICIES[c.remat_policy], static_argnums=(3,),
                            prevent_cse=not c.scan_layers)
+    pruned = output_positions is not None and c.prunes_last_layer  # never under scan_layers
     if c.scan_layers:
       scan = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                      in_axes=(nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
                      metadata_params={nn.PARTITION_NAME: axes.LAYERS})
       x, _ = scan(layer_cls(c, name="layers"), x, attention_mask, deterministic)
-      return x if output_positions is None else take_rows(x, output_positions)
-    pruned = output_positions is not None and c.prunes_last_layer
-    for i in range(c.num_hidden_layers):
-      # Positional, so that `nn.remat` traces it (its static_argnums hold only `deterministic`).
-      last = (output_positions,) if pruned and i == c.num_hidden_layers - 1 else ()
-      x = layer_cls(c, name=f"layer_{i}")(x, attention_mask, deterministic, *last)
+    else:
+      for i in range(c.num_hidden_layers):
+        # Positional, so that `nn.remat` traces it (its static_argnums hold only `deterministic`).
+        last = (output_positions,) if pruned and i == c.num_hidden_layers - 1 else ()
+        x = layer_cls(c, name=f"layer_{i}")(x, attention_mask, deterministic, *last)
     return x if output_positions is None or pruned else take_rows(x, output_positions)
 
 
