@@ -131,7 +131,7 @@ PY
     b256|sweep)
       # BERT's pretraining batch (256 x 128 tokens); sweep: each speed variant, one process apiece.
       b256=(--config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 "--config.cases=('pretrain_train',)")
-      variants=${SWEEP:-default triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention pallas_attention xla_norm wait_each}
+      variants=${SWEEP:-default triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention pallas_attention xla_norm no_prune wait_each}
       [ "$stage" = b256 ] && variants=default
       for variant in $variants; do  # each adds an XLA flag (after config.xla_flags: it wins), a PRNG or a model flag
         xla_flag="" prng=${JAX_DEFAULT_PRNG_IMPL:-threefry2x32} flags=()
@@ -150,6 +150,7 @@ PY
           xla_attention) flags=(--config.model.attention_impl=dot_product);;
           pallas_attention) flags=(--config.model.attention_impl=pallas);;  # jax's Pallas flash attention
           xla_norm) flags=(--config.model.layer_norm_impl=xla);;  # XLA's add & norm (the presets: one Pallas kernel)
+          no_prune) flags=(--config.model.prune_last_layer=False);;  # the last layer computes every position
           wait_each) flags=(--config.steps_per_sample=1);;  # the timing before steps_per_sample
           *) echo "unknown variant $variant"; continue;;
         esac
@@ -193,7 +194,7 @@ for line in open(sys.argv[1]):
   print(f"{row['case']:<15}{row['dtype']:<9}{row['batch_size']:>6}{row['seq_len']:>5}"
         f"{row.get('attention_impl', '?'):>12}{row['examples_per_second']:>10.1f}{mfu:>7}{torch_ex:>11}{ratio:>7}"
         f"{row['compile_seconds']:>10.1f}  {row.get('hidden_act')} drop={row.get('hidden_dropout_prob')} "
-        f"norm={row.get('layer_norm_impl')} "
+        f"norm={row.get('layer_norm_impl')} prune={row.get('prune_last_layer')} "
         f"steps/sample={row.get('steps_per_sample')} "
         f"{row.get('prng_impl')} {row.get('xla_flags')}")
 PY
