@@ -1,4 +1,5 @@
-"""The fused XLA:CPU attention kernel (`attention_impl='cpu_fused'`) against the einsum path, in float32."""
+"""The fused XLA:CPU attention kernel (`attention_impl='cpu_fused'`) against the einsum path, in float32;
+a bf16 model's attention through it against the float32 einsum path."""
 
 import jax
 import jax.numpy as jnp
@@ -81,17 +82,36 @@ def test_training_step_of_the_model_matches_einsum_dropout_masks_included(tiny_c
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
-def test_cpu_fused_is_refused_outside_float32_and_allows_attention_dropout(tiny_config):
-  with pytest.raises(ValueError, match="cpu_fused' computes in float32"):
-    tiny_config.replace(attention_impl="cpu_fused", dtype="bfloat16")
+def test_the_kernel_itself_takes_float32_only_and_allows_attention_dropout(tiny_config):
+  q, k, v, _, key_valid, _ = _inputs()
+  with pytest.raises(ValueError, match="computes in float32; got bfloat16"):
+    cpu_attention.attention(q.astype(jnp.bfloat16), k, v, key_valid)
   tiny_config.replace(attention_impl="cpu_fused", attention_probs_dropout_prob=0.1).check_trainable()
 
 
-def test_auto_takes_the_kernel_on_a_cpu_in_float32_and_the_einsums_otherwise(tiny_config):
+def test_a_bfloat16_model_attends_in_float32_through_the_kernel(tiny_config):
+  # The model widens bf16 query, key and value for the kernel and rounds its context back to bf16.
+  config = tiny_config.replace(hidden_size=64, num_attention_heads=2, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0)
+  params = hf.init_params(models.BertForSequenceClassification(config))
+  input_ids = np.random.default_rng(0).integers(1, 99, (3, 21)).astype(np.int32)
+  attention_mask = (np.arange(21)[None, :] < np.array([[21], [5], [13]])).astype(np.int32)
+  loss, grads = _loss_and_grads(config.replace(attention_impl="einsum"), params, input_ids, attention_mask)
+  bf16 = config.replace(attention_impl="cpu_fused", dtype="bfloat16")
+  bf16_loss, bf16_grads = _loss_and_grads(bf16, params, input_ids, attention_mask)
+  logits = models.BertForSequenceClassification(bf16).apply({"params": params}, input_ids, attention_mask)
+  assert logits.dtype == jnp.bfloat16
+  # The bounds of tests/test_models.py's bf16 test: bf16 keeps 8 significant bits (0.4% per rounding).
+  np.testing.assert_allclose(bf16_loss, loss, rtol=2e-2)
+  flat, bf16_flat = (np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(t)]) for t in (grads, bf16_grads))
+  assert np.linalg.norm(bf16_flat - flat) <= 0.05 * np.linalg.norm(flat)
+
+
+def test_auto_takes_the_kernel_on_a_cpu_in_float32_and_bfloat16(tiny_config):
   auto = tiny_config.replace(attention_impl="auto", attention_probs_dropout_prob=0.1)
   auto.check_trainable()  # both candidates apply attention dropout
   assert models.resolve_attention_impl(auto) == "cpu_fused"
-  assert models.resolve_attention_impl(auto.replace(dtype="bfloat16")) == "einsum"
+  assert models.resolve_attention_impl(auto.replace(dtype="bfloat16")) == "cpu_fused"
   assert models.resolve_attention_impl(auto.replace(attention_impl="dot_product")) == "dot_product"
 
 

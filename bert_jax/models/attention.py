@@ -39,15 +39,15 @@ _BACKENDS = {
 
 def resolve_attention_impl(config: config_lib.BertConfig) -> str:
   """The attention kernel `config.attention_impl` names; 'auto' is decided here, where the model is traced:
-  our fused kernel when JAX's default backend is the CPU and the dtype float32 (train steps 10-15%
-  faster there, docs/performance.md), unless it cannot be built or loaded (logged), else the einsums.
+  our fused kernel when JAX's default backend is the CPU (train steps 10-15% faster there,
+  docs/performance.md), unless it cannot be built or loaded (logged), else the einsums.
   Both apply attention dropout and agree to rounding. Each process decides for itself: on a
   multi-host CPU cluster whose hosts differ in having a compiler, name the kernel explicitly.
   A kernel this backend cannot run is refused, with the setting to use instead."""
   backend = jax.default_backend()
   impl = config.attention_impl
   if impl == "auto":
-    impl = "cpu_fused" if backend == "cpu" and config.dtype == "float32" and cpu_attention.available() else "einsum"
+    impl = "cpu_fused" if backend == "cpu" and cpu_attention.available() else "einsum"
   backends, problem, fix = _BACKENDS.get(impl, ((backend,), "", ""))
   if backend not in backends:
     raise ValueError(f"BertConfig.attention_impl={impl!r} {problem}; this is {backend!r}. "
@@ -163,7 +163,9 @@ class BertSelfAttention(nn.Module):
     # The einsum path's mask, bit for bit: the same submodule name and shape draw the same bits.
     keep = dropout_lib.Dropout(rate).keep_mask((batch, heads, seq, seq)) if rate else None
     attend = lambda q, k, v, key_valid, keep=None: cpu_attention.attention(q, k, v, key_valid, keep, rate)  # noqa: E731
-    return self._on_shards(attend, query, key, value, attention_mask, keep)
+    # The kernel computes in float32; bf16 query, key and value are widened, and its context rounded back.
+    query, key, value = (t.astype(jnp.float32) for t in (query, key, value))
+    return self._on_shards(attend, query, key, value, attention_mask, keep).astype(c.compute_dtype)
 
   def _einsum_attention(self, query, key, value, attention_mask, deterministic: bool):
     c = self.config

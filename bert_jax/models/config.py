@@ -16,11 +16,10 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "si
 # How attention is computed: our einsums (with attention dropout), `jax.nn.dot_product_attention`
 # with `implementation=None` (XLA in jax 0.10), the same forced onto cuDNN's fused kernel (GPU,
 # bfloat16/float16 only), jax's Pallas (Triton) flash attention (GPU; Pallas's interpreter on a
-# CPU, for tests), or our fused C++ kernel for XLA:CPU (float32, with attention dropout;
-# `cpu_attention`). 'dot_product', 'cudnn' and 'pallas' have no attention-probability dropout.
+# CPU, for tests), or our fused C++ kernel for XLA:CPU (computes in float32, with attention
+# dropout; `cpu_attention`). 'dot_product', 'cudnn' and 'pallas' have no attention-probability dropout.
 # 'auto' picks one of the two with dropout where the model is traced
-# (`attention.resolve_attention_impl`): 'cpu_fused' on XLA:CPU in float32 when its kernel builds,
-# else 'einsum'.
+# (`attention.resolve_attention_impl`): 'cpu_fused' on XLA:CPU when its kernel builds, else 'einsum'.
 ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn", "pallas", "cpu_fused", "auto")
 # The implementations that apply attention-probability dropout.
 ATTENTION_DROPOUT_IMPLS = ("einsum", "cpu_fused", "auto")
@@ -110,9 +109,6 @@ class BertConfig:
       raise ValueError(f"BertConfig.attention_impl='cudnn' needs dtype 'bfloat16' or 'float16' (cuDNN's fused "
                        f"attention has no float32 kernel); got dtype={self.dtype!r}. Set "
                        "--config.model.dtype=bfloat16 or use attention_impl='dot_product'.")
-    if self.attention_impl == "cpu_fused" and self.dtype != "float32":
-      raise ValueError(f"BertConfig.attention_impl='cpu_fused' computes in float32; got dtype={self.dtype!r}. Set "
-                       "--config.model.dtype=float32 or use attention_impl='einsum'.")
     if self.layer_norm_impl not in LAYER_NORM_IMPLS:
       raise ValueError(f"BertConfig.layer_norm_impl={self.layer_norm_impl!r} is not supported; use one of "
                        f"{LAYER_NORM_IMPLS}.")
