@@ -44,17 +44,22 @@ def best_seconds_per_call(fn: Callable[..., Any], *args, rounds: int, calls_per_
   return min(one_round() for _ in range(rounds)) / calls_per_round
 
 
-def measured_matmul_tflops(dtype: str, size: int = 2048, rounds: int = 5, calls_per_round: int = 1) -> float:
-  """The device's matmul throughput here and now: `size`-square random normal matrices in `dtype`."""
+def measured_matmul_tflops(dtype: str, size: int = 2048, rounds: int = 5, calls_per_round: int = 1,
+                           accumulate: str | None = None) -> float:
+  """The device's matmul throughput here and now: `size`-square random normal matrices in `dtype`,
+  their products summed into `accumulate` (None: `dtype`) and returned in it."""
   a, b = (jax.random.normal(key, (size, size), dtype) for key in jax.random.split(jax.random.key(0)))
-  seconds = best_seconds_per_call(jax.jit(jnp.matmul), a, b, rounds=rounds, calls_per_round=calls_per_round)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=accumulate))
+  seconds = best_seconds_per_call(matmul, a, b, rounds=rounds, calls_per_round=calls_per_round)
   return 2 * size**3 / seconds / 1e12
 
 
 def peak_tflops(device: jax.Device, dtype: str) -> float | None:
   """`device`'s dense peak in `dtype`: the datasheet's, a CPU's measured matmul, or None if unknown."""
   if device.platform == "cpu":
-    return measured_matmul_tflops(dtype)
+    # The dense layers' CPU form: bf16 sums into float32, the dot XLA:CPU's YNNPACK runs with the
+    # processor's bf16 instructions (a bf16-output dot goes to Eigen, which has none).
+    return measured_matmul_tflops(dtype, accumulate="float32")
   for (kind, peak_dtype), value in PEAK_TFLOPS.items():
     if kind.lower() in device.device_kind.lower() and peak_dtype == dtype:
       return value

@@ -92,6 +92,16 @@ def test_mfu_divides_by_the_datasheet_peak_or_a_cpu_matmul_measured_on_the_spot(
   assert device_peaks.peak_tflops(jax.devices("cpu")[0], "float32") > 0
 
 
+def test_a_cpu_s_bf16_peak_is_timed_on_the_dot_its_dense_layers_run(monkeypatch):
+  # bf16 operands summed into float32 (`projection._contract_as_matrices`): a bf16-output dot would
+  # take Eigen's slower path and put MFU above 1.
+  assert device_peaks.measured_matmul_tflops("bfloat16", size=64, rounds=1, accumulate="float32") > 0
+  measured = []
+  monkeypatch.setattr(device_peaks, "measured_matmul_tflops", lambda dtype, **kw: measured.append((dtype, kw)) or 1.0)
+  device_peaks.peak_tflops(jax.devices("cpu")[0], "bfloat16")
+  assert measured == [("bfloat16", {"accumulate": "float32"})]
+
+
 def test_a_timed_round_queues_its_calls_and_the_best_round_counts(monkeypatch):
   events = []
   clock = iter([0.0, 6.0, 10.0, 13.0])  # round 1 takes 6 s, round 2 takes 3 s
