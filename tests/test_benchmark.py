@@ -133,6 +133,16 @@ def test_flops_formula_counts_attention_and_the_mlm_head():
   assert config.dtype == "bfloat16"
 
 
+def test_the_cpu_bf16_preset_is_the_cpu_preset_in_bf16_with_ynnpack_matmuls():
+  cpu, bf16 = benchmark_configs.get_config("minilm_cpu"), benchmark_configs.get_config("minilm_cpu_bf16")
+  assert (bf16.dtype, bf16.model.dtype, cpu.dtype) == ("bfloat16", "bfloat16", "float32")
+  assert "--xla_cpu_experimental_ynn_fusion_type=" in cpu.xla_flags.split()  # Eigen for float32
+  assert "--xla_cpu_experimental_ynn_fusion_type=" not in bf16.xla_flags.split()  # XLA's default: YNNPACK
+  differs = {key for key in cpu.keys() if cpu[key] != bf16[key]}
+  assert differs == {"dtype", "model", "xla_flags"}
+  assert cpu.model.to_dict() == {**bf16.model.to_dict(), "dtype": "float32"}
+
+
 def test_flops_of_a_pruned_last_layer_leave_out_the_rows_it_does_not_compute():
   plain, pruned = benchmark.models.BertConfig(), benchmark.models.BertConfig(prune_last_layer=True)
   d, I, T, P = 768, 3072, 128, 20
