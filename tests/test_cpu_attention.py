@@ -89,18 +89,19 @@ def test_the_kernel_itself_takes_float32_only_and_allows_attention_dropout(tiny_
   tiny_config.replace(attention_impl="cpu_fused", attention_probs_dropout_prob=0.1).check_trainable()
 
 
-def test_a_bfloat16_model_attends_in_float32_through_the_kernel(tiny_config):
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.2])
+def test_a_bfloat16_model_attends_in_float32_through_the_kernel(tiny_config, attention_dropout):
   # The model widens bf16 query, key and value for the kernel and rounds its context back to bf16.
+  # Reference: the float32 einsum path. With dropout on, the bf16 model runs the kernel's dropout; at
+  # bf16's bounds another mask would pass too (the masks are checked in float32, in the test above).
   config = tiny_config.replace(hidden_size=64, num_attention_heads=2, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0)
+                               attention_probs_dropout_prob=attention_dropout)
   params = hf.init_params(models.BertForSequenceClassification(config))
   input_ids = np.random.default_rng(0).integers(1, 99, (3, 21)).astype(np.int32)
   attention_mask = (np.arange(21)[None, :] < np.array([[21], [5], [13]])).astype(np.int32)
   loss, grads = _loss_and_grads(config.replace(attention_impl="einsum"), params, input_ids, attention_mask)
   bf16 = config.replace(attention_impl="cpu_fused", dtype="bfloat16")
   bf16_loss, bf16_grads = _loss_and_grads(bf16, params, input_ids, attention_mask)
-  logits = models.BertForSequenceClassification(bf16).apply({"params": params}, input_ids, attention_mask)
-  assert logits.dtype == jnp.bfloat16
   # The bounds of tests/test_models.py's bf16 test: bf16 keeps 8 significant bits (0.4% per rounding).
   np.testing.assert_allclose(bf16_loss, loss, rtol=2e-2)
   flat, bf16_flat = (np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(t)]) for t in (grads, bf16_grads))

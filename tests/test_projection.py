@@ -1,5 +1,5 @@
 """The dense layers' XLA:CPU forms (a 2-D matmul, a bias spread by a matmul with ones, so that their
-gradients are matmuls) against the plain forms, in float32."""
+gradients are matmuls) against the plain forms, in float32; in bf16, the matmul's float32 accumulation."""
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +57,8 @@ def test_cpu_matmul_of_bfloat16_accumulates_in_float32_and_returns_bfloat16():
   jaxpr = jax.make_jaxpr(lambda x, kernel: projection._contract_as_matrices(x, kernel, 1))(
       x.astype(jnp.float32), kernel.astype(jnp.float32))
   assert [e.primitive.name for e in jaxpr.eqns] == ["reshape", "dot_general", "reshape"]
+  # A bf16 input with a float32 kernel keeps jnp.dot's float32 result
+  assert projection._contract_as_matrices(x, kernel.astype(jnp.float32), 1).dtype == jnp.float32
 
 
 def test_cpu_forms_keep_each_gradient_in_its_input_s_dtype_and_allow_forward_mode():

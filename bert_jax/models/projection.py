@@ -83,11 +83,13 @@ def _contract_as_matrices(x, kernel, n_in):
   in_size = math.prod(x.shape[x.ndim - n_in:])
   # bf16 operands accumulate into float32, rounded to bf16 once: YNNPACK's bf16 kernels, which use the
   # processor's bf16 instructions where it has them, take only such dots (XLA sends a bf16-output dot
-  # to Eigen). So MiniLM eval in bf16 ran 43% faster than in float32 on an AMD EPYC Zen 5; with
-  # bf16-output dots it was no faster (docs/performance.md, "twelfth").
-  accumulate = jnp.float32 if x.dtype == jnp.bfloat16 else None
-  y = jnp.dot(x.reshape(-1, in_size), kernel.reshape(in_size, -1), preferred_element_type=accumulate)
-  return y.astype(x.dtype).reshape(x.shape[:x.ndim - n_in] + kernel.shape[n_in:])
+  # to Eigen). So MiniLM eval in bf16 ran 43-45% faster than in float32 on an AMD EPYC Zen 5; with
+  # bf16-output dots it was no faster (docs/performance.md, "twelfth"). remat_policy='dots' then
+  # saves these float32 outputs: on a CPU in bf16 its saved matmul outputs take float32's memory.
+  bf16 = x.dtype == kernel.dtype == jnp.bfloat16
+  y = jnp.dot(x.reshape(-1, in_size), kernel.reshape(in_size, -1), preferred_element_type=jnp.float32 if bf16 else None)
+  y = y.astype(jnp.bfloat16) if bf16 else y
+  return y.reshape(x.shape[:x.ndim - n_in] + kernel.shape[n_in:])
 
 
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
