@@ -87,6 +87,17 @@ def test_nothing_is_set_when_off_or_without_glibc_or_a_cpu(monkeypatch):
   assert jax.config.values["jax_cpu_enable_async_dispatch"]
 
 
+def test_caller_dispatch_is_not_set_with_several_cpu_devices(monkeypatch):
+  # A pmap step over several CPU devices hung in its all-reduce with async dispatch off.
+  _no_mallopt(monkeypatch)
+  monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8")
+  assert not host_memory.dispatch_on_caller(True)
+  assert jax.config.values["jax_cpu_enable_async_dispatch"]
+  assert host_memory._cpu_device_count() == 8
+
+
 def test_the_heap_is_left_alone_without_caller_dispatch_or_off_a_cpu(monkeypatch):
   _no_mallopt(monkeypatch)
   assert not host_memory.keep_heap(False)
