@@ -58,11 +58,12 @@ def dispatch_on_caller(enabled: bool) -> bool:
 
 
 def _cpu_device_count() -> int:
-  """The CPU devices JAX will make: `jax_num_cpu_devices`, or XLA_FLAGS' last
-  `--xla_force_host_platform_device_count` (the flag wins over the option, as in jax), else 1."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_force_host_platform_device_count=")]
-  if flags:
-    return int(flags[-1].split("=", 1)[1])
+  """The CPU devices this process asks for: XLA_FLAGS' last `--xla_force_host_platform_device_count`,
+  else `jax_num_cpu_devices`, else 1."""
+  prefix = "--xla_force_host_platform_device_count="
+  counts = [flag[len(prefix):] for flag in os.environ.get("XLA_FLAGS", "").split() if flag.startswith(prefix)]
+  if counts:
+    return int(counts[-1])
   return max(int(jax.config.jax_num_cpu_devices), 1)
 
 
