@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fills the git-ignored .gpu/ folder that scripts/gpu_benchmark.sh needs on a GPU machine with no
-# network: wheels the CUDA image lacks (ml-collections), the MiniLM checkpoint with its weights
+# network: wheels the CUDA image lacks (ml-collections; tensorboardX, which the main job's metrics
+# writer imports: its first GPU run stopped there on 2026-11-28), the MiniLM checkpoint with its weights
 # stored in float16 (45 MB: the float32 file's 87 MB would not fit the 64 MiB a device call carries;
 # the loader reads them back as float32), and IMDB's labelled reviews (train and the local test
 # split, without the unlabelled ones) re-packed as one .tar.gz that the input pipeline reads in place.
@@ -9,7 +10,7 @@ set -euo pipefail
 shared=${1:-../shared}
 rm -rf .gpu && mkdir -p .gpu/whl .gpu/minilm
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux2014_x86_64 -d .gpu/whl ml_collections==1.1.0
+  --platform manylinux2014_x86_64 -d .gpu/whl ml_collections==1.1.0 tensorboardX==2.6.5
 # FALLBACK_WHEELS=1: also the flax/optax/orbax versions tested on the CPU (2.3 MB), installed only if
 # the image's cannot import bert_jax (they always could so far; the carry is near its limit).
 if [ "${FALLBACK_WHEELS:-0}" = 1 ]; then
