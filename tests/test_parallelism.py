@@ -33,9 +33,11 @@ TESTS = str(REPO_ROOT / "tests")
 
 # XLA:CPU ends a process whose in-process collective waits over 40 s for one of its devices
 # (`--xla_cpu_collective_call_terminate_timeout_seconds`: "Termination timeout for ..." from
-# `AwaitAndLogIfStuck`). With 8 simulated devices on a 2-core CI machine that happened once in seven
-# CI runs (2026-11-27, the pmap run of `main_runs`), and never in 28 runs of the same command, 2, 4 and
-# 8 at once.
+# `AwaitAndLogIfStuck`). With 8 simulated devices on a 2-core CI machine the pmap run of `main_runs`
+# did so in 1 of 7 CI runs on an Intel Xeon and 4 of 8 on an AMD EPYC: a hang, not a slow step (a
+# 300 s timeout aborted the same way). Its cause, JAX's CPU dispatch made synchronous for
+# `cpu_reuse_buffers` in a process with several devices, is fixed in `host_memory.dispatch_on_caller`
+# (0 of 9 hung after the fix, 4 of 12 before); the repeat stays as a safety net.
 # Such a run is repeated once, with a warning in pytest's summary; any other failure, or the same
 # abort twice, fails the test. A repeated `bert_jax.main` run resumes from the workdir's last
 # checkpoint, as after a preemption.
