@@ -100,7 +100,7 @@ OPTIMIZER = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, wa
 # Shared by the subprocess scripts: the model, optimizer, a fixed state and batch, and a step runner.
 COMMON = f"""
 import json, sys
-import jax, numpy as np
+import flax.linen, jax, numpy as np
 import ml_collections
 from bert_jax import checkpointing, hf, input_pipeline, models, optim, partitioning, steps, train
 from bert_jax import state as state_lib
@@ -182,6 +182,18 @@ def eight_devices(tmp_path_factory):
     kernel_on_mesh_and_pmap("pallas add & norm", layer_norm_impl="pallas")  # interpreted on the CPU
     kernel_on_mesh_and_pmap("pallas attention", attention_impl="pallas")  # no attention dropout: MODEL has none
     hidden_dropout = kernel_with_dropout_vs_plain("layer_norm_impl", "xla", "pallas", hidden_dropout_prob=0.1)
+    # bf16's CPU matmuls (a custom VJP whose backward stores transposes row by row) on a 2x2x2 mesh:
+    # their gradients against the same model's on 1 device.
+    bf16_module = models.BertForSequenceClassification(module.config.replace(dtype="bfloat16"))
+    bf16_grad = jax.jit(jax.grad(lambda p: steps.classification_loss(bf16_module, p, batch, None, True)[0]))
+    mesh = partitioning.make_mesh((2, 2, 2))
+    _, shardings = state_lib.state_template(bf16_module, tx, 0, mesh)
+    with jax.set_mesh(mesh), flax.linen.logical_axis_rules(partitioning.RULES):
+      sharded_grads = bf16_grad(jax.device_put(start.params, shardings.params))
+    flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree_util.tree_leaves(tree)])
+    one_device = flat(bf16_grad(start.params))
+    bf16_grads = dict(rel_l2=float(np.linalg.norm(flat(sharded_grads) - one_device) / np.linalg.norm(one_device)),
+                      query_spec=spec(sharded_grads["bert"]["encoder"]["layer_0"]["attention"]["query"]["kernel"]))
 
     directory = sys.argv[1]
     saved = states["fsdp=8"]
@@ -200,7 +212,7 @@ def eight_devices(tmp_path_factory):
         back = partitioning.unreplicate(partitioning.replicate(restored), shardings)
         restores[name]["round_trip_max_diff"] = max_diff(back, saved)
     print(json.dumps({"steps": steps_out, "restores": restores, "attention_dropout": attention_dropout,
-                      "hidden_dropout": hidden_dropout}))
+                      "hidden_dropout": hidden_dropout, "bf16_grads": bf16_grads}))
   """), str(directory))
 
 
@@ -230,6 +242,16 @@ def test_pallas_add_norm_with_dropout_on_a_mesh_matches_xla(eight_devices):
   # same keep masks as XLA's add & norm, and its parameter gradients are summed over the shards.
   got = eight_devices[1]["hidden_dropout"]
   assert got["loss_diff"] < 1e-5 and got["max_param_diff"] < 1e-6, got
+
+
+@pytest.mark.slow
+def test_bfloat16_cpu_matmul_gradients_on_a_mesh_match_one_device(eight_devices):
+  # The same bf16 arithmetic in another layout: float32 sums in another order, each rounded to bf16.
+  # Measured: 2.2e-3 (2.4e-3 with autodiff's matmuls before the custom VJP; float32: 1.8e-7). A wrong
+  # transpose or shard would be O(1).
+  got = eight_devices[1]["bf16_grads"]
+  assert got["rel_l2"] < 1e-2, got
+  assert any(axis is not None for axis in got["query_spec"]), got  # computed sharded
 
 
 @pytest.mark.slow

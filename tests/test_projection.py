@@ -1,5 +1,6 @@
 """The dense layers' XLA:CPU forms (a 2-D matmul, a bias spread by a matmul with ones, so that their
-gradients are matmuls) against the plain forms, in float32; in bf16, the matmul's float32 accumulation."""
+gradients are matmuls) against the plain forms, in float32; in bf16, the matmul's float32 accumulation
+and its backward's row-major bf16 matmuls."""
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +46,22 @@ def test_cpu_forms_give_autodiff_s_values_and_gradients(x_shape, kernel_shape, n
     np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-6, err_msg=name)
 
 
+def _dots(jaxpr):
+  """The dot_general equations of `jaxpr` and of the jaxprs nested in it (the custom VJP's)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for param in eqn.params.values():
+      sub = getattr(param, "jaxpr", param)  # ClosedJaxpr -> Jaxpr
+      if hasattr(sub, "eqns"):
+        yield from _dots(sub)
+
+
 def test_cpu_matmul_of_bfloat16_accumulates_in_float32_and_returns_bfloat16():
   # YNNPACK's bf16 kernels take only bf16 x bf16 -> float32 dots; XLA sends other bf16 dots to Eigen.
   x, kernel = jnp.ones((2, 3, 4), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16)
   jaxpr = jax.make_jaxpr(lambda x, kernel: projection._contract_as_matrices(x, kernel, 1))(x, kernel)
-  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  dots = list(_dots(jaxpr.jaxpr))
   assert len(dots) == 1 and [v.aval.dtype for v in dots[0].invars] == [jnp.bfloat16, jnp.bfloat16]
   assert dots[0].outvars[0].aval.dtype == jnp.float32
   assert jaxpr.out_avals[0].dtype == jnp.bfloat16 and jaxpr.out_avals[0].shape == (2, 3, 5)
@@ -61,19 +73,57 @@ def test_cpu_matmul_of_bfloat16_accumulates_in_float32_and_returns_bfloat16():
   assert projection._contract_as_matrices(x, kernel.astype(jnp.float32), 1).dtype == jnp.float32
 
 
-def test_cpu_forms_keep_each_gradient_in_its_input_s_dtype_and_allow_forward_mode():
+def test_cpu_bfloat16_backward_dots_are_bf16_row_major_matmuls():
+  # The form YNNPACK runs with bf16 instructions: bf16 x bf16 -> float32, each operand's contracted
+  # axis where a row-major matmul has it (the left's last, the right's first), the transposed
+  # operands stored row by row. Autodiff's own backward widened both dots to float32.
+  x, kernel = jnp.ones((2, 3, 4), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16)
+  loss = lambda x, kernel: jnp.sum(projection._contract_as_matrices(x, kernel, 1).astype(jnp.float32))  # noqa: E731
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel).jaxpr
+  dots = list(_dots(jaxpr))
+  assert len(dots) == 3  # the forward, d_x and d_kernel
+  for dot in dots:
+    assert [v.aval.dtype for v in dot.invars] == [jnp.bfloat16, jnp.bfloat16]
+    assert dot.outvars[0].aval.dtype == jnp.float32
+    (contract_left, contract_right), _ = dot.params["dimension_numbers"]
+    assert tuple(contract_left) == (1,) and tuple(contract_right) == (0,)
+  assert [e.primitive.name for e in jaxpr.eqns].count("layout_constraint") == 2  # kernel^T and x^T
+
+
+def test_cpu_bfloat16_gradients_are_the_float32_sums_of_the_bf16_values_rounded_once():
+  # Against numpy's float32 matmuls of the same bf16 values: equal but for the summation order, so
+  # within one bf16 rounding (2^-8 to 2^-7 of the value).
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((16, 24)), jnp.bfloat16)
+  d_y = jnp.asarray(rng.standard_normal((3, 7, 24)), jnp.bfloat16)
+  y, vjp = jax.vjp(lambda x, kernel: projection._contract_as_matrices(x, kernel, 1), x, kernel)
+  d_x, d_kernel = vjp(d_y)
+  assert (y.dtype, d_x.dtype, d_kernel.dtype) == (jnp.bfloat16,) * 3
+  x32, kernel32, d_y32 = (np.asarray(a, np.float32).reshape(-1, a.shape[-1]) for a in (x, kernel, d_y))
+  for got, want in [(y, x32 @ kernel32), (d_x, d_y32 @ kernel32.T), (d_kernel, x32.T @ d_y32)]:
+    want = np.asarray(jnp.asarray(want, jnp.bfloat16), np.float32)  # rounded once, as the dot's sum is
+    np.testing.assert_allclose(np.asarray(got, np.float32).reshape(want.shape), want, rtol=2**-7, atol=1e-6)
+
+
+def test_cpu_forms_keep_each_gradient_in_its_input_s_dtype():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 3, 4)), jnp.bfloat16)
   kernel, bias = jnp.asarray(rng.standard_normal((4, 5)), jnp.bfloat16), jnp.zeros((5,), jnp.float32)
   loss = lambda x, kernel, bias: jnp.sum(_cpu_forms(x, kernel, bias, 1).astype(jnp.float32))  # noqa: E731
   grads = jax.grad(loss, argnums=(0, 1, 2))(x, kernel, bias)
   assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
-  # No custom VJP in the way: jax.jvp (forward mode) runs, and agrees with the plain forms.
+
+
+def test_float32_cpu_forms_allow_forward_mode():
+  # No custom VJP in float32: jax.jvp (forward mode) runs, and agrees with the plain forms. (bf16's
+  # matmul has a custom VJP, and like the fused kernels no forward mode.)
+  rng = np.random.default_rng(0)
+  x, kernel, bias = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((2, 3, 4), (4, 5), (5,)))
   tangents = tuple(jnp.ones_like(a) for a in (x, kernel, bias))
   _, got = jax.jvp(lambda *a: _cpu_forms(*a, 1), (x, kernel, bias), tangents)
   _, want = jax.jvp(lambda *a: _plain_forms(*a, 1), (x, kernel, bias), tangents)
-  # Both round to bf16 (2^-8 relative), in other places: the CPU form's matmul accumulates in float32.
-  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6)
 
 
 def test_a_broadcast_bias_takes_the_plain_form():

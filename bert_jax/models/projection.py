@@ -16,6 +16,8 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout
+from jax.experimental.layout import with_layout_constraint
 
 from bert_jax.models import config as config_lib
 
@@ -81,15 +83,47 @@ def _contract_as_matrices(x, kernel, n_in):
   # `x^T @ d_out` over the tokens axis, which XLA:CPU hands to Eigen as it is. From the N-D form
   # (two contracting axes, batch and seq) XLA:CPU first copies `x` into a transposed layout.
   in_size = math.prod(x.shape[x.ndim - n_in:])
-  # bf16 operands accumulate into float32, rounded to bf16 once: YNNPACK's bf16 kernels, which use the
-  # processor's bf16 instructions where it has them, take only such dots (XLA sends a bf16-output dot
-  # to Eigen). So MiniLM eval in bf16 ran 43-45% faster than in float32 on an AMD EPYC Zen 5; with
-  # bf16-output dots it was no faster (docs/performance.md, "twelfth"). remat_policy='dots' then
-  # saves these float32 outputs: on a CPU in bf16 its saved matmul outputs take float32's memory.
-  bf16 = x.dtype == kernel.dtype == jnp.bfloat16
-  y = jnp.dot(x.reshape(-1, in_size), kernel.reshape(in_size, -1), preferred_element_type=jnp.float32 if bf16 else None)
-  y = y.astype(jnp.bfloat16) if bf16 else y
+  matmul = _bf16_matmul if x.dtype == kernel.dtype == jnp.bfloat16 else jnp.dot
+  y = matmul(x.reshape(-1, in_size), kernel.reshape(in_size, -1))
   return y.reshape(x.shape[:x.ndim - n_in] + kernel.shape[n_in:])
+
+
+def _sum_in_float32(a, b):
+  """`a [m, k] @ b [k, n]`, bf16 summed in float32 and rounded to bf16 once."""
+  return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+
+def _row_major(a):
+  """`a` stored row by row: XLA would otherwise keep a transpose as a column-major view of its operand."""
+  return with_layout_constraint(a, Layout(major_to_minor=tuple(range(a.ndim))))
+
+
+# XLA:CPU's YNNPACK runs a bf16 matmul with the processor's bf16 instructions (avx512_bf16, AMX) only
+# as `bf16 [m, k] @ bf16 [k, n] -> float32`, fastest with both operands stored row by row: a
+# bf16-output dot goes to Eigen, and one with a float32 operand, or contracting its left operand's
+# rows, is widened to float32 first. So the forward sums into float32 and rounds to bf16 once (MiniLM
+# eval in bf16 43-45% faster than float32 on an AMD EPYC Zen 5; with bf16-output dots no faster:
+# docs/performance.md, "twelfth"). Autodiff's backward dots took the float32 cotangent of that sum,
+# and the weight gradient contracts over `x`'s rows: 360-630 GFLOP/s against the forward's 830 there.
+# This VJP hands YNNPACK the bf16 cotangent and row-major transposes: MiniLM train steps 38-42% faster
+# ("thirteenth"). Like the fused kernels' VJPs it has no forward mode (jax.jvp). remat_policy='dots'
+# saves the float32 sums, float32's memory.
+@jax.custom_vjp
+def _bf16_matmul(x, kernel):
+  """`x [tokens, in] @ kernel [in, out]` in bf16, summed in float32: `[tokens, out]` bf16."""
+  return _sum_in_float32(x, kernel)
+
+
+def _bf16_matmul_forward(x, kernel):
+  return _sum_in_float32(x, kernel), (x, kernel)
+
+
+def _bf16_matmul_backward(residuals, d_y):
+  x, kernel = residuals
+  return _sum_in_float32(d_y, _row_major(kernel.T)), _sum_in_float32(_row_major(x.T), d_y)
+
+
+_bf16_matmul.defvjp(_bf16_matmul_forward, _bf16_matmul_backward)
 
 
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
