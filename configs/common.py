@@ -25,7 +25,7 @@ XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type= --xla_gpu_enable_triton_gem
 # The same but with XLA:CPU's matmuls left to YNNPACK (XLA's default), for bf16 compute on a CPU: its
 # bf16 kernels use the processor's bf16 instructions (avx512_bf16, AMX), Eigen's do not. Pass it with
 # --config.model.dtype=bfloat16 (the benchmark's 'minilm_cpu_bf16' preset does): on an AMD EPYC Zen 5,
-# MiniLM train steps 47-50% and eval steps 43-45% faster than float32 through Eigen (docs/performance.md,
+# MiniLM train steps 47-50% and eval steps 29-45% faster than float32 through Eigen (docs/performance.md,
 # "twelfth", "thirteenth"). Where the CPU has no bf16 instructions, bf16 is no faster than float32.
 XLA_FLAGS_CPU_BF16 = "--xla_gpu_enable_triton_gemm=false"
 

@@ -193,7 +193,8 @@ def eight_devices(tmp_path_factory):
     flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree_util.tree_leaves(tree)])
     one_device = flat(bf16_grad(start.params))
     bf16_grads = dict(rel_l2=float(np.linalg.norm(flat(sharded_grads) - one_device) / np.linalg.norm(one_device)),
-                      query_spec=spec(sharded_grads["bert"]["encoder"]["layer_0"]["attention"]["query"]["kernel"]))
+                      query_spec=spec(sharded_grads["bert"]["encoder"]["layer_0"]["attention"]["query"]["kernel"]),
+                      row_major_transposes="LayoutConstraint" in bf16_grad.lower(start.params).as_text())
 
     directory = sys.argv[1]
     saved = states["fsdp=8"]
@@ -246,10 +247,11 @@ def test_pallas_add_norm_with_dropout_on_a_mesh_matches_xla(eight_devices):
 
 @pytest.mark.slow
 def test_bfloat16_cpu_matmul_gradients_on_a_mesh_match_one_device(eight_devices):
-  # The same bf16 arithmetic in another layout: float32 sums in another order, each rounded to bf16.
-  # Measured: 2.2e-3 (2.4e-3 with autodiff's matmuls before the custom VJP; float32: 1.8e-7). A wrong
-  # transpose or shard would be O(1).
+  # The custom VJP's row-major transposes under GSPMD: the same bf16 arithmetic in another layout,
+  # float32 sums in another order, each rounded to bf16. Measured: 2.2e-3 (2.4e-3 with autodiff's
+  # matmuls before the custom VJP; float32: 1.8e-7). The VJP's own values are tests/test_projection.py's.
   got = eight_devices[1]["bf16_grads"]
+  assert got["row_major_transposes"], got  # the bf16 VJP ran
   assert got["rel_l2"] < 1e-2, got
   assert any(axis is not None for axis in got["query_spec"]), got  # computed sharded
 

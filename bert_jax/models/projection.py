@@ -4,8 +4,9 @@ Owns: the `Projection` module and the arithmetic of every dense layer (Q/K/V, at
 feed-forward, heads). On XLA:CPU the same arithmetic is written so that autodiff's gradients take
 faster forms (the same values, float32 rounding aside): the weight gradient is a 2-D matmul over the
 tokens axis, and the bias gradient a matmul with a vector of ones. Together they made a MiniLM-size
-train step 14% faster on this project's 2-core Xeon (docs/performance.md, "ninth"); GPUs and TPUs
-keep the plain forms, which their compilers fuse and lay out themselves.
+train step 14% faster on this project's 2-core Xeon (docs/performance.md, "ninth"). A bf16 matmul
+on XLA:CPU has a custom VJP instead, whose backward matmuls YNNPACK runs with bf16 instructions
+(`_bf16_matmul`). GPUs and TPUs keep the plain forms, which their compilers fuse and lay out themselves.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _row_major(a):
 # eval in bf16 43-45% faster than float32 on an AMD EPYC Zen 5; with bf16-output dots no faster:
 # docs/performance.md, "twelfth"). Autodiff's backward dots took the float32 cotangent of that sum,
 # and the weight gradient contracts over `x`'s rows: 360-630 GFLOP/s against the forward's 830 there.
-# This VJP hands YNNPACK the bf16 cotangent and row-major transposes: MiniLM train steps 38-42% faster
+# This VJP hands YNNPACK the bf16 cotangent and row-major transposes: MiniLM train steps 37-39% faster
 # ("thirteenth"). Like the fused kernels' VJPs it has no forward mode (jax.jvp). remat_policy='dots'
 # saves the float32 sums, float32's memory.
 @jax.custom_vjp
