@@ -46,15 +46,18 @@ def test_cpu_forms_give_autodiff_s_values_and_gradients(x_shape, kernel_shape, n
     np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-6, err_msg=name)
 
 
-def _dots(jaxpr):
-  """The dot_general equations of `jaxpr` and of the jaxprs nested in it (the custom VJP's)."""
+def _eqns(jaxpr):
+  """The equations of `jaxpr` and of the jaxprs nested in it (the custom VJP's)."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      yield eqn
+    yield eqn
     for param in eqn.params.values():
       sub = getattr(param, "jaxpr", param)  # ClosedJaxpr -> Jaxpr
       if hasattr(sub, "eqns"):
-        yield from _dots(sub)
+        yield from _eqns(sub)
+
+
+def _dots(jaxpr):
+  return [e for e in _eqns(jaxpr) if e.primitive.name == "dot_general"]
 
 
 def test_cpu_matmul_of_bfloat16_accumulates_in_float32_and_returns_bfloat16():
@@ -73,21 +76,23 @@ def test_cpu_matmul_of_bfloat16_accumulates_in_float32_and_returns_bfloat16():
   assert projection._contract_as_matrices(x, kernel.astype(jnp.float32), 1).dtype == jnp.float32
 
 
-def test_cpu_bfloat16_backward_dots_are_bf16_row_major_matmuls():
+def test_cpu_bfloat16_dots_are_bf16_row_major_matmuls():
   # The form YNNPACK runs with bf16 instructions: bf16 x bf16 -> float32, each operand's contracted
-  # axis where a row-major matmul has it (the left's last, the right's first), the transposed
-  # operands stored row by row. Autodiff's own backward widened both dots to float32.
+  # axis where a row-major matmul has it (the left's last, the right's first), the kernel and the
+  # backward's transposes stored row by row. Autodiff's own backward widened both its dots to
+  # float32; a kernel passed transposed (the tied MLM decoder's `table.T`) widened the forward's.
   x, kernel = jnp.ones((2, 3, 4), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16)
   loss = lambda x, kernel: jnp.sum(projection._contract_as_matrices(x, kernel, 1).astype(jnp.float32))  # noqa: E731
-  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel).jaxpr
-  dots = list(_dots(jaxpr))
-  assert len(dots) == 3  # the forward, d_x and d_kernel
-  for dot in dots:
+  eqns = list(_eqns(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel).jaxpr))
+  row_major = {e.outvars[0] for e in eqns if e.primitive.name == "layout_constraint"}
+  dots = [e for e in eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 3 and len(row_major) == 3  # the forward, d_x and d_kernel; kernel, kernel^T, x^T
+  for dot, stored_row_major in zip(dots, ("right", "right", "left")):  # forward, d_x, d_kernel
     assert [v.aval.dtype for v in dot.invars] == [jnp.bfloat16, jnp.bfloat16]
     assert dot.outvars[0].aval.dtype == jnp.float32
     (contract_left, contract_right), _ = dot.params["dimension_numbers"]
     assert tuple(contract_left) == (1,) and tuple(contract_right) == (0,)
-  assert [e.primitive.name for e in jaxpr.eqns].count("layout_constraint") == 2  # kernel^T and x^T
+    assert dot.invars[0 if stored_row_major == "left" else 1] in row_major
 
 
 def test_cpu_bfloat16_gradients_are_the_float32_sums_of_the_bf16_values_rounded_once():

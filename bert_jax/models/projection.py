@@ -107,16 +107,18 @@ def _row_major(a):
 # docs/performance.md, "twelfth"). Autodiff's backward dots took the float32 cotangent of that sum,
 # and the weight gradient contracts over `x`'s rows: 360-630 GFLOP/s against the forward's 830 there.
 # This VJP hands YNNPACK the bf16 cotangent and row-major transposes: MiniLM train steps 37-39% faster
-# ("thirteenth"). Like the fused kernels' VJPs it has no forward mode (jax.jvp). remat_policy='dots'
-# saves the float32 sums, float32's memory.
+# ("thirteenth"). The forward stores its kernel row by row too: a no-op for the dense layers' own,
+# a copy of the tied MLM decoder's `table.T` (whose dot XLA widened to float32 otherwise). Like the
+# fused kernels' VJPs it has no forward mode (jax.jvp). remat_policy='dots' saves the float32 sums,
+# float32's memory.
 @jax.custom_vjp
 def _bf16_matmul(x, kernel):
   """`x [tokens, in] @ kernel [in, out]` in bf16, summed in float32: `[tokens, out]` bf16."""
-  return _sum_in_float32(x, kernel)
+  return _sum_in_float32(x, _row_major(kernel))
 
 
 def _bf16_matmul_forward(x, kernel):
-  return _sum_in_float32(x, kernel), (x, kernel)
+  return _bf16_matmul(x, kernel), (x, kernel)
 
 
 def _bf16_matmul_backward(residuals, d_y):
