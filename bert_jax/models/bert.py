@@ -106,7 +106,9 @@ class BertEmbeddings(nn.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """Scores `x` `[..., hidden]` against every word embedding: `[..., vocab]` (the tied MLM decoder)."""
     x, table = nn.dtypes.promote_dtype(x, self.word_embeddings.embedding, dtype=self.config.compute_dtype)
-    return contract(x, table.T, 1)  # as the dense layers (on XLA:CPU in bf16, `table.T` is copied row by row)
+    # As the dense layers: on XLA:CPU in float32 the table's gradient takes no transposing copy; in bf16
+    # `table.T` is copied row by row, for YNNPACK's bf16 matmul.
+    return contract(x, table.T, 1)
 
 
 def resolve_layer_norm_impl(config: config_lib.BertConfig) -> str:
