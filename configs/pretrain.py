@@ -23,9 +23,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.learning_rate = 1e-4
 
   # None keeps BertConfig's default (bert-base) or the checkpoint's. attention_impl 'auto': our fused
-  # C++ attention kernel on a CPU (it computes in float32), else the einsums; layer_norm_impl 'auto': the add & norm
-  # in one Pallas kernel on a GPU, else XLA's; prune_last_layer: the last layer computes only [CLS] and
-  # the masked positions, all the heads read (configs/common.py).
+  # C++ attention kernel on a CPU (it computes in float32), else the einsums; layer_norm_impl 'auto':
+  # the add & norm in one Pallas kernel on a GPU, else XLA's; prune_last_layer: the last layer
+  # computes only [CLS] and the masked positions, all the heads read (configs/common.py).
   config.model = common.model_overrides(attention_impl="auto", layer_norm_impl="auto",
                                         prune_last_layer=common.PRUNE_LAST_LAYER)
 

@@ -10,6 +10,7 @@ from bert_jax import hf
 from bert_jax import models
 from bert_jax.models import cpu_attention
 
+import program_parts
 from attention_reference import einsum_attention
 
 # float32; the kernel sums in another order than XLA's matmuls and softmax, and uses its own exp
@@ -104,7 +105,7 @@ def test_a_bfloat16_model_attends_in_float32_through_the_kernel(tiny_config, att
   bf16_loss, bf16_grads = _loss_and_grads(bf16, params, input_ids, attention_mask)
   # The bounds of tests/test_models.py's bf16 test: bf16 keeps 8 significant bits (0.4% per rounding).
   np.testing.assert_allclose(bf16_loss, loss, rtol=2e-2)
-  flat, bf16_flat = (np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(t)]) for t in (grads, bf16_grads))
+  flat, bf16_flat = program_parts.flat(grads), program_parts.flat(bf16_grads)
   assert np.linalg.norm(bf16_flat - flat) <= 0.05 * np.linalg.norm(flat)
 
 

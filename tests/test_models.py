@@ -16,6 +16,9 @@ from bert_jax.models import attention, bert
 from bert_jax.models import dropout
 from bert_jax.models import projection
 
+import program_parts
+from program_parts import all_eqns
+
 
 def _inputs(batch=2, seq=8, vocab=99):
   rng = np.random.default_rng(0)
@@ -310,24 +313,13 @@ def test_remat_in_scanned_layers_shrinks_the_compiled_steps_temporary_memory(tin
   assert temp_bytes("full") < 0.6 * temp_bytes("none")
 
 
-def _all_eqns(jaxpr):
-  """Every equation of `jaxpr`, and of the jaxprs nested in its equations (jit, custom_jvp, scan)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-        if hasattr(sub, "eqns"):
-          yield from _all_eqns(sub)
-
-
 def test_bfloat16_computes_in_bfloat16_with_float32_statistics(tiny_config):
   config = _speed_config(tiny_config, dtype="bfloat16")
   module = models.BertForSequenceClassification(config)
   params = hf.init_params(module)
   input_ids, attention_mask, token_type_ids = _inputs()
   jaxpr = jax.make_jaxpr(lambda p: module.apply({"params": p}, input_ids, attention_mask, token_type_ids))(params)
-  flat = list(_all_eqns(jaxpr.jaxpr))
+  flat = list(all_eqns(jaxpr.jaxpr))
   dots = [e for e in flat if e.primitive.name == "dot_general"]
   assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars), "a matmul ran in float32"
   exps = [e for e in flat if e.primitive.name == "exp"]
@@ -345,7 +337,7 @@ def test_bfloat16_loss_and_gradients_track_float32(tiny_config):
   # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per op). Measured here: loss within
   # 1e-5 relative, gradient within 0.8% (relative L2); bounds: 2% and 5%.
   np.testing.assert_allclose(bf16_loss, loss, rtol=2e-2)
-  flat, bf16_flat = (np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(t)]) for t in (grads, bf16_grads))
+  flat, bf16_flat = program_parts.flat(grads), program_parts.flat(bf16_grads)
   assert np.linalg.norm(bf16_flat - flat) <= 0.05 * np.linalg.norm(flat)
 
 
@@ -358,7 +350,7 @@ def test_bfloat16_embedding_gradients_add_up_in_float32(tiny_config):
   params = hf.init_params(module)
   input_ids, attention_mask, token_type_ids = _inputs()
   loss = lambda p: module.apply({"params": p}, input_ids, attention_mask, token_type_ids).astype(jnp.float32).sum()  # noqa: E731
-  scatters = [e for e in _all_eqns(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  scatters = [e for e in all_eqns(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
               if e.primitive.name.startswith("scatter")]
   tables = {(config.vocab_size, config.hidden_size), (config.max_position_embeddings, config.hidden_size)}
   assert {e.outvars[0].aval.shape for e in scatters} == tables  # words and positions, not token types
@@ -416,10 +408,10 @@ def test_fast_forms_compute_what_the_plain_forms_compute(tiny_config, monkeypatc
   monkeypatch.setattr(attention, "project_qkv", projection._project_stacked)
   loss, grads = _loss_and_grads(module, params)
   np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
-  flat, plain_flat = (np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(t)]) for t in (grads, plain_grads))
+  flat, plain_flat = program_parts.flat(grads), program_parts.flat(plain_grads)
   assert np.linalg.norm(flat - plain_flat) <= 1e-5 * np.linalg.norm(plain_flat)
   # The patched program has no per-backend choice left: only the fast forms ran.
-  eqns = list(_all_eqns(jax.make_jaxpr(lambda p: module.apply({"params": p}, *_inputs()))(params).jaxpr))
+  eqns = list(all_eqns(jax.make_jaxpr(lambda p: module.apply({"params": p}, *_inputs()))(params).jaxpr))
   assert not [e for e in eqns if e.primitive.name == "platform_index"]
   assert {e.primitive.name for e in eqns} & {"erf", "erfc"} == {"erf"}
 

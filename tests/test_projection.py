@@ -12,6 +12,8 @@ from bert_jax import models
 from bert_jax.models import bert
 from bert_jax.models import projection
 
+from program_parts import all_eqns
+
 # float32 sums over 6-32 terms in another order: a few ulp of values of unit scale.
 RTOL = 1e-5
 
@@ -46,18 +48,8 @@ def test_cpu_forms_give_autodiff_s_values_and_gradients(x_shape, kernel_shape, n
     np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-6, err_msg=name)
 
 
-def _eqns(jaxpr):
-  """The equations of `jaxpr` and of the jaxprs nested in it (the custom VJP's)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      sub = getattr(param, "jaxpr", param)  # ClosedJaxpr -> Jaxpr
-      if hasattr(sub, "eqns"):
-        yield from _eqns(sub)
-
-
 def _dots(jaxpr):
-  return [e for e in _eqns(jaxpr) if e.primitive.name == "dot_general"]
+  return [e for e in all_eqns(jaxpr) if e.primitive.name == "dot_general"]
 
 
 def test_cpu_matmul_of_bfloat16_accumulates_in_float32_and_returns_bfloat16():
@@ -83,7 +75,7 @@ def test_cpu_bfloat16_dots_are_bf16_row_major_matmuls():
   # float32; a kernel passed transposed (the tied MLM decoder's `table.T`) widened the forward's.
   x, kernel = jnp.ones((2, 3, 4), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16)
   loss = lambda x, kernel: jnp.sum(projection._contract_as_matrices(x, kernel, 1).astype(jnp.float32))  # noqa: E731
-  eqns = list(_eqns(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel).jaxpr))
+  eqns = list(all_eqns(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel).jaxpr))
   row_major = {e.outvars[0] for e in eqns if e.primitive.name == "layout_constraint"}
   dots = [e for e in eqns if e.primitive.name == "dot_general"]
   assert len(dots) == 3 and len(row_major) == 3  # the forward, d_x and d_kernel; kernel, kernel^T, x^T
