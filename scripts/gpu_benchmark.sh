@@ -178,7 +178,8 @@ PY
   esac
 done
 
-[ -f "$out/bench.jsonl" ] && python3 - "$out/bench.jsonl" <<'PY'
+# `if`, not `&&`: a run without benchmark rows (STAGES=main) still exits 0.
+if [ -f "$out/bench.jsonl" ]; then python3 - "$out/bench.jsonl" <<'PY'
 import json, sys
 print(f"{'case':<15}{'dtype':<9}{'batch':>6}{'seq':>5}{'attn':>12}{'ex/s':>10}{'MFU':>7}{'torch ex/s':>11}{'ratio':>7}"
       f"{'compile s':>10}  settings")
@@ -198,3 +199,4 @@ for line in open(sys.argv[1]):
         f"steps/sample={row.get('steps_per_sample')} "
         f"{row.get('prng_impl')} {row.get('xla_flags')}")
 PY
+fi
