@@ -15,8 +15,10 @@
 # PROFILE_ARGS="--case=pretrain_train --config.batch_size=256" picks the traced step; DUMP_HLO=1
 # also keeps its optimized HLO ($OUT/hlo_after_optimizations.txt.gz);
 # CASES_512="('train','length_buckets')" narrows the seq-512 stage; SWEEP="default rbg" narrows the
-# batch-256 pretraining variants; SWEEP_SECONDS (default 150) limits each of them (100 s was too
-# short for every variant on 2026-11-27: the timeouts cost most of a lease). BUDGET_SECONDS (the
+# batch-256 pretraining variants (SWEEP="default baseline baseline default": the default against the code
+# of an earlier commit carried in .gpu/baseline, BASELINE=REV bash scripts/prepare_gpu_carry.sh, an A/B on
+# one machine; each row of bench.jsonl names its run, "run"); SWEEP_SECONDS (default 150) limits each
+# of them (100 s was too short for every variant on 2026-11-27: the timeouts cost most of a lease). BUDGET_SECONDS (the
 # device call's timeout_s) cuts each process's limit to what is left of the call, less 20 s, and
 # skips what would start with under 30 s left, so a long STAGES list still ends with its summary.
 # STAGES=attention times the attention core alone (scripts/bench_attention.py); STAGES=main runs the
@@ -71,12 +73,18 @@ explain() {  # explain NAME SECONDS STATUS [LOG]: what became of a `limited` run
     *) echo "$1 failed (exit $3)"; grep -v "^[IW][0-9]" "${4:-$out/stderr.log}" | tail -n 4;;
   esac
 }
-run_case() {  # run_case NAME SECONDS FLAGS...: JSON lines to bench.jsonl, stderr to stderr.log
-  local name=$1 seconds=$2
+run_case() {  # run_case NAME SECONDS FLAGS...: JSON lines (with "run": NAME) to bench.jsonl, stderr to stderr.log
+  local name=$1 seconds=$2 status
   shift 2
   echo "== $name" | tee -a "$out/stderr.log"
-  limited "$seconds" python3 -m bert_jax.benchmark "$@" "${extra[@]}" >> "$out/bench.jsonl" 2>> "$out/stderr.log"
-  explain "$name" "$seconds" $?
+  limited "$seconds" python3 -m bert_jax.benchmark "$@" "${extra[@]}" 2>> "$out/stderr.log" \
+    | python3 -c 'import json, sys
+for line in sys.stdin:
+  if line.startswith("{"):
+    line = json.dumps(dict(json.loads(line), run=sys.argv[1])) + "\n"
+  sys.stdout.write(line)' "$name" >> "$out/bench.jsonl"
+  status=${PIPESTATUS[0]}
+  explain "$name" "$seconds" "$status"
 }
 profile() {  # profile SECONDS FLAGS...: kernel table to profile.txt
   limited "$1" python3 -m scripts.profile_gpu "${@:2}" "${extra[@]}" --xplane_dir="$out" >> "$out/profile.txt" \
@@ -152,6 +160,13 @@ PY
           xla_norm) flags=(--config.model.layer_norm_impl=xla);;  # XLA's add & norm (the presets: one Pallas kernel)
           no_prune) flags=(--config.model.prune_last_layer=False);;  # the last layer computes every position
           wait_each) flags=(--config.steps_per_sample=1);;  # the timing before steps_per_sample
+          baseline)  # the default from the code of BASELINE=REV bash scripts/prepare_gpu_carry.sh
+            if [ ! -d .gpu/baseline ]; then
+              echo "baseline: no .gpu/baseline (BASELINE=REV bash scripts/prepare_gpu_carry.sh)"
+              continue
+            fi
+            (cd .gpu/baseline && run_case "baseline $(cat REVISION)" "${SWEEP_SECONDS:-150}" "${b256[@]}")
+            continue;;
           *) echo "unknown variant $variant"; continue;;
         esac
         XLA_FLAGS="${XLA_FLAGS:-}${xla_flag:+ $xla_flag}" JAX_DEFAULT_PRNG_IMPL=$prng \
@@ -181,7 +196,7 @@ done
 # `if`, not `&&`: a run without benchmark rows (STAGES=main) still exits 0.
 if [ -f "$out/bench.jsonl" ]; then python3 - "$out/bench.jsonl" <<'PY'
 import json, sys
-print(f"{'case':<15}{'dtype':<9}{'batch':>6}{'seq':>5}{'attn':>12}{'ex/s':>10}{'MFU':>7}{'torch ex/s':>11}{'ratio':>7}"
+print(f"{'run':<24}{'case':<15}{'dtype':<9}{'batch':>6}{'seq':>5}{'attn':>12}{'ex/s':>10}{'MFU':>7}{'torch ex/s':>11}{'ratio':>7}"
       f"{'compile s':>10}  settings")
 for line in open(sys.argv[1]):
   row = json.loads(line)
@@ -192,7 +207,7 @@ for line in open(sys.argv[1]):
   mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-"
   torch_ex = f"{row['torch_examples_per_second']:.0f}" if "torch_examples_per_second" in row else "-"
   ratio = f"{row['ratio']:.2f}" if "ratio" in row else "-"
-  print(f"{row['case']:<15}{row['dtype']:<9}{row['batch_size']:>6}{row['seq_len']:>5}"
+  print(f"{row.get('run', '')[:23]:<24}{row['case']:<15}{row['dtype']:<9}{row['batch_size']:>6}{row['seq_len']:>5}"
         f"{row.get('attention_impl', '?'):>12}{row['examples_per_second']:>10.1f}{mfu:>7}{torch_ex:>11}{ratio:>7}"
         f"{row['compile_seconds']:>10.1f}  {row.get('hidden_act')} drop={row.get('hidden_dropout_prob')} "
         f"norm={row.get('layer_norm_impl')} prune={row.get('prune_last_layer')} "

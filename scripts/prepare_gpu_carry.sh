@@ -5,7 +5,7 @@
 # stored in float16 (45 MB: the float32 file's 87 MB would not fit the 64 MiB a device call carries;
 # the loader reads them back as float32), and IMDB's labelled reviews (train and the local test
 # split, without the unlabelled ones) re-packed as one .tar.gz that the input pipeline reads in place.
-# Usage (repo root, venv active): bash scripts/prepare_gpu_carry.sh [SHARED_DIR]
+# Usage (repo root, venv active): [BASELINE=REV] bash scripts/prepare_gpu_carry.sh [SHARED_DIR]
 set -euo pipefail
 shared=${1:-../shared}
 rm -rf .gpu && mkdir -p .gpu/whl .gpu/minilm
@@ -37,4 +37,11 @@ with tarfile.open(sys.argv[2], "r:gz") as source, tarfile.open(".gpu/aclImdb_lab
       kept += 1
 print("float16 weights:", len(weights), "tensors; labelled reviews:", kept)
 PY
+# BASELINE=REV: that commit's code too (bert_jax, configs, scripts: 0.4 MB), which the `baseline` sweep
+# variant of gpu_benchmark.sh times beside the working tree's on the same machine.
+if [ -n "${BASELINE:-}" ]; then
+  mkdir -p .gpu/baseline
+  git archive "$BASELINE" bert_jax configs scripts | tar -x -C .gpu/baseline
+  git rev-parse --short "$BASELINE" > .gpu/baseline/REVISION
+fi
 du -sh .gpu  # with the repository, under the 64 MiB a device call carries

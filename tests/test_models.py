@@ -405,7 +405,8 @@ def test_fast_forms_compute_what_the_plain_forms_compute(tiny_config, monkeypatc
   monkeypatch.setattr(attention, "project_qkv", projection._project_each)
   plain_loss, plain_grads = _loss_and_grads(module, params)
   monkeypatch.setitem(bert._ACTIVATIONS, "gelu", bert.gelu)
-  monkeypatch.setattr(attention, "project_qkv", projection._project_stacked)
+  # The GPUs' form; the TPUs' lacks only the barrier, which computes nothing.
+  monkeypatch.setattr(attention, "project_qkv", projection._project_stacked_gpu)
   loss, grads = _loss_and_grads(module, params)
   np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
   flat, plain_flat = program_parts.flat(grads), program_parts.flat(plain_grads)
@@ -416,10 +417,12 @@ def test_fast_forms_compute_what_the_plain_forms_compute(tiny_config, monkeypatc
   assert {e.primitive.name for e in eqns} & {"erf", "erfc"} == {"erf"}
 
 
-@pytest.mark.parametrize("platform, stacked", [("cpu", False), ("cuda", True), ("tpu", True)])
-def test_each_backend_lowers_its_own_forms(tiny_config, platform, stacked):
-  # Lowered (not compiled) for each platform on this CPU: the erf GELU everywhere (no erfc), and
-  # whether the Q/K/V projections are one matmul with a [3, heads, head_dim] output.
+@pytest.mark.parametrize("platform, stacked, barrier",
+                         [("cpu", False, False), ("cuda", True, True), ("rocm", True, True), ("tpu", True, False)])
+def test_each_backend_lowers_its_own_forms(tiny_config, platform, stacked, barrier):
+  # Lowered (not compiled) for each platform on this CPU: the erf GELU everywhere (no erfc), whether
+  # the Q/K/V projections are one matmul with a [3, heads, head_dim] output, and whether a barrier
+  # keeps their bias out of that matmul (GPUs: docs/performance.md).
   config = _speed_config(tiny_config)
   module = models.BertForSequenceClassification(config)
   params = hf.init_params(module)
@@ -429,3 +432,4 @@ def test_each_backend_lowers_its_own_forms(tiny_config, platform, stacked):
   assert ops == {"erf"}
   stacked_shape = f"x3x{config.num_attention_heads}x{config.head_dim}x"
   assert (stacked_shape in text) == stacked
+  assert ("stablehlo.optimization_barrier" in text) == barrier

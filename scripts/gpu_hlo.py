@@ -1,0 +1,164 @@
+"""A benchmark train step compiled for an H100 on a machine without a GPU: its kernels and their bytes.
+
+With jax's CUDA plugin installed, XLA compiles for a GPU described by a target config, no GPU needed
+(deviceless ahead-of-time compilation). This prints what the compiled step launches, grouped by kind
+(cuBLAS matmuls, cuDNN attention, Pallas kernels, XLA's fusions by name), with the bytes each group
+reads and writes and what those bytes take at the H100's memory bandwidth. A check of the program's
+structure between GPU leases (which fusions XLA forms, what a code change adds or removes), not a
+timing: the figures are bytes, counted as each kernel's whole operands and outputs.
+
+Setup, once (a separate venv: the plugin and its NVIDIA libraries are about 3 GB):
+  python3 -m venv /tmp/gpu_hlo && /tmp/gpu_hlo/bin/pip install "jax[cuda12]==$(python -c \
+      'import jax; print(jax.__version__)')" && /tmp/gpu_hlo/bin/pip install -e .
+Then, from the repo root, with the benchmark's config flags:
+  /tmp/gpu_hlo/bin/python -m scripts.gpu_hlo --config=configs/benchmark.py:base_gpu --config.dtype=bfloat16 \
+      --config.batch_size=256 --config.model.attention_impl=cudnn --config.model.attention_probs_dropout_prob=0
+--grep=REGEX lists the single kernels whose name or op name matches; --hlo_out=FILE keeps the HLO.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import os
+import re
+from unittest import mock
+
+# The CPU is JAX's only backend here; the CUDA plugin still compiles for the target config below.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+from bert_jax import benchmark  # noqa: E402  (defines --config)
+from bert_jax import models  # noqa: E402
+from bert_jax import optim  # noqa: E402
+from bert_jax import partitioning  # noqa: E402
+from bert_jax import state as state_lib  # noqa: E402
+from bert_jax import steps  # noqa: E402
+
+flags.DEFINE_enum("case", "pretrain_train", ["train", "pretrain_train"], "Which train step to compile.")
+flags.DEFINE_string("grep", "", "List the kernels whose name or op name matches this regex.")
+flags.DEFINE_string("hlo_out", "", "Write the compiled HLO here.")
+
+H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
+# XLA's GpuTargetConfigProto for an H100 SXM (132 SMs, 228 KiB shared memory per SM, 50 MiB L2).
+H100_TARGET_CONFIG = """
+platform_name: "CUDA"
+device_description_str: "NVIDIA H100 80GB HBM3"
+gpu_device_info {
+  cuda_compute_capability { major: 9 minor: 0 }
+  core_count: 132
+  fpus_per_core: 128
+  threads_per_warp: 32
+  threads_per_block_limit: 1024
+  threads_per_core_limit: 2048
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  l2_cache_size: 52428800
+  memory_bandwidth: 3350000000000
+  clock_rate_ghz: 1.98
+  device_memory_size: 85520809984
+}
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 9 }
+"""
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}  # no kernel
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of every array in an HLO shape string (a tuple's elements summed)."""
+  return sum(_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in _ARRAY.findall(shape))
+
+
+def entry_kernels(hlo_text: str) -> list[dict]:
+  """The ENTRY computation's instructions that run as kernels: name, group, op name, bytes read and written."""
+  entry = hlo_text[hlo_text.index("\nENTRY"):].split("\n")[1:]
+  sizes, kernels = {}, []
+  for line in entry:
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, shape, opcode, rest = match.groups()
+    sizes[name] = shape_bytes(shape)
+    if opcode in _FREE:
+      continue
+    operands = re.findall(r"%([\w.\-]+)", rest.split("),")[0])
+    target = re.search(r'custom_call_target="([^"]+)"', rest)
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    # A fusion's group is its name without the number (`loop_select_fusion.12` -> `loop_select_fusion`).
+    group = target.group(1) if target else f"{opcode}: {re.sub(r'[.0-9]+$', '', name)}"
+    kernels.append(dict(name=name, group=group, op_name=op_name.group(1) if op_name else "",
+                        read=sum(sizes.get(o, 0) for o in operands), written=sizes[name]))
+  return kernels
+
+
+def print_summary(kernels: list[dict], grep: str) -> None:
+  groups = collections.defaultdict(lambda: [0, 0])
+  for k in kernels:
+    groups[k["group"]][0] += 1
+    groups[k["group"]][1] += k["read"] + k["written"]
+  print(f"{len(kernels)} kernels per step")
+  print(f"{'kernels':>8} {'GB':>8} {'ms at HBM':>10}  group")
+  for group, (count, nbytes) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+    print(f"{count:8d} {nbytes / 1e9:8.3f} {nbytes / H100_BANDWIDTH * 1e3:10.2f}  {group}")
+  outside = sum(k["read"] + k["written"] for k in kernels if not k["group"].startswith("__cublas"))
+  print(f"outside the matmuls: {outside / 1e9:.2f} GB, {outside / H100_BANDWIDTH * 1e3:.2f} ms at HBM bandwidth")
+  if grep:
+    for k in kernels:
+      if re.search(grep, k["name"]) or re.search(grep, k["op_name"]):
+        print(f"{k['name'][:36]:36} {k['group'][:28]:28} read {k['read'] / 1e6:8.1f} MB  "
+              f"written {k['written'] / 1e6:8.1f} MB  {k['op_name'][-90:]}")
+
+
+def compile_step(config, case: str, mesh) -> str:
+  """The optimized HLO of the benchmark's `case` train step over `mesh`, as `bert_jax.train` jits it."""
+  model_config = state_lib.model_config(config)
+  pretraining = case == "pretrain_train"
+  module = (models.BertForPreTraining if pretraining else models.BertForSequenceClassification)(model_config)
+  tx, schedule = optim.make_optimizer(config.optimizer, 1e-4, num_train_steps=1000)
+  abstract_state, shardings = state_lib.state_template(module, tx, 0, mesh)
+  batch_sharding = partitioning.batch_sharding(mesh)
+  num_predictions = config.num_predictions if pretraining else 0
+  batch = benchmark._batch(model_config, config.batch_size, config.seq_len, num_predictions)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}
+  step = functools.partial(steps.train_step, model=module, tx=tx, schedule=schedule,
+                           loss_fn=steps.pretraining_loss if pretraining else steps.classification_loss)
+  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
+    return jitted.lower(abstract_state, abstract_batch).compile().as_text()
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  partitioning.add_xla_flags(config.get("xla_flags", ""))
+  topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1")
+  mesh = partitioning.make_mesh(config.mesh_shape, topology.devices)
+  # The model picks and checks its kernels ('auto', cuDNN, the Pallas add & norm's interpret mode) by
+  # the default backend, the CPU here: it is told it runs on the GPU it is compiled for.
+  with mock.patch.object(jax, "default_backend", return_value="gpu"):
+    hlo_text = compile_step(config, flags.FLAGS.case, mesh)
+  if flags.FLAGS.hlo_out:
+    with open(flags.FLAGS.hlo_out, "w") as f:
+      f.write(hlo_text)
+  print_summary(entry_kernels(hlo_text), flags.FLAGS.grep)
+
+
+if __name__ == "__main__":
+  app.run(main)
