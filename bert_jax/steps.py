@@ -30,12 +30,26 @@ def create_state(params: Any, tx: optax.GradientTransformation, seed: int) -> Tr
                     rng=jax.random.key_data(jax.random.key(seed)))
 
 
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Softmax cross-entropy `[...]` of float `logits` `[..., classes]` against integer `labels` `[...]`.
+
+  `optax.softmax_cross_entropy_with_integer_labels`'s value, with the label's logit picked by comparing
+  the class index with the label rather than by a gather: the gather's gradient is a scatter-add into
+  a zeroed copy of the logits, which XLA:GPU runs as passes of their own over `[tokens, vocab]` float32
+  (625 MB for BERT-base's MLM at 256 x 128); the compare's is a select inside the softmax gradient's
+  pass (docs/performance.md, "fourteenth"). A label outside `[0, classes)` picks no logit.
+  """
+  classes = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+  label_logits = jnp.sum(jnp.where(classes == labels[..., None], logits, 0.0), axis=-1)
+  return jax.nn.logsumexp(logits, axis=-1) - label_logits
+
+
 def classification_loss(model: nn.Module, params, batch, dropout_rng, deterministic: bool):
   """Summed cross-entropy of `labels` `[batch]` and the sums the metrics need."""
   logits = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), deterministic=deterministic,
                        rngs={"dropout": dropout_rng} if not deterministic else None)
   logits = logits.astype(jnp.float32)  # [batch, num_labels]
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+  losses = cross_entropy(logits, batch["labels"])
   weights = batch["weights"]
   # where, not multiply: a padded row's loss must not turn a NaN into the sum.
   loss_sum = jnp.sum(jnp.where(weights > 0, losses * weights, 0.0))
@@ -56,9 +70,9 @@ def pretraining_loss(model: nn.Module, params, batch, dropout_rng, deterministic
   weights = batch["weights"]  # [batch]
   mlm_logits = outputs.mlm_logits.astype(jnp.float32)  # [batch, predictions, vocab]
   mlm_weights = batch["masked_lm_weights"] * weights[:, None]  # [batch, predictions]
-  mlm_losses = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["masked_lm_ids"])
+  mlm_losses = cross_entropy(mlm_logits, batch["masked_lm_ids"])
   nsp_logits = outputs.nsp_logits.astype(jnp.float32)  # [batch, 2]
-  nsp_losses = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, batch["next_sentence_label"])
+  nsp_losses = cross_entropy(nsp_logits, batch["next_sentence_label"])
   # where, not multiply: a padded row's loss must not turn a NaN into the sum.
   mlm_sum = jnp.sum(jnp.where(mlm_weights > 0, mlm_losses * mlm_weights, 0.0))
   nsp_sum = jnp.sum(jnp.where(weights > 0, nsp_losses * weights, 0.0))
