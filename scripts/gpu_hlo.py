@@ -21,25 +21,21 @@ from __future__ import annotations
 import collections
 import functools
 import math
-import os
 import re
 from unittest import mock
 
-# The CPU is JAX's only backend here; the CUDA plugin still compiles for the target config below.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import flax.linen as nn
+import jax
+from absl import app
+from absl import flags
+from jax.experimental import topologies
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
-
-from bert_jax import benchmark  # noqa: E402  (defines --config)
-from bert_jax import models  # noqa: E402
-from bert_jax import optim  # noqa: E402
-from bert_jax import partitioning  # noqa: E402
-from bert_jax import state as state_lib  # noqa: E402
-from bert_jax import steps  # noqa: E402
+from bert_jax import benchmark  # defines --config
+from bert_jax import models
+from bert_jax import optim
+from bert_jax import partitioning
+from bert_jax import state as state_lib
+from bert_jax import steps
 
 flags.DEFINE_enum("case", "pretrain_train", ["train", "pretrain_train"], "Which train step to compile.")
 flags.DEFINE_string("grep", "", "List the kernels whose name or op name matches this regex.")
@@ -147,6 +143,9 @@ def compile_step(config, case: str, mesh) -> str:
 def main(argv):
   del argv
   config = flags.FLAGS.config
+  # Before any backend starts: the CPU is JAX's only backend (no CUDA driver needed); the CUDA plugin
+  # still compiles for the target config.
+  jax.config.update("jax_platforms", "cpu")
   partitioning.add_xla_flags(config.get("xla_flags", ""))
   topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1")
   mesh = partitioning.make_mesh(config.mesh_shape, topology.devices)

@@ -1,0 +1,21 @@
+"""scripts/gpu_hlo.py's reading of a compiled program (the GPU compile itself needs jax's CUDA plugin)."""
+
+import jax
+import jax.numpy as jnp
+
+from scripts import gpu_hlo
+
+
+def test_shape_bytes_sums_a_tuples_arrays():
+  assert gpu_hlo.shape_bytes("(bf16[2,3]{1,0}, s8[4]{0})") == 2 * 3 * 2 + 4
+  assert gpu_hlo.shape_bytes("f32[]") == 4
+
+
+def test_entry_kernels_lists_each_kernel_with_the_bytes_it_reads_and_writes():
+  x = jnp.ones((256, 128), jnp.float32)
+  text = jax.jit(lambda x: (jnp.exp(x) * 2 + 1, x.sum(0))).lower(x).compile().as_text()
+  kernels = {k["op_name"].rsplit("/", 1)[-1]: k for k in gpu_hlo.entry_kernels(text)}
+  assert set(kernels) == {"add", "reduce_sum"}  # parameters and the output tuple are not kernels
+  assert (kernels["add"]["read"], kernels["add"]["written"]) == (256 * 128 * 4, 256 * 128 * 4)
+  assert (kernels["reduce_sum"]["read"], kernels["reduce_sum"]["written"]) == (256 * 128 * 4, 128 * 4)
+  assert all(k["group"].startswith("fusion: ") for k in kernels.values())
