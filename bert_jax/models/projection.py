@@ -161,7 +161,7 @@ def _project_stacked(x, kernels, biases, query_rows=None, *, bias_in_slices: boo
     # out broadcast to [batch, seq, 3, heads, head_dim] (151 MB per BERT-base layer at 256 x 128) for
     # cuBLAS to read back. Behind the barrier the add happens in the copy that slices out q, k and v,
     # and the bias gradient stays in the pass that stacks theirs: 3.0 GB less memory traffic per step
-    # in the H100 program (docs/performance.md, "The compiled GPU program without a GPU").
+    # in the H100 program (docs/performance.md, "fourteenth").
     stacked = jax.lax.optimization_barrier(stacked)
   stacked = add_bias(stacked, jnp.stack(biases))
   return tuple(stacked[:, :, i] for i in range(len(kernels)))
