@@ -37,11 +37,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   the class index with the label rather than by a gather: the gather's gradient is a scatter-add into
   a zeroed copy of the logits, which XLA:GPU runs as passes of their own over `[tokens, vocab]` float32
   (625 MB for BERT-base's MLM at 256 x 128); the compare's is a select inside the softmax gradient's
-  pass (docs/performance.md, "fourteenth"). A label outside `[0, classes)` picks no logit.
+  pass (docs/performance.md, "fourteenth"). A label outside `[0, classes)` gives NaN, so that a
+  data bug (a vocabulary mismatch) trips the train step's non-finite guard rather than training on no
+  target; rows of weight 0 (padding) are excluded from the losses' sums by `where`, NaN or not.
   """
-  classes = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+  labels = labels.astype(jnp.int32)  # a narrower dtype could not count the classes
+  num_classes = logits.shape[-1]
+  classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
   label_logits = jnp.sum(jnp.where(classes == labels[..., None], logits, 0.0), axis=-1)
-  return jax.nn.logsumexp(logits, axis=-1) - label_logits
+  losses = jax.nn.logsumexp(logits, axis=-1) - label_logits
+  return jnp.where((labels >= 0) & (labels < num_classes), losses, jnp.nan)
 
 
 def classification_loss(model: nn.Module, params, batch, dropout_rng, deterministic: bool):

@@ -29,6 +29,7 @@
 set -u
 out=${OUT:-/tmp/bert_jax_gpu}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the baseline variant runs from .gpu/baseline
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6  # leave room for PyTorch in the same process
 attention=${ATTENTION:-cudnn}
@@ -80,8 +81,10 @@ run_case() {  # run_case NAME SECONDS FLAGS...: JSON lines (with "run": NAME) to
   limited "$seconds" python3 -m bert_jax.benchmark "$@" "${extra[@]}" 2>> "$out/stderr.log" \
     | python3 -c 'import json, sys
 for line in sys.stdin:
-  if line.startswith("{"):
+  try:
     line = json.dumps(dict(json.loads(line), run=sys.argv[1])) + "\n"
+  except ValueError:  # not a row: passed on as it is
+    pass
   sys.stdout.write(line)' "$name" >> "$out/bench.jsonl"
   status=${PIPESTATUS[0]}
   explain "$name" "$seconds" "$status"

@@ -5,7 +5,9 @@ With jax's CUDA plugin installed, XLA compiles for a GPU described by a target c
 (cuBLAS matmuls, cuDNN attention, Pallas kernels, XLA's fusions by name), with the bytes each group
 reads and writes and what those bytes take at the H100's memory bandwidth. A check of the program's
 structure between GPU leases (which fusions XLA forms, what a code change adds or removes), not a
-timing: the figures are bytes, counted as each kernel's whole operands and outputs.
+timing: the figures are bytes, counted as each kernel's whole operands and outputs. Only the ENTRY
+computation is read: a `while` (scanned layers) or `call` there is listed as one entry, and a warning
+says so.
 
 Setup, once (a separate venv: the plugin and its NVIDIA libraries are about 3 GB):
   python3 -m venv /tmp/gpu_hlo && /tmp/gpu_hlo/bin/pip install "jax[cuda12]==$(python -c \
@@ -110,6 +112,9 @@ def print_summary(kernels: list[dict], grep: str) -> None:
     groups[k["group"]][0] += 1
     groups[k["group"]][1] += k["read"] + k["written"]
   print(f"{len(kernels)} kernels per step")
+  nested = sorted({k["group"] for k in kernels if k["group"].split(":")[0] in ("while", "call", "conditional")})
+  if nested:
+    print(f"warning: {nested} run computations of their own, whose kernels are not listed one by one")
   print(f"{'kernels':>8} {'GB':>8} {'ms at HBM':>10}  group")
   for group, (count, nbytes) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
     print(f"{count:8d} {nbytes / 1e9:8.3f} {nbytes / H100_BANDWIDTH * 1e3:10.2f}  {group}")

@@ -11,6 +11,7 @@ from bert_jax import batching
 from bert_jax import hf
 from bert_jax import models
 from bert_jax import steps
+import program_parts
 
 
 def _pretraining_batch(vocab=99, batch=3, seq=10, preds=4):
@@ -39,12 +40,30 @@ def test_cross_entropy_equals_optax_and_so_does_its_gradient():
 
 
 def test_cross_entropy_gradient_has_no_scatter():
-  # The gather optax differentiates into a scatter-add over a zeroed copy of the logits; here a select.
+  # optax's gather differentiates into a scatter-add over a zeroed copy of the logits; ours into a select.
   logits, labels = jax.numpy.zeros((8, 30)), jax.numpy.arange(8)
-  jaxpr = jax.make_jaxpr(jax.grad(lambda x: steps.cross_entropy(x, labels).sum()))(logits)
-  primitives = {e.primitive.name for e in jaxpr.jaxpr.eqns}
-  assert not {p for p in primitives if "scatter" in p or "gather" in p}
-  assert "select_n" in primitives
+
+  def primitives(loss):
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x: loss(x, labels).sum()))(logits)
+    return {e.primitive.name for e in program_parts.all_eqns(jaxpr.jaxpr)}
+
+  assert {"gather", "scatter-add"} <= primitives(optax.softmax_cross_entropy_with_integer_labels)
+  ours = primitives(steps.cross_entropy)
+  assert not {p for p in ours if "scatter" in p or "gather" in p}
+  assert "select_n" in ours
+
+
+def test_cross_entropy_of_a_label_outside_the_classes_is_nan():
+  logits = jax.numpy.zeros((4, 5))
+  losses = steps.cross_entropy(logits, jax.numpy.array([0, 4, 5, -1]))
+  np.testing.assert_allclose(losses[:2], np.log(5.0), rtol=1e-6)
+  assert np.isnan(losses[2:]).all()
+  # uint8 labels over 300 classes: the class index is not counted in the labels' dtype (10 would match 266).
+  wide = jax.numpy.asarray(np.random.default_rng(0).normal(size=(2, 300)), jax.numpy.float32)
+  labels = jax.numpy.array([10, 200], jax.numpy.uint8)
+  np.testing.assert_allclose(steps.cross_entropy(wide, labels),
+                             optax.softmax_cross_entropy_with_integer_labels(wide, labels.astype(np.int32)),
+                             rtol=1e-6)
 
 
 def test_pretraining_loss_is_mlm_mean_plus_nsp_mean(tiny_config):
