@@ -402,11 +402,12 @@ def test_fast_forms_compute_what_the_plain_forms_compute(tiny_config, monkeypatc
   monkeypatch.setattr(projection, "contract", projection._contract_general)
   monkeypatch.setattr(projection, "add_bias", jnp.add)
   monkeypatch.setattr(bert, "add_bias", jnp.add)  # the add & norm's bias
-  monkeypatch.setattr(attention, "project_qkv", projection._project_each)
+  monkeypatch.setattr(attention, "project_qkv", lambda *args, bias_in_slices: projection._project_each(*args))
   plain_loss, plain_grads = _loss_and_grads(module, params)
   monkeypatch.setitem(bert._ACTIVATIONS, "gelu", bert.gelu)
-  # The GPUs' form; the TPUs' lacks only the barrier, which computes nothing.
-  monkeypatch.setattr(attention, "project_qkv", projection._project_stacked_gpu)
+  # The GPUs' form with the barrier (the TPUs' lacks only the barrier, which computes nothing).
+  monkeypatch.setattr(attention, "project_qkv",
+                      lambda *args, bias_in_slices: projection._project_stacked(*args, bias_in_slices=True))
   loss, grads = _loss_and_grads(module, params)
   np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
   flat, plain_flat = program_parts.flat(grads), program_parts.flat(plain_grads)
@@ -417,13 +418,16 @@ def test_fast_forms_compute_what_the_plain_forms_compute(tiny_config, monkeypatc
   assert {e.primitive.name for e in eqns} & {"erf", "erfc"} == {"erf"}
 
 
-@pytest.mark.parametrize("platform, stacked, barrier",
-                         [("cpu", False, False), ("cuda", True, True), ("rocm", True, True), ("tpu", True, False)])
-def test_each_backend_lowers_its_own_forms(tiny_config, platform, stacked, barrier):
+@pytest.mark.parametrize("platform, attention_impl, stacked, barrier",
+                         [("cpu", "dot_product", False, False), ("cuda", "dot_product", True, True),
+                          ("rocm", "dot_product", True, True), ("tpu", "dot_product", True, False),
+                          ("cuda", "einsum", True, False)])
+def test_each_backend_lowers_its_own_forms(tiny_config, platform, attention_impl, stacked, barrier):
   # Lowered (not compiled) for each platform on this CPU: the erf GELU everywhere (no erfc), whether
   # the Q/K/V projections are one matmul with a [3, heads, head_dim] output, and whether a barrier
-  # keeps their bias out of that matmul (GPUs: docs/performance.md).
-  config = _speed_config(tiny_config)
+  # keeps their bias out of that matmul (GPUs, unless the einsum attention transposes the output:
+  # docs/performance.md, "fourteenth").
+  config = _speed_config(tiny_config, attention_impl=attention_impl)
   module = models.BertForSequenceClassification(config)
   params = hf.init_params(module)
   traced = jax.jit(lambda p: module.apply({"params": p}, *_inputs())).trace(params)

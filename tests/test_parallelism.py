@@ -154,9 +154,10 @@ def eight_devices(tmp_path_factory):
                                      ("fsdp=8", "jit", (1, 8, 1)), ("2/2/2", "jit", (2, 2, 2))]:
       states[name], loss = one_step(parallelism, partitioning.make_mesh(shape))
       steps_out[name] = dict(summary(states[name], loss), max_param_diff=max_diff(states[name], reference))
-    # The GPU/TPU form of the Q/K/V projection (one stacked matmul), here on the CPU, sharded.
+    # The GPU/TPU form of the Q/K/V projection (one stacked matmul, the GPUs' barrier), on the CPU, sharded.
     from bert_jax.models import attention, projection
-    project_each, attention.project_qkv = attention.project_qkv, projection._project_stacked_gpu
+    project_each = attention.project_qkv
+    attention.project_qkv = lambda *args, bias_in_slices: projection._project_stacked(*args, bias_in_slices=True)
     stacked, loss = one_step("jit", partitioning.make_mesh((2, 2, 2)))
     steps_out["2/2/2, stacked Q/K/V"] = dict(summary(stacked, loss), max_param_diff=max_diff(stacked, reference))
     attention.project_qkv = project_each

@@ -125,9 +125,10 @@ class BertSelfAttention(nn.Module):
     kernels, biases = zip(*(dense(c, heads, (axes.EMBED,), (axes.HEADS, axes.KV), name).weights(x.shape[-1:])
                             for name in ("query", "key", "value")))
     query_rows = None if query_rows is None else query_rows.astype(c.compute_dtype)
-    # [batch, seq or n, heads, head_dim] (the query), [batch, seq, heads, head_dim] (key, value)
-    query, key, value = project_qkv(x.astype(c.compute_dtype), kernels, biases, query_rows)
     impl = pruned_layer_attention_impl(c) if query_rows is not None else resolve_attention_impl(c)
+    # [batch, seq or n, heads, head_dim] (the query), [batch, seq, heads, head_dim] (key, value)
+    query, key, value = project_qkv(x.astype(c.compute_dtype), kernels, biases, query_rows,
+                                    bias_in_slices=impl != "einsum")
     if impl == "einsum":
       context = self._einsum_attention(query, key, value, attention_mask, deterministic)
     elif impl == "cpu_fused":

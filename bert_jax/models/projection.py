@@ -160,17 +160,13 @@ def _project_stacked(x, kernels, biases, query_rows=None, *, bias_in_slices: boo
     # XLA:GPU folds a bias added to a matmul's output into cuBLAS's `C` operand, which it first writes
     # out broadcast to [batch, seq, 3, heads, head_dim] (151 MB per BERT-base layer at 256 x 128) for
     # cuBLAS to read back. Behind the barrier the add happens in the copy that slices out q, k and v,
-    # and the bias gradient stays in the pass that stacks theirs: 3.0 GB less memory traffic per step
-    # in the H100 program (docs/performance.md, "fourteenth").
+    # and the bias gradient stays in the pass that stacks theirs (docs/performance.md, "fourteenth").
     stacked = jax.lax.optimization_barrier(stacked)
   stacked = add_bias(stacked, jnp.stack(biases))
   return tuple(stacked[:, :, i] for i in range(len(kernels)))
 
 
-_project_stacked_gpu = functools.partial(_project_stacked, bias_in_slices=True)
-
-
-def project_qkv(x: jax.Array, kernels, biases, query_rows: jax.Array | None = None
+def project_qkv(x: jax.Array, kernels, biases, query_rows: jax.Array | None = None, *, bias_in_slices: bool = False
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Query, key and value `[batch, seq, heads, head_dim]` of `x` `[batch, seq, hidden]`; with `query_rows`
   `[batch, n, hidden]` (some of `x`'s rows), the query of those rows only, `[batch, n, heads, head_dim]`.
@@ -180,6 +176,13 @@ def project_qkv(x: jax.Array, kernels, biases, query_rows: jax.Array | None = No
   matmul rather than in extra passes over `[batch, seq, hidden]`. With the erf `gelu`: +5.8% on a
   BERT-base pretraining step on an H100. On XLA:CPU the stacked form was not clearly faster (with
   YNNPACK matmuls it made MiniLM eval slower), so the CPU keeps three matmuls.
+
+  `bias_in_slices` (GPUs only): the biases are added where q, k and v are sliced out of the stacked
+  matmul, not to its output. In the compiled H100 program that is 3.3-3.4 GB less memory traffic per
+  BERT-base step at 256 x 128 when the attention reads [batch, seq, heads, head_dim] as it is (cuDNN,
+  Pallas, XLA's dot_product_attention), and 5.3 GB more before the einsum attention's transposes
+  (docs/performance.md, "fourteenth").
   """
-  return jax.lax.platform_dependent(x, kernels, biases, query_rows, cpu=_project_each, cuda=_project_stacked_gpu,
-                                    rocm=_project_stacked_gpu, default=_project_stacked)
+  gpu = functools.partial(_project_stacked, bias_in_slices=bias_in_slices)
+  return jax.lax.platform_dependent(x, kernels, biases, query_rows, cpu=_project_each, cuda=gpu, rocm=gpu,
+                                    default=_project_stacked)
