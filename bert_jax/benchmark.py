@@ -131,12 +131,36 @@ def _peak_memory_bytes(device: jax.Device) -> int | None:
   return (stats or {}).get("peak_bytes_in_use")
 
 
+def timed_optimizer(bench: ml_collections.ConfigDict):
+  """(tx, schedule) of every timed train step: `bench.optimizer` at learning rate 1e-4 over 1,000 updates
+  (neither changes a step's time)."""
+  return optim.make_optimizer(bench.optimizer, 1e-4, num_train_steps=1000)
+
+
+def abstract_train_step(module: nn.Module, bench: ml_collections.ConfigDict, mesh,
+                        loss_fn=steps.classification_loss):
+  """(the train step as `train.compile_steps` jits it, outside its mesh wrapper, and its state's abstract
+  shapes), to compile ahead of time: lower it with the mesh and `partitioning.RULES` in scope."""
+  tx, schedule = timed_optimizer(bench)
+  abstract, shardings = state_lib.state_template(module, tx, 0, mesh)
+  train_step, _ = train.compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps=1, loss_fn=loss_fn)
+  return train_step.__wrapped__, abstract
+
+
+def abstract_batch(model_config: models.BertConfig, bench: ml_collections.ConfigDict, mesh,
+                   num_predictions: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes of a `_batch` split over `mesh` as real batches are, to compile ahead of time."""
+  batch_sharding = partitioning.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+          for k, v in _batch(model_config, bench.batch_size, bench.seq_len, num_predictions).items()}
+
+
 def train_step_runner(module: nn.Module, bench: ml_collections.ConfigDict, mesh,
                       loss_fn=steps.classification_loss) -> Callable[[dict[str, jax.Array]], Any]:
   """A function that dispatches one train step (AdamW, state donated) of `module` on a placed batch and
   returns its metrics without waiting (`jax.block_until_ready` them); the first call on each batch
   shape compiles."""
-  tx, schedule = optim.make_optimizer(bench.optimizer, 1e-4, num_train_steps=1000)
+  tx, schedule = timed_optimizer(bench)
   _, shardings = state_lib.state_template(module, tx, 0, mesh)
   holder = [jax.device_put(steps.create_state(hf.init_params(module), tx, 0), shardings)]
   train_step, _ = train.compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps=1, loss_fn=loss_fn)
@@ -148,14 +172,19 @@ def train_step_runner(module: nn.Module, bench: ml_collections.ConfigDict, mesh,
   return run_step
 
 
+def case_model(case: str, model_config: models.BertConfig):
+  """The module and loss of a `train`, `eval` or `pretrain_train` case."""
+  if case == "pretrain_train":
+    return models.BertForPreTraining(model_config), steps.pretraining_loss
+  return models.BertForSequenceClassification(model_config), steps.classification_loss
+
+
 def case_inputs(case: str, bench: ml_collections.ConfigDict, model_config: models.BertConfig, mesh):
   """The module, loss and placed random batch of a `train`, `eval` or `pretrain_train` case."""
-  pretraining = case == "pretrain_train"
-  module_cls = models.BertForPreTraining if pretraining else models.BertForSequenceClassification
-  batch = _batch(model_config, bench.batch_size, bench.seq_len, bench.num_predictions if pretraining else 0)
+  num_predictions = bench.num_predictions if case == "pretrain_train" else 0
+  batch = _batch(model_config, bench.batch_size, bench.seq_len, num_predictions)
   batch = {k: jax.device_put(v, partitioning.batch_sharding(mesh)) for k, v in batch.items()}
-  return (module_cls(model_config), steps.pretraining_loss if pretraining else steps.classification_loss,
-          batch)
+  return (*case_model(case, model_config), batch)
 
 
 def sample_reviews(reviews: input_pipeline.ImdbSplit, num_reviews: int) -> np.ndarray:
@@ -238,21 +267,14 @@ def model_fields(config: models.BertConfig) -> dict:
 def time_compile_depth(bench: ml_collections.ConfigDict, model_config: models.BertConfig, mesh) -> list[dict]:
   """Seconds to trace and to compile the classification train step, per depth, unrolled and scanned."""
   rows = []
-  batch_sharding = partitioning.batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-           for k, v in _batch(model_config, bench.batch_size, bench.seq_len, 0).items()}
+  batch = abstract_batch(model_config, bench, mesh)
   for depth in bench.compile_depths:
     for scan_layers in (False, True):
       config = model_config.replace(num_hidden_layers=depth, scan_layers=scan_layers)
-      module = models.BertForSequenceClassification(config)
-      tx, schedule = optim.make_optimizer(bench.optimizer, 1e-4, num_train_steps=1000)
-      abstract, shardings = state_lib.state_template(module, tx, 0, mesh)
-      train_step, _ = train.compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps=1)
-      # Ahead-of-time, on abstract inputs: the jitted step under the wrapper that puts the mesh and
-      # the logical rules in scope (`train._in_mesh`), in the same scope.
+      train_step, abstract = abstract_train_step(models.BertForSequenceClassification(config), bench, mesh)
       with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
         start = time.perf_counter()
-        lowered = train_step.__wrapped__.lower(abstract, batch)
+        lowered = train_step.lower(abstract, batch)
         traced = time.perf_counter()
         lowered.compile()
         compiled = time.perf_counter()

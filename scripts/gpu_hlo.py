@@ -21,7 +21,6 @@ Then, from the repo root, with the benchmark's config flags:
 from __future__ import annotations
 
 import collections
-import functools
 import math
 import re
 from unittest import mock
@@ -33,11 +32,8 @@ from absl import flags
 from jax.experimental import topologies
 
 from bert_jax import benchmark  # defines --config
-from bert_jax import models
-from bert_jax import optim
 from bert_jax import partitioning
 from bert_jax import state as state_lib
-from bert_jax import steps
 
 flags.DEFINE_enum("case", "pretrain_train", ["train", "pretrain_train"], "Which train step to compile.")
 flags.DEFINE_string("grep", "", "List the kernels whose name or op name matches this regex.")
@@ -130,19 +126,12 @@ def print_summary(kernels: list[dict], grep: str) -> None:
 def compile_step(config, case: str, mesh) -> str:
   """The optimized HLO of the benchmark's `case` train step over `mesh`, as `bert_jax.train` jits it."""
   model_config = state_lib.model_config(config)
-  pretraining = case == "pretrain_train"
-  module = (models.BertForPreTraining if pretraining else models.BertForSequenceClassification)(model_config)
-  tx, schedule = optim.make_optimizer(config.optimizer, 1e-4, num_train_steps=1000)
-  abstract_state, shardings = state_lib.state_template(module, tx, 0, mesh)
-  batch_sharding = partitioning.batch_sharding(mesh)
-  num_predictions = config.num_predictions if pretraining else 0
-  batch = benchmark._batch(model_config, config.batch_size, config.seq_len, num_predictions)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}
-  step = functools.partial(steps.train_step, model=module, tx=tx, schedule=schedule,
-                           loss_fn=steps.pretraining_loss if pretraining else steps.classification_loss)
-  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+  module, loss_fn = benchmark.case_model(case, model_config)
+  train_step, abstract_state = benchmark.abstract_train_step(module, config, mesh, loss_fn)
+  num_predictions = config.num_predictions if case == "pretrain_train" else 0
+  batch = benchmark.abstract_batch(model_config, config, mesh, num_predictions)
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
-    return jitted.lower(abstract_state, abstract_batch).compile().as_text()
+    return train_step.lower(abstract_state, batch).compile().as_text()
 
 
 def main(argv):
