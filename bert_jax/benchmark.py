@@ -18,7 +18,7 @@ hardware's use on the work done; examples/s shows what pruning saves.
 
 The model's speed switches come from `config.model` like every other BertConfig field
 (`--config.model.attention_impl=dot_product`, `layer_norm_impl`, `remat_policy`, `scan_layers`,
-`prune_last_layer`; `--config.dtype`).
+`stack_layers`, `prune_last_layer`; `--config.dtype`).
 The case `compile_depth` times tracing and compiling the train step (no step is run) at each depth
 of `config.compile_depths`, with the layers unrolled and scanned: one JSON line per model.
 The case `length_buckets` prices one fine-tuning epoch over real IMDB review lengths, every batch
@@ -259,7 +259,7 @@ def model_fields(config: models.BertConfig) -> dict:
   """The model's size and speed switches for a JSON row, with the kernels that ran ('auto' decided)."""
   fields = {name: getattr(config, name) for name in (
       "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "remat_policy", "scan_layers",
-      "prune_last_layer")}
+      "stack_layers", "prune_last_layer")}
   return fields | {"attention_impl": models.resolve_attention_impl(config),
                    "layer_norm_impl": models.resolve_layer_norm_impl(config)}
 

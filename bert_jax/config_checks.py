@@ -80,8 +80,10 @@ def check(config: ml_collections.ConfigDict) -> None:
     _check_pretraining_data(config.data)
   _check_paths(config)
   # LAMB's trust ratio is per parameter: over a stacked [layers, ...] parameter it would mix layers.
-  _require(not (config.optimizer.name == "lamb" and config.model.get("scan_layers")), "optimizer.name",
-           config.optimizer.name, "'adamw' with --config.model.scan_layers=True (LAMB needs unstacked layers)")
+  stacked = [name for name in ("scan_layers", "stack_layers") if config.model.get(name)]
+  _require(not (config.optimizer.name == "lamb" and stacked), "optimizer.name", config.optimizer.name,
+           f"'adamw' with --config.model.{(stacked or ['scan_layers'])[0]}=True (LAMB needs the layers' "
+           "parameters stored per layer)")
   try:
     models.BertConfig().replace(**model_overrides(config))
   except ValueError as e:

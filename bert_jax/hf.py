@@ -3,8 +3,8 @@
 Owns: the name and layout mapping between HF's PyTorch state dict (`encoder.layer.0.attention.self.
 query.weight`, `[out, in]`) and our Flax parameters (`encoder/layer_0/attention/query/kernel`,
 `[in, heads, head_dim]`), including the stacking of HF's per-layer tensors into the
-`encoder/layers` parameters of scanned models (`scan_layers=True`). Does not own the models
-themselves (see `bert_jax.models`).
+`encoder/layers` parameters of models that store their layers stacked (`scan_layers`,
+`stack_layers`). Does not own the models themselves (see `bert_jax.models`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from bert_jax import models
+from bert_jax.models import bert
 from bert_jax.models import config as config_lib
 
 CONFIG_NAME = "config.json"
@@ -97,43 +98,23 @@ def from_hf_tensor(flax_path: tuple[str, ...], tensor: np.ndarray, shape: tuple[
 
 
 def unstack_layers(params: dict) -> dict:
-  """Scanned parameters (`encoder/layers/...`, leading `[num_layers]` axis) as `encoder/layer_{i}/...`.
+  """Stacked parameters (`encoder/layers/...`, leading `[num_layers]` axis) as `encoder/layer_{i}/...`.
 
-  The inverse of `stack_layers`; parameters of unscanned models are returned as they are.
+  The inverse of `stack_layers`; parameters stored per layer are returned as they are.
   """
-  if not isinstance(params, dict):
-    return params
-  out = {}
-  for name, child in params.items():
-    if name == "encoder" and isinstance(child, dict) and "layers" in child:
-      rest = {k: v for k, v in child.items() if k != "layers"}
-      num_layers = jax.tree_util.tree_leaves(child["layers"])[0].shape[0]
-      rest.update({f"layer_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], child["layers"])
-                   for i in range(num_layers)})
-      out[name] = rest
-    else:
-      out[name] = unstack_layers(child)
-  return out
+  return _map_encoder(params, bert.unstack_layers)
 
 
 def stack_layers(params: dict) -> dict:
-  """`encoder/layer_{i}/...` parameters stacked into `encoder/layers/...` `[num_layers, ...]` (scanned)."""
+  """`encoder/layer_{i}/...` parameters stacked into `encoder/layers/...` `[num_layers, ...]`, the layout of
+  `scan_layers` and `stack_layers` (`BertConfig.stacked_layers`)."""
+  return _map_encoder(params, bert.stack_layers)
+
+
+def _map_encoder(params, fn):
   if not isinstance(params, dict):
     return params
-  out = {}
-  for name, child in params.items():
-    layer_names = [k for k in child if re.fullmatch(r"layer_\d+", k)] if isinstance(child, dict) else []
-    if name == "encoder" and layer_names:
-      num_layers = len(layer_names)
-      if sorted(layer_names) != sorted(f"layer_{i}" for i in range(num_layers)):
-        raise ValueError(f"Encoder layers {sorted(layer_names)} are not numbered 0..{num_layers - 1}.")
-      rest = {k: v for k, v in child.items() if k not in layer_names}
-      rest["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
-                                              *(child[f"layer_{i}"] for i in range(num_layers)))
-      out[name] = rest
-    else:
-      out[name] = stack_layers(child)
-  return out
+  return {name: fn(child) if name == "encoder" else _map_encoder(child, fn) for name, child in params.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +225,8 @@ def load_pretrained(path_or_hub_id: str, model_cls: type[nn.Module] = models.Ber
   """Loads a HF BERT checkpoint into `model_cls`. Returns `(module, params)`.
 
   Parameters absent from the checkpoint (e.g. a classifier head) are initialised fresh from `seed`;
-  both they and checkpoint tensors left unused are named in the log. With `scan_layers=True` the
-  per-layer tensors are stacked into the scanned `encoder/layers` parameters.
+  both they and checkpoint tensors left unused are named in the log. With `scan_layers` or
+  `stack_layers` the per-layer tensors are stacked into the `encoder/layers` parameters.
   """
   directory = resolve(path_or_hub_id)
   config = read_config(directory, **config_overrides)
@@ -274,7 +255,7 @@ def load_pretrained(path_or_hub_id: str, model_cls: type[nn.Module] = models.Ber
   if unused:
     logging.info("Checkpoint tensors not used by %s: %s", model_cls.__name__, ", ".join(unused))
   params = flax.traverse_util.unflatten_dict(flat)
-  return module, stack_layers(params) if config.scan_layers else params
+  return module, stack_layers(params) if config.stacked_layers else params
 
 
 def init_params(module: nn.Module, seed: int = 0) -> dict:

@@ -31,9 +31,7 @@ from bert_jax import tokenization
 
 # BertConfig fields that fix parameter shapes: a checkpoint that differs in one cannot be resumed.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "num_labels", "scan_layers")
-# Their values in checkpoints written before the field existed.
-_SHAPE_DEFAULTS = {"scan_layers": False}
+                "max_position_embeddings", "type_vocab_size", "num_labels")
 
 
 def is_workdir(path: str) -> bool:
@@ -102,7 +100,9 @@ def initial_state(config: ml_collections.ConfigDict, module: nn.Module, tx: opta
     init_params = jax.jit(lambda: nn.meta.unbox(
         module.init(jax.random.key(config.seed), jnp.zeros((1, 2), jnp.int32))["params"]),
                           out_shardings=shardings.params)
-    params = dict(init_params(), bert=saved["bert"])
+    # The encoder in this config's layout, whichever the init run stored it in.
+    encoder = hf.unstack_layers(saved["bert"])
+    params = dict(init_params(), bert=hf.stack_layers(encoder) if module.config.stacked_layers else encoder)
     logging.info("Initialised the encoder from step %d of %s; the %s heads start fresh.", step,
                  config.init_checkpoint, type(module).__name__)
   else:
@@ -131,11 +131,19 @@ def check_resumable(meta: dict, module: nn.Module, directory: str, **data: Any) 
         "(config.task). Use a new --workdir; to start from that run, give it as --config.init_checkpoint. "
         "The checkpoint was left untouched.")
   for field in SHAPE_FIELDS:
-    if saved.get(field, _SHAPE_DEFAULTS.get(field)) != getattr(module.config, field):
+    if saved.get(field) != getattr(module.config, field):
       raise ValueError(
           f"The checkpoint in {directory} is of another model ({field}={saved.get(field)} there, "
           f"{getattr(module.config, field)} configured). Use a new --workdir, or configure the same model; "
           "the checkpoint was left untouched.")
+  # The parameters' layout: scan_layers and stack_layers store the layers stacked alike.
+  saved_stacked = bool(saved.get("scan_layers") or saved.get("stack_layers"))
+  if saved_stacked != module.config.stacked_layers:
+    stored = "stacked (scan_layers or stack_layers)" if saved_stacked else "per layer"
+    raise ValueError(
+        f"The checkpoint in {directory} stores its layers {stored}, this config does not "
+        f"(scan_layers={module.config.scan_layers}, stack_layers={module.config.stack_layers}). Use a new "
+        "--workdir, or the checkpoint's layout; the checkpoint was left untouched.")
   for key, value in data.items():
     saved_value = meta.get(key, _SETTINGS_BEFORE_RECORDED.get(key, value))
     if saved_value != value:

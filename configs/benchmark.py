@@ -12,6 +12,7 @@ vs cut to length buckets).
 The model's speed switches are `config.model` fields like any other, e.g.
 `--config.model.attention_impl=dot_product --config.model.attention_probs_dropout_prob=0`,
 `--config.model.layer_norm_impl=xla`, `--config.model.remat_policy=dots`, `--config.model.scan_layers=True`,
+`--config.model.stack_layers=True` (the layers' parameters stacked, the layers unrolled),
 `--config.model.prune_last_layer=False` (on by default: the last layer computes only the rows the heads
 read, which PyTorch's `BertForSequenceClassification` does not do; off, both compute every row),
 `--config.dtype=bfloat16`.

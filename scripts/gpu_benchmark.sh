@@ -142,7 +142,7 @@ PY
     b256|sweep)
       # BERT's pretraining batch (256 x 128 tokens); sweep: each speed variant, one process apiece.
       b256=(--config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 "--config.cases=('pretrain_train',)")
-      variants=${SWEEP:-default triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention pallas_attention xla_norm no_prune wait_each}
+      variants=${SWEEP:-default triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention pallas_attention xla_norm no_prune stack_layers wait_each}
       [ "$stage" = b256 ] && variants=default
       for variant in $variants; do  # each adds an XLA flag (after config.xla_flags: it wins), a PRNG or a model flag
         xla_flag="" prng=${JAX_DEFAULT_PRNG_IMPL:-threefry2x32} flags=()
@@ -162,6 +162,7 @@ PY
           pallas_attention) flags=(--config.model.attention_impl=pallas);;  # jax's Pallas flash attention
           xla_norm) flags=(--config.model.layer_norm_impl=xla);;  # XLA's add & norm (the presets: one Pallas kernel)
           no_prune) flags=(--config.model.prune_last_layer=False);;  # the last layer computes every position
+          stack_layers) flags=(--config.model.stack_layers=True);;  # the layers' parameters stacked: ~380 fewer optimizer kernels
           wait_each) flags=(--config.steps_per_sample=1);;  # the timing before steps_per_sample
           baseline)  # the default from the code of BASELINE=REV bash scripts/prepare_gpu_carry.sh
             if [ ! -d .gpu/baseline ]; then

@@ -129,7 +129,8 @@ def test_classifier_gradients_match_transformers(tmp_path, attention_impl):
     np.testing.assert_allclose(ours[name], grad, atol=1e-6 * max(1.0, np.abs(grad).max()), rtol=0, err_msg=name)
 
 
-def test_scanned_model_loads_and_exports_like_the_unrolled_one(tmp_path):
+@pytest.mark.parametrize("layout", ["scan_layers", "stack_layers"])
+def test_stacked_model_loads_and_exports_like_the_unrolled_one(tmp_path, layout):
   torch.manual_seed(0)
   reference = transformers.BertForSequenceClassification(_tiny_hf_config(num_labels=3))
   reference.save_pretrained(tmp_path / "hf")
@@ -137,7 +138,7 @@ def test_scanned_model_loads_and_exports_like_the_unrolled_one(tmp_path):
   (expected,) = _torch_logits(reference, arrays)
 
   module, params = hf.load_pretrained(str(tmp_path / "hf"), models.BertForSequenceClassification,
-                                      scan_layers=True)
+                                      **{layout: True})
   assert params["bert"]["encoder"]["layers"]["intermediate"]["kernel"].shape == (2, 32, 37)
   (ours,) = _our_logits(module, params, arrays)
   np.testing.assert_allclose(ours, expected, atol=ATOL, rtol=0)
@@ -149,13 +150,13 @@ def test_scanned_model_loads_and_exports_like_the_unrolled_one(tmp_path):
 
   hf.save_pretrained(module, params, str(tmp_path / "ours"))
   config_json = json.loads((tmp_path / "ours" / "config.json").read_text())
-  assert not {"scan_layers", "attention_impl", "layer_norm_impl"} & set(config_json)
+  assert not {"scan_layers", "stack_layers", "attention_impl", "layer_norm_impl"} & set(config_json)
   reloaded, info = transformers.BertForSequenceClassification.from_pretrained(
       str(tmp_path / "ours"), output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
   np.testing.assert_allclose(_torch_logits(reloaded, arrays)[0], expected, atol=ATOL, rtol=0)
   again, again_params = hf.load_pretrained(str(tmp_path / "ours"), models.BertForSequenceClassification,
-                                           scan_layers=True)
+                                           **{layout: True})
   jax.tree_util.tree_map(np.testing.assert_array_equal, again_params, params)
 
 

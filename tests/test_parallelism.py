@@ -115,7 +115,7 @@ batch = dict(input_ids=rng.integers(5, 100, (16, 12)).astype(np.int32),
 batch["attention_mask"][::3, 8:] = 0  # some padding
 start = jax.device_get(steps.create_state(hf.init_params(module, seed=0), tx, seed=0))
 
-def one_step(parallelism, mesh, module=module):
+def one_step(parallelism, mesh, module=module, start=start):
   _, shardings = state_lib.state_template(module, tx, 0, mesh)
   train_step, _ = train.compile_steps(module, tx, schedule, shardings, mesh, grad_accum_steps=2,
                                       parallelism=parallelism)
@@ -161,6 +161,14 @@ def eight_devices(tmp_path_factory):
     stacked, loss = one_step("jit", partitioning.make_mesh((2, 2, 2)))
     steps_out["2/2/2, stacked Q/K/V"] = dict(summary(stacked, loss), max_param_diff=max_diff(stacked, reference))
     attention.project_qkv = project_each
+    # The layers' parameters stacked (stack_layers), sharded on a 2x2x2 mesh, from the same start.
+    stacked_module = models.BertForSequenceClassification(module.config.replace(stack_layers=True))
+    stacked_start = jax.device_get(steps.create_state(hf.stack_layers(start.params), tx, seed=0))
+    stacked_state, loss = one_step("jit", partitioning.make_mesh((2, 2, 2)), stacked_module, stacked_start)
+    stacked_layers = dict(
+        loss=loss, reference_loss=reference_loss,
+        max_param_diff=max_diff(hf.unstack_layers(stacked_state.params), reference.params),
+        query_spec=spec(stacked_state.params["bert"]["encoder"]["layers"]["attention"]["query"]["kernel"]))
     # Each kernel (a custom call XLA cannot split) mapped over each device's shard (shard_map) or
     # under pmap, against 1 device; then with its dropout on, against the plain path on one mesh:
     # the same keep masks reach each device's shard, and parameter gradients sum over the shards.
@@ -214,7 +222,8 @@ def eight_devices(tmp_path_factory):
         back = partitioning.unreplicate(partitioning.replicate(restored), shardings)
         restores[name]["round_trip_max_diff"] = max_diff(back, saved)
     print(json.dumps({"steps": steps_out, "restores": restores, "attention_dropout": attention_dropout,
-                      "hidden_dropout": hidden_dropout, "bf16_grads": bf16_grads}))
+                      "hidden_dropout": hidden_dropout, "bf16_grads": bf16_grads,
+                      "stacked_layers": stacked_layers}))
   """), str(directory))
 
 
@@ -255,6 +264,16 @@ def test_bfloat16_cpu_matmul_gradients_on_a_mesh_match_one_device(eight_devices)
   assert got["row_major_transposes"], got  # the bf16 VJP ran
   assert got["rel_l2"] < 1e-2, got
   assert any(axis is not None for axis in got["query_spec"]), got  # computed sharded
+
+
+@pytest.mark.slow
+def test_stacked_layers_on_a_mesh_make_the_update_of_per_layer_parameters_on_one_device(eight_devices):
+  # stack_layers on a 2x2x2 mesh against per-layer parameters on 1 device, to the tolerances above;
+  # the stacked axis `layers` is not sharded, the others as the rules say.
+  got = eight_devices[1]["stacked_layers"]
+  assert got["loss"] == pytest.approx(got["reference_loss"], rel=1e-5), got
+  assert got["max_param_diff"] < 1e-6, got
+  assert got["query_spec"] == [None, "fsdp", "tensor", None], got
 
 
 @pytest.mark.slow

@@ -137,12 +137,13 @@ def imdb_archive_small(tmp_path_factory):
   return make_archive(write_imdb(root / "unpacked", reviews=reviews), root / "aclImdb_v1.tar.gz")
 
 
-@pytest.mark.parametrize("source", ["workdir", "hf_model"])
+@pytest.mark.parametrize("source", ["workdir", "hf_model", "workdir_into_stacked_layers"])
 def test_fine_tuning_starts_from_the_pretrained_encoder(tmp_path, pretrained, minilm_dir, imdb_archive_small,
                                                          source):
   workdir, _ = pretrained
-  init = workdir if source == "workdir" else workdir / "hf_model"
+  init = workdir / "hf_model" if source == "hf_model" else workdir
   config = _imdb_config(minilm_dir, imdb_archive_small, init)
+  config.model.stack_layers = source == "workdir_into_stacked_layers"  # another layout than the workdir's
   mesh = partitioning.make_mesh(config.mesh_shape)
   _, pretrained_params, _, _ = state_lib.restore_params(config, str(workdir), "best", mesh)
   module = models.BertForSequenceClassification(state_lib.model_config(config))
@@ -150,7 +151,8 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(tmp_path, pretrained, mi
   tx, _ = train.optim.make_optimizer(config.optimizer, config.learning_rate, 10)
   _, shardings = state_lib.state_template(module, tx, config.seed, mesh)
   state = state_lib.initial_state(config, module, tx, shardings, mesh)
-  for got, expected in zip(jax.tree_util.tree_leaves(state.params["bert"]),
+  assert ("layers" in state.params["bert"]["encoder"]) == config.model.stack_layers
+  for got, expected in zip(jax.tree_util.tree_leaves(hf.unstack_layers(state.params["bert"])),
                            jax.tree_util.tree_leaves(pretrained_params["bert"])):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
   results = train.train_and_evaluate(config, str(tmp_path / "finetune"))
