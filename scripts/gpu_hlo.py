@@ -5,7 +5,8 @@ With jax's CUDA plugin installed, XLA compiles for a GPU described by a target c
 (cuBLAS matmuls, cuDNN attention, Pallas kernels, XLA's fusions by name), with the bytes each group
 reads and writes and what those bytes take at the H100's memory bandwidth. A check of the program's
 structure between GPU leases (which fusions XLA forms, what a code change adds or removes), not a
-timing: the figures are bytes, counted as each kernel's whole operands and outputs. Only the ENTRY
+timing: the figures are bytes, counted as each kernel's operands and outputs whole (an operand that a
+fusion only slices: the slices). Only the ENTRY
 computation is read: a `while` (scanned layers) or `call` there is listed as one entry, and a warning
 says so.
 
@@ -80,9 +81,65 @@ def shape_bytes(shape: str) -> int:
   return sum(_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in _ARRAY.findall(shape))
 
 
+# Ops through which a fusion's parameter reaches a slice without being read whole.
+_PASS_THROUGH = {"convert", "bitcast", "copy", "reshape"}
+
+
+def _parse(lines) -> dict[str, tuple[str, str, list[str]]]:
+  """`name -> (shape, opcode, operand names)` of a computation's instructions."""
+  out = {}
+  for line in lines:
+    match = _INSTRUCTION.match(line)
+    if match:
+      name, shape, opcode, rest = match.groups()
+      out[name] = (shape, opcode, re.findall(r"%([\w.\-]+)", rest.split("),")[0]))
+  return out
+
+
+def fused_parameter_reads(hlo_text: str) -> dict[str, list[int | None]]:
+  """For each fused computation, the bytes read of each parameter that reaches only slices (through
+  `_PASS_THROUGH` ops): the slices' elements at the parameter's element size. None: read whole."""
+  reads = {}
+  for block in re.split(r"\n(?=%)", hlo_text):
+    header = re.match(r"%([\w.\-]+) \(", block)
+    if not header:
+      continue
+    instructions = _parse(block.split("\n}")[0].split("\n")[1:])
+    users = collections.defaultdict(list)
+    for name, (_, _, operands) in instructions.items():
+      for operand in operands:
+        users[operand].append(name)
+
+    def sliced_elements(name):  # elements read through slices, or None if something reads it whole
+      total = 0
+      for user in users[name]:
+        shape, opcode, _ = instructions[user]
+        if opcode == "slice":
+          total += shape_bytes(shape) // _BYTES[_ARRAY.search(shape).group(1)]
+        elif opcode in _PASS_THROUGH and (inner := sliced_elements(user)) is not None:
+          total += inner
+        else:
+          return None
+      return total
+
+    body = block.split("\n}")[0].split("\n")[1:]  # this computation's lines only
+    params = sorted(((int(re.search(r"parameter\((\d+)\)", line).group(1)), _INSTRUCTION.match(line))
+                     for line in body if " parameter(" in line and _INSTRUCTION.match(line)), key=lambda p: p[0])
+    per_param = []
+    for _, match in params:
+      name, shape = match.group(1), match.group(2)
+      elements = sliced_elements(name) if users[name] else None
+      per_param.append(None if elements is None else elements * _BYTES[_ARRAY.search(shape).group(1)])
+    reads[header.group(1)] = per_param
+  return reads
+
+
 def entry_kernels(hlo_text: str) -> list[dict]:
-  """The ENTRY computation's instructions that run as kernels: name, group, op name, bytes read and written."""
+  """The ENTRY computation's instructions that run as kernels: name, group, op name, bytes read and written.
+
+  A fusion's operand counts whole, unless the fusion only slices it: then what the slices take."""
   entry = hlo_text[hlo_text.index("\nENTRY"):].split("\n")[1:]
+  parameter_reads = fused_parameter_reads(hlo_text)
   sizes, kernels = {}, []
   for line in entry:
     match = _INSTRUCTION.match(line)
@@ -95,10 +152,14 @@ def entry_kernels(hlo_text: str) -> list[dict]:
     operands = re.findall(r"%([\w.\-]+)", rest.split("),")[0])
     target = re.search(r'custom_call_target="([^"]+)"', rest)
     op_name = re.search(r'op_name="([^"]*)"', rest)
+    called = re.search(r"calls=%([\w.\-]+)", rest)
+    sliced = parameter_reads.get(called.group(1), []) if opcode == "fusion" and called else []
+    read = sum(sliced[i] if i < len(sliced) and sliced[i] is not None else sizes.get(o, 0)
+               for i, o in enumerate(operands))
     # A fusion's group is its name without the number (`loop_select_fusion.12` -> `loop_select_fusion`).
     group = target.group(1) if target else f"{opcode}: {re.sub(r'[.0-9]+$', '', name)}"
     kernels.append(dict(name=name, group=group, op_name=op_name.group(1) if op_name else "",
-                        read=sum(sizes.get(o, 0) for o in operands), written=sizes[name]))
+                        read=read, written=sizes[name]))
   return kernels
 
 

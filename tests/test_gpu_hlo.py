@@ -19,3 +19,11 @@ def test_entry_kernels_lists_each_kernel_with_the_bytes_it_reads_and_writes():
   assert (kernels["add"]["read"], kernels["add"]["written"]) == (256 * 128 * 4, 256 * 128 * 4)
   assert (kernels["reduce_sum"]["read"], kernels["reduce_sum"]["written"]) == (256 * 128 * 4, 128 * 4)
   assert all(k["group"].startswith("fusion: ") for k in kernels.values())
+
+
+def test_a_fusion_that_only_slices_an_operand_is_charged_the_slice():
+  # One layer's weights out of a stacked [12, ...] parameter (stack_layers): the kernel reads 1/12.
+  x = jnp.ones((12, 256, 128), jnp.float32)
+  text = jax.jit(lambda x: jnp.exp(x.astype(jnp.bfloat16)[3]) * 2).lower(x).compile().as_text()
+  (kernel,) = gpu_hlo.entry_kernels(text)
+  assert (kernel["read"], kernel["written"]) == (256 * 128 * 4, 256 * 128 * 2)
