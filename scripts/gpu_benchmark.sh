@@ -155,7 +155,7 @@ PY
           cublaslt_gelu_tanh) xla_flag=--xla_gpu_enable_cublaslt=true flags=(--config.model.hidden_act=gelu_new);;
           b512) flags=(--config.batch_size=512);;  # AdamW and the step's fixed costs spread over twice the tokens
           rbg) prng=rbg;;
-          gelu_tanh) flags=(--config.model.hidden_act=gelu_new);;
+          gelu_tanh) flags=(--config.model.hidden_act=gelu_new);;  # original BERT's GELU: forward in cuBLASLt's epilogue
           no_hidden_dropout) flags=(--config.model.hidden_dropout_prob=0);;
           scan_remat) flags=(--config.model.scan_layers=True --config.model.remat_policy=dots);;
           xla_attention) flags=(--config.model.attention_impl=dot_product);;
