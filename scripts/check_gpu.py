@@ -11,6 +11,9 @@ batch 8 of 128 tokens, each row padded after a random length in [16, 128]. Refer
 attention in float32 with 'highest' matmul precision (no TF32). Compared: the classification loss
 (summed cross-entropy), every parameter's gradient (relative L2 over all of them), and the
 encoder output at real positions (relative L2), in deterministic mode (no dropout masks to match).
+The tanh GELU variant (`hidden_act=gelu_new`, its forward in cuBLASLt's epilogue) is compared with
+the float32 einsum path of that model; the stacked variants (`stack_layers`) take the same parameters
+stacked, their gradients compared unstacked.
 Tolerances: float32 variants 1e-4 (TF32 off, only summation order differs); bfloat16 variants
 2e-2 on the loss and 5e-2 on gradients and outputs, the bounds of tests/test_models.py's bf16 test
 (bf16 keeps 8 significant bits, 0.4% relative rounding per op).
@@ -116,29 +119,40 @@ def main() -> int:
                            intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   inputs = _inputs(base)
   params = hf.init_params(models.BertForSequenceClassification(base))
-  (ref_loss, ref_grads), ref_out = _loss_and_grads(base, params, inputs), _sequence_output(base, params, inputs)
   real = inputs[1].astype(bool)  # [batch, seq]: compare the encoder output at real tokens only
-  ref_flat, ref_real = _flat(ref_grads), np.asarray(ref_out, np.float32)[real]
+  references = {}  # hidden_act -> the float32 einsum path's loss, flat gradients, output at real tokens
+  for hidden_act in ("gelu", "gelu_new"):
+    config = base.replace(hidden_act=hidden_act)
+    (ref_loss, ref_grads), ref_out = _loss_and_grads(config, params, inputs), _sequence_output(config, params, inputs)
+    references[hidden_act] = ref_loss, _flat(ref_grads), np.asarray(ref_out, np.float32)[real]
   # Pallas attention in bf16 only: in float32 Triton's dots take TF32. Pruned: the classifier's last
   # layer computes [CLS] only (its attention by the einsums or dot_product); the encoder output compared
-  # is BertModel's without output_positions, every row.
-  for attention_impl, dtype, layer_norm_impl, pruned in (
-      ("dot_product", "float32", "xla", False), ("einsum", "bfloat16", "xla", False),
-      ("dot_product", "bfloat16", "xla", False), ("cudnn", "bfloat16", "xla", False),
-      ("dot_product", "float32", "pallas", False), ("cudnn", "bfloat16", "pallas", False),
-      ("pallas", "bfloat16", "pallas", False), ("dot_product", "float32", "pallas", True),
-      ("cudnn", "bfloat16", "pallas", True), ("pallas", "bfloat16", "pallas", True)):
+  # is BertModel's without output_positions, every row. gelu_new: the tanh GELU, whose forward XLA runs
+  # in the matmul's cuBLASLt epilogue, against its own float32 reference. Stacked: the layers'
+  # parameters stacked (stack_layers), given the same values and compared unstacked.
+  for attention_impl, dtype, layer_norm_impl, pruned, hidden_act, stacked in (
+      ("dot_product", "float32", "xla", False, "gelu", False), ("einsum", "bfloat16", "xla", False, "gelu", False),
+      ("dot_product", "bfloat16", "xla", False, "gelu", False), ("cudnn", "bfloat16", "xla", False, "gelu", False),
+      ("dot_product", "float32", "pallas", False, "gelu", False), ("cudnn", "bfloat16", "pallas", False, "gelu", False),
+      ("pallas", "bfloat16", "pallas", False, "gelu", False), ("dot_product", "float32", "pallas", True, "gelu", False),
+      ("cudnn", "bfloat16", "pallas", True, "gelu", False), ("pallas", "bfloat16", "pallas", True, "gelu", False),
+      ("cudnn", "bfloat16", "pallas", True, "gelu_new", False), ("cudnn", "bfloat16", "pallas", True, "gelu", True),
+      ("dot_product", "float32", "xla", True, "gelu", True)):
     config = base.replace(attention_impl=attention_impl, dtype=dtype, layer_norm_impl=layer_norm_impl,
-                          prune_last_layer=pruned)
-    name = f"{attention_impl:>11} {dtype:>8} {layer_norm_impl:>6}" + (" pruned" if pruned else "")
+                          prune_last_layer=pruned, hidden_act=hidden_act, stack_layers=stacked)
+    name = (f"{attention_impl:>11} {dtype:>8} {layer_norm_impl:>6}" + (" pruned" if pruned else "")
+            + (f" {hidden_act}" if hidden_act != "gelu" else "") + (" stacked" if stacked else ""))
+    ref_loss, ref_flat, ref_real = references[hidden_act]
+    variant_params = {**params, "bert": hf.stack_layers(params["bert"])} if stacked else params
     try:
-      (loss, grads), out = _loss_and_grads(config, params, inputs), _sequence_output(config, params, inputs)
+      (loss, grads), out = (_loss_and_grads(config, variant_params, inputs),
+                            _sequence_output(config, variant_params, inputs))
     except Exception as e:  # pylint: disable=broad-except  # report every variant, then fail
       failures += 1
       print(f"{name}: ERROR {type(e).__name__}: {str(e)[:300]}")
       continue
     loss_rel = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
-    grad_rel = _rel_l2(_flat(grads), ref_flat)
+    grad_rel = _rel_l2(_flat(hf.unstack_layers(grads)), ref_flat)
     out_rel = _rel_l2(np.asarray(out, np.float32)[real], ref_real)
     finite = bool(np.isfinite(_flat(grads)).all() and np.isfinite(np.asarray(out, np.float32)).all())
     loss_tol, tol = TOLERANCES[dtype]
