@@ -270,7 +270,8 @@ def time_compile_depth(bench: ml_collections.ConfigDict, model_config: models.Be
   batch = abstract_batch(model_config, bench, mesh)
   for depth in bench.compile_depths:
     for scan_layers in (False, True):
-      config = model_config.replace(num_hidden_layers=depth, scan_layers=scan_layers)
+      config = model_config.replace(num_hidden_layers=depth, scan_layers=scan_layers,
+                                    stack_layers=model_config.stack_layers and not scan_layers)
       train_step, abstract = abstract_train_step(models.BertForSequenceClassification(config), bench, mesh)
       with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
         start = time.perf_counter()

@@ -151,7 +151,11 @@ def check_batch_layout(config: ml_collections.ConfigDict, data_parallel_size: in
 
 def check_model_fits(config: ml_collections.ConfigDict, model_config: models.BertConfig,
                      mesh_shape: dict[str, int]) -> None:
-  """The sequence fits the positions, and the sharded axes divide evenly over the mesh."""
+  """The sequence fits the positions, the sharded axes divide evenly over the mesh, and the optimizer
+  suits the parameters' layout (which an init checkpoint's model may have set)."""
+  _require(not (config.optimizer.name == "lamb" and model_config.stacked_layers), "optimizer.name",
+           config.optimizer.name, "'adamw' for a model whose layers are stored stacked (scan_layers or "
+           "stack_layers, from the config or the init checkpoint): LAMB needs them per layer")
   _require(config.data.max_seq_length <= model_config.max_position_embeddings, "data.max_seq_length",
            config.data.max_seq_length,
            f"at most the model's max_position_embeddings={model_config.max_position_embeddings} (lower it, "

@@ -14,7 +14,7 @@ import math
 import os
 import re
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -106,12 +106,15 @@ def unstack_layers(params: dict) -> dict:
 
 
 def stack_layers(params: dict) -> dict:
-  """`encoder/layer_{i}/...` parameters stacked into `encoder/layers/...` `[num_layers, ...]`, the layout of
-  `scan_layers` and `stack_layers` (`BertConfig.stacked_layers`)."""
+  """`encoder/layer_{i}/...` parameters stacked into `encoder/layers/...` `[num_layers, ...]`.
+
+  The layout of `scan_layers` and `stack_layers` (`BertConfig.stacked_layers`).
+  """
   return _map_encoder(params, bert.stack_layers)
 
 
-def _map_encoder(params, fn):
+def _map_encoder(params: Any, fn: Callable[[dict], dict]) -> Any:
+  """`params` with `fn` applied to each `encoder` entry's dict, wherever it is nested."""
   if not isinstance(params, dict):
     return params
   return {name: fn(child) if name == "encoder" else _map_encoder(child, fn) for name, child in params.items()}

@@ -100,9 +100,7 @@ def initial_state(config: ml_collections.ConfigDict, module: nn.Module, tx: opta
     init_params = jax.jit(lambda: nn.meta.unbox(
         module.init(jax.random.key(config.seed), jnp.zeros((1, 2), jnp.int32))["params"]),
                           out_shardings=shardings.params)
-    # The encoder in this config's layout, whichever the init run stored it in.
-    encoder = hf.unstack_layers(saved["bert"])
-    params = dict(init_params(), bert=hf.stack_layers(encoder) if module.config.stacked_layers else encoder)
+    params = dict(init_params(), bert=encoder_in_layout(saved["bert"], module.config.stacked_layers))
     logging.info("Initialised the encoder from step %d of %s; the %s heads start fresh.", step,
                  config.init_checkpoint, type(module).__name__)
   else:
@@ -111,6 +109,14 @@ def initial_state(config: ml_collections.ConfigDict, module: nn.Module, tx: opta
     params = jax.device_put(params, shardings.params)
   create = jax.jit(lambda p: steps.create_state(p, tx, config.seed), out_shardings=shardings)
   return create(params)
+
+
+def encoder_in_layout(bert_params: dict, stacked: bool) -> dict:
+  """A `BertModel`'s parameters with the encoder's layers stored stacked (`encoder/layers`) or per layer,
+  whichever way they came (an init run's layout may differ from this config's)."""
+  if ("layers" in bert_params["encoder"]) == stacked:
+    return bert_params
+  return hf.stack_layers(bert_params) if stacked else hf.unstack_layers(bert_params)
 
 
 def checkpoint_meta(module: nn.Module, **data: Any) -> dict:
@@ -143,7 +149,10 @@ def check_resumable(meta: dict, module: nn.Module, directory: str, **data: Any) 
     raise ValueError(
         f"The checkpoint in {directory} stores its layers {stored}, this config does not "
         f"(scan_layers={module.config.scan_layers}, stack_layers={module.config.stack_layers}). Use a new "
-        "--workdir, or the checkpoint's layout; the checkpoint was left untouched.")
+        "--workdir, or the checkpoint's layout: "
+        + ("--config.model.stack_layers=True (or scan_layers=True)" if saved_stacked else
+           "--config.model.stack_layers=False --config.model.scan_layers=False")
+        + "; the checkpoint was left untouched.")
   for key, value in data.items():
     saved_value = meta.get(key, _SETTINGS_BEFORE_RECORDED.get(key, value))
     if saved_value != value:

@@ -111,6 +111,8 @@ def fused_parameter_reads(hlo_text: str) -> dict[str, list[int | None]]:
         users[operand].append(name)
 
     def sliced_elements(name):  # elements read through slices, or None if something reads it whole
+      if not users[name]:  # the fusion's output (its ROOT): read whole
+        return None
       total = 0
       for user in users[name]:
         shape, opcode, _ = instructions[user]
@@ -128,8 +130,9 @@ def fused_parameter_reads(hlo_text: str) -> dict[str, list[int | None]]:
     per_param = []
     for _, match in params:
       name, shape = match.group(1), match.group(2)
-      elements = sliced_elements(name) if users[name] else None
-      per_param.append(None if elements is None else elements * _BYTES[_ARRAY.search(shape).group(1)])
+      elements = sliced_elements(name)
+      read = None if elements is None else elements * _BYTES[_ARRAY.search(shape).group(1)]
+      per_param.append(None if read is None or read >= shape_bytes(shape) else read)
     reads[header.group(1)] = per_param
   return reads
 

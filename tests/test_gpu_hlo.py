@@ -27,3 +27,11 @@ def test_a_fusion_that_only_slices_an_operand_is_charged_the_slice():
   text = jax.jit(lambda x: jnp.exp(x.astype(jnp.bfloat16)[3]) * 2).lower(x).compile().as_text()
   (kernel,) = gpu_hlo.entry_kernels(text)
   assert (kernel["read"], kernel["written"]) == (256 * 128 * 4, 256 * 128 * 2)
+
+
+def test_a_fusion_that_converts_an_operand_whole_is_charged_all_of_it():
+  # The float32 -> bf16 cast of a weight: a fusion whose output is its operand converted.
+  x = jnp.ones((12, 256, 128), jnp.float32)
+  text = jax.jit(lambda x: x.astype(jnp.bfloat16)).lower(x).compile().as_text()
+  (kernel,) = gpu_hlo.entry_kernels(text)
+  assert (kernel["read"], kernel["written"]) == (12 * 256 * 128 * 4, 12 * 256 * 128 * 2)

@@ -153,7 +153,7 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(tmp_path, pretrained, mi
   state = state_lib.initial_state(config, module, tx, shardings, mesh)
   assert ("layers" in state.params["bert"]["encoder"]) == config.model.stack_layers
   for got, expected in zip(jax.tree_util.tree_leaves(hf.unstack_layers(state.params["bert"])),
-                           jax.tree_util.tree_leaves(pretrained_params["bert"])):
+                           jax.tree_util.tree_leaves(pretrained_params["bert"]), strict=True):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
   results = train.train_and_evaluate(config, str(tmp_path / "finetune"))
   assert results["num_test_examples"] == 8 and np.isfinite(results["test_loss"])

@@ -56,7 +56,7 @@ def test_cpu_matmul_of_bfloat16_accumulates_in_float32_and_returns_bfloat16():
   # YNNPACK's bf16 kernels take only bf16 x bf16 -> float32 dots; XLA sends other bf16 dots to Eigen.
   x, kernel = jnp.ones((2, 3, 4), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16)
   jaxpr = jax.make_jaxpr(lambda x, kernel: projection._contract_as_matrices(x, kernel, 1))(x, kernel)
-  dots = list(_dots(jaxpr.jaxpr))
+  dots = _dots(jaxpr.jaxpr)
   assert len(dots) == 1 and [v.aval.dtype for v in dots[0].invars] == [jnp.bfloat16, jnp.bfloat16]
   assert dots[0].outvars[0].aval.dtype == jnp.float32
   assert jaxpr.out_avals[0].dtype == jnp.bfloat16 and jaxpr.out_avals[0].shape == (2, 3, 5)

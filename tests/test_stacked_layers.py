@@ -95,11 +95,36 @@ def test_a_scanned_checkpoint_resumes_with_stacked_layers_and_back(tiny_config):
   state_lib.check_resumable(_meta(tiny_config.replace(stack_layers=True)), scanned, "ckpt")
 
 
-@pytest.mark.parametrize("saved,configured", [({}, {"stack_layers": True}), ({"stack_layers": True}, {})])
-def test_a_checkpoint_in_the_other_layout_is_refused(tiny_config, saved, configured):
+@pytest.mark.parametrize("saved,configured,fix", [({}, {"stack_layers": True}, "stack_layers=False"),
+                                                   ({"stack_layers": True}, {}, "stack_layers=True")])
+def test_a_checkpoint_in_the_other_layout_is_refused(tiny_config, saved, configured, fix):
   module = models.BertForPreTraining(tiny_config.replace(**configured))
-  with pytest.raises(ValueError, match="stores its layers (per layer|stacked).*the checkpoint was left untouched"):
+  with pytest.raises(ValueError, match=f"stores its layers (per layer|stacked).*{fix}.*left untouched"):
     state_lib.check_resumable(_meta(tiny_config.replace(**saved)), module, "ckpt")
+
+
+def test_the_encoder_of_an_init_run_is_put_in_this_configs_layout(tiny_config):
+  per_layer = hf.init_params(models.BertModel(tiny_config), seed=1)
+  stacked = state_lib.encoder_in_layout(per_layer, stacked=True)
+  assert list(stacked["encoder"]) == ["layers"]
+  assert state_lib.encoder_in_layout(stacked, stacked=True) is stacked  # already so: no copy
+  jax.tree.map(np.testing.assert_array_equal, state_lib.encoder_in_layout(stacked, stacked=False), per_layer)
+
+
+def test_per_layer_or_wrongly_deep_parameters_are_refused_with_the_fix(tiny_config):
+  module = models.BertModel(tiny_config.replace(stack_layers=True))
+  per_layer = hf.init_params(models.BertModel(tiny_config))
+  ids = jnp.ones((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match=r"stored per layer.*hf.stack_layers\(params\), or set stack_layers=False"):
+    module.apply({"params": per_layer}, ids)
+  deeper = hf.init_params(models.BertModel(tiny_config.replace(stack_layers=True, num_hidden_layers=3)))
+  with pytest.raises(ValueError, match="hold 3 layers; BertConfig.num_hidden_layers is 2"):
+    module.apply({"params": deeper}, ids)
+
+
+def test_scan_layers_and_stack_layers_together_are_refused(tiny_config):
+  with pytest.raises(ValueError, match="scan_layers=True and stack_layers=True.*scan_layers=False"):
+    tiny_config.replace(scan_layers=True, stack_layers=True)
 
 
 def test_lamb_is_refused_with_stacked_layers():
@@ -108,6 +133,10 @@ def test_lamb_is_refused_with_stacked_layers():
   config.model.stack_layers = True
   with pytest.raises(ValueError, match="optimizer.name.*stack_layers=True"):
     config_checks.check(config)
+  # A layout that comes with the init checkpoint's model rather than the flags: refused once resolved.
+  config.model.stack_layers = None
+  with pytest.raises(ValueError, match="optimizer.name.*stored stacked"):
+    config_checks.check_model_fits(config, models.BertConfig(scan_layers=True), {"tensor": 1, "fsdp": 1})
 
 
 def test_optimizer_state_covers_each_stacked_parameter_once(tiny_config):

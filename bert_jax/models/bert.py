@@ -284,6 +284,22 @@ def unstack_layers(encoder_variables: dict) -> dict:
   return out
 
 
+def _unstack_encoder(collections: dict, num_layers: int) -> dict:
+  """`stack_layers`' view of stored encoder variables: checked to be stacked, `num_layers` deep."""
+  for variables in collections.values():
+    if not variables:
+      continue
+    if "layers" not in variables:
+      raise ValueError(f"BertConfig.stack_layers=True takes the encoder's parameters stacked under "
+                       f"encoder/layers; these are stored per layer ({sorted(variables)[:3]}...). Stack them "
+                       "with bert_jax.hf.stack_layers(params), or set stack_layers=False.")
+    depth = jax.tree.leaves(variables["layers"])[0].shape[0]
+    if depth != num_layers:
+      raise ValueError(f"The stacked encoder parameters hold {depth} layers; BertConfig.num_hidden_layers is "
+                       f"{num_layers}. Use the checkpoint's config, or parameters of this depth.")
+  return {name: unstack_layers(variables) for name, variables in collections.items()}
+
+
 class BertEncoder(nn.Module):
   """The stack of `num_hidden_layers` layers `[batch, seq, hidden] -> [batch, seq, hidden]` (or the
   rows of `output_positions`, see `__call__`).
@@ -373,12 +389,13 @@ class BertModel(nn.Module):
     c = self.config
     self.embeddings = BertEmbeddings(c)
     encoder_cls = BertEncoder
-    if c.stack_layers and not c.scan_layers:
+    if c.stack_layers:  # (never with scan_layers: BertConfig refuses both)
       # Stored stacked as under `scan_layers`, run unrolled: each layer reads its slice of the stacked
       # parameters, and the gradient arrives stacked, so the optimizer updates each kind of layer
-      # parameter in one pass instead of one per layer (on GPUs ~380 fewer kernels per BERT-base step).
+      # parameter in one pass instead of one per layer (379 fewer kernels in a BERT-base step compiled
+      # for an H100, docs/performance.md "fifteenth"; not yet timed on one).
       encoder_cls = nn.map_variables(
-          BertEncoder, "params", trans_in_fn=lambda cols: {k: unstack_layers(v) for k, v in cols.items()},
+          BertEncoder, "params", trans_in_fn=functools.partial(_unstack_encoder, num_layers=c.num_hidden_layers),
           trans_out_fn=lambda cols: {k: stack_layers(v) for k, v in cols.items()}, init=self.is_initializing())
     self.encoder = encoder_cls(c)
     if self.add_pooling_layer:

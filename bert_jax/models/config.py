@@ -124,6 +124,10 @@ class BertConfig:
     for name in ("scan_layers", "stack_layers", "prune_last_layer"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"BertConfig.{name}={getattr(self, name)!r} must be True or False.")
+    if self.scan_layers and self.stack_layers:
+      raise ValueError("BertConfig.scan_layers=True and stack_layers=True: both store the layers stacked, one "
+                       "runs them as a loop, the other unrolled. Set --config.model.scan_layers=False to run "
+                       "them unrolled (the same checkpoints), or stack_layers=False for the loop.")
 
   def check_trainable(self) -> None:
     """Raises if training (dropout on) cannot run with this config; call before compiling a train step."""
