@@ -215,7 +215,7 @@ for line in open(sys.argv[1]):
         f"{row.get('attention_impl', '?'):>12}{row['examples_per_second']:>10.1f}{mfu:>7}{torch_ex:>11}{ratio:>7}"
         f"{row['compile_seconds']:>10.1f}  {row.get('hidden_act')} drop={row.get('hidden_dropout_prob')} "
         f"norm={row.get('layer_norm_impl')} prune={row.get('prune_last_layer')} "
-        f"steps/sample={row.get('steps_per_sample')} "
+        f"stacked={row.get('stack_layers')} steps/sample={row.get('steps_per_sample')} "
         f"{row.get('prng_impl')} {row.get('xla_flags')}")
 PY
 fi
