@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import jax
@@ -346,13 +347,46 @@ def run_main(workdir, devices: int, *args: str, env=None, processes: int = 1) ->
     out = run_once_more_if_xla_collective_aborts(command, env=env, cwd=REPO_ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
   else:
-    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
-    running = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-                                env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(processes)]
-    for i, process in enumerate(running):
-      _, err = process.communicate(timeout=900)
-      assert process.returncode == 0, f"process {i}: {err[-4000:]}"
+    errors = _run_processes(command, env, processes)
+    if errors is None:
+      # Both processes idle in the train loop, each waiting on a step whose collective never ends: seen
+      # once in 4 runs of the jit case on 2026-11-28 (cause not found; see the docstring below). The
+      # pair is killed and run once more, resuming from the last checkpoint, with a warning.
+      warnings.warn(f"{processes} joined `bert_jax.main` processes hung past {MULTI_PROCESS_HANG_SECONDS} s; "
+                    "killed, running them once more")
+      errors = _run_processes(command, env, processes)
+      assert errors is not None, f"{processes} joined processes hung twice past {MULTI_PROCESS_HANG_SECONDS} s"
+    for i, (returncode, err) in enumerate(errors):
+      assert returncode == 0, f"process {i}: {err[-4000:]}"
   return json.loads((workdir / "results.json").read_text())
+
+
+# A two-process run of MAIN_ARGS takes 19-32 s alone on this 2-core machine; one that has not ended
+# in 420 s is hung.
+MULTI_PROCESS_HANG_SECONDS = 420
+
+
+def _run_processes(command: list[str], env: dict, processes: int) -> list[tuple[int, str]] | None:
+  """`processes` copies of `command` joined through JAX_COORDINATOR_ADDRESS: each one's (return code,
+  stderr), or None if they had not all ended within MULTI_PROCESS_HANG_SECONDS (then all are killed).
+
+  The hang: on 2026-11-28 one CI run's jit pair (2 processes x 4 CPU devices, mesh (2,2,2)) sat with
+  both processes idle at the train loop's first use of a step's metrics for 15 minutes, no XLA
+  collective timeout firing; 3 other runs that day passed."""
+  env = dict(env, JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
+  running = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                              env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(processes)]
+  deadline, results = time.monotonic() + MULTI_PROCESS_HANG_SECONDS, []
+  try:
+    for process in running:
+      _, err = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+      results.append((process.returncode, err))
+  except subprocess.TimeoutExpired:
+    for process in running:
+      process.kill()
+      process.communicate()
+    return None
+  return results
 
 
 def _free_port() -> int:
@@ -360,6 +394,15 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
+
+
+def test_joined_processes_that_hang_are_killed(monkeypatch):
+  monkeypatch.setattr(sys.modules[__name__], "MULTI_PROCESS_HANG_SECONDS", 1)
+  start = time.monotonic()
+  assert _run_processes([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), 2) is None
+  assert time.monotonic() - start < 30  # killed, not waited for
+  done = _run_processes([sys.executable, "-c", "import sys; sys.exit(3)"], dict(os.environ), 2)
+  assert [code for code, _ in done] == [3, 3]
 
 
 @pytest.fixture(scope="module")
