@@ -79,15 +79,11 @@ def check(config: ml_collections.ConfigDict) -> None:
   else:
     _check_pretraining_data(config.data)
   _check_paths(config)
-  # LAMB's trust ratio is per parameter: over a stacked [layers, ...] parameter it would mix layers.
-  stacked = [name for name in ("scan_layers", "stack_layers") if config.model.get(name)]
-  _require(not (config.optimizer.name == "lamb" and stacked), "optimizer.name", config.optimizer.name,
-           f"'adamw' with --config.model.{(stacked or ['scan_layers'])[0]}=True (LAMB needs the layers' "
-           "parameters stored per layer)")
   try:
-    models.BertConfig().replace(**model_overrides(config))
+    flagged_model = models.BertConfig().replace(**model_overrides(config))
   except ValueError as e:
     raise ValueError(f"config.model: {e}") from e
+  _check_optimizer_fits_layout(config, flagged_model)  # again in check_model_fits, with the init checkpoint's
 
 
 def _check_parallelism(config: ml_collections.ConfigDict) -> None:
@@ -153,9 +149,7 @@ def check_model_fits(config: ml_collections.ConfigDict, model_config: models.Ber
                      mesh_shape: dict[str, int]) -> None:
   """The sequence fits the positions, the sharded axes divide evenly over the mesh, and the optimizer
   suits the parameters' layout (which an init checkpoint's model may have set)."""
-  _require(not (config.optimizer.name == "lamb" and model_config.stacked_layers), "optimizer.name",
-           config.optimizer.name, "'adamw' for a model whose layers are stored stacked (scan_layers or "
-           "stack_layers, from the config or the init checkpoint): LAMB needs them per layer")
+  _check_optimizer_fits_layout(config, model_config)
   _require(config.data.max_seq_length <= model_config.max_position_embeddings, "data.max_seq_length",
            config.data.max_seq_length,
            f"at most the model's max_position_embeddings={model_config.max_position_embeddings} (lower it, "
@@ -169,6 +163,14 @@ def check_model_fits(config: ml_collections.ConfigDict, model_config: models.Ber
         raise ValueError(f"The model's {field}={value} does not divide over the mesh's {axis} axis of size "
                          f"{mesh_shape[axis]} (config.mesh_shape={tuple(config.mesh_shape)}); choose a "
                          f"{axis} size that divides it.")
+
+
+def _check_optimizer_fits_layout(config: ml_collections.ConfigDict, model_config: models.BertConfig) -> None:
+  # LAMB's trust ratio is per parameter: over a stacked [layers, ...] parameter it would mix layers.
+  _require(not (config.optimizer.name == "lamb" and model_config.stacked_layers), "optimizer.name",
+           config.optimizer.name, f"'adamw' for a model whose layers are stored stacked (scan_layers="
+           f"{model_config.scan_layers}, stack_layers={model_config.stack_layers}, from the config or the init "
+           "checkpoint): LAMB needs them per layer")
 
 
 def check_tokenizer_fits(tokenizer: tokenization.Tokenizer, model_config: models.BertConfig, *,

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from bert_jax import models
-from bert_jax.models import bert
+from bert_jax.models import layer_stack
 from bert_jax.models import config as config_lib
 
 CONFIG_NAME = "config.json"
@@ -102,7 +102,7 @@ def unstack_layers(params: dict) -> dict:
 
   The inverse of `stack_layers`; parameters stored per layer are returned as they are.
   """
-  return _map_encoder(params, bert.unstack_layers)
+  return _map_encoder(params, layer_stack.unstack_layers)
 
 
 def stack_layers(params: dict) -> dict:
@@ -110,7 +110,7 @@ def stack_layers(params: dict) -> dict:
 
   The layout of `scan_layers` and `stack_layers` (`BertConfig.stacked_layers`).
   """
-  return _map_encoder(params, bert.stack_layers)
+  return _map_encoder(params, layer_stack.stack_layers)
 
 
 def _map_encoder(params: Any, fn: Callable[[dict], dict]) -> Any:

@@ -143,7 +143,7 @@ def check_resumable(meta: dict, module: nn.Module, directory: str, **data: Any) 
           f"{getattr(module.config, field)} configured). Use a new --workdir, or configure the same model; "
           "the checkpoint was left untouched.")
   # The parameters' layout: scan_layers and stack_layers store the layers stacked alike.
-  saved_stacked = bool(saved.get("scan_layers") or saved.get("stack_layers"))
+  saved_stacked = models.BertConfig(**saved).stacked_layers
   if saved_stacked != module.config.stacked_layers:
     stored = "stacked (scan_layers or stack_layers)" if saved_stacked else "per layer"
     raise ValueError(

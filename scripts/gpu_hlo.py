@@ -85,14 +85,15 @@ def shape_bytes(shape: str) -> int:
 _PASS_THROUGH = {"convert", "bitcast", "copy", "reshape"}
 
 
-def _parse(lines) -> dict[str, tuple[str, str, list[str]]]:
-  """`name -> (shape, opcode, operand names)` of a computation's instructions."""
+def _parse(lines) -> dict[str, tuple[str, str, list[str], str]]:
+  """`name -> (shape, opcode, operand names, the text after the opcode's parenthesis)` of a computation's
+  instructions."""
   out = {}
   for line in lines:
     match = _INSTRUCTION.match(line)
     if match:
       name, shape, opcode, rest = match.groups()
-      out[name] = (shape, opcode, re.findall(r"%([\w.\-]+)", rest.split("),")[0]))
+      out[name] = (shape, opcode, re.findall(r"%([\w.\-]+)", rest.split("),")[0]), rest)
   return out
 
 
@@ -104,9 +105,9 @@ def fused_parameter_reads(hlo_text: str) -> dict[str, list[int | None]]:
     header = re.match(r"%([\w.\-]+) \(", block)
     if not header:
       continue
-    instructions = _parse(block.split("\n}")[0].split("\n")[1:])
+    instructions = _parse(block.split("\n}")[0].split("\n")[1:])  # this computation's lines only
     users = collections.defaultdict(list)
-    for name, (_, _, operands) in instructions.items():
+    for name, (_, _, operands, _) in instructions.items():
       for operand in operands:
         users[operand].append(name)
 
@@ -115,7 +116,7 @@ def fused_parameter_reads(hlo_text: str) -> dict[str, list[int | None]]:
         return None
       total = 0
       for user in users[name]:
-        shape, opcode, _ = instructions[user]
+        shape, opcode, _, _ = instructions[user]
         if opcode == "slice":
           total += shape_bytes(shape) // _BYTES[_ARRAY.search(shape).group(1)]
         elif opcode in _PASS_THROUGH and (inner := sliced_elements(user)) is not None:
@@ -124,12 +125,11 @@ def fused_parameter_reads(hlo_text: str) -> dict[str, list[int | None]]:
           return None
       return total
 
-    body = block.split("\n}")[0].split("\n")[1:]  # this computation's lines only
-    params = sorted(((int(re.search(r"parameter\((\d+)\)", line).group(1)), _INSTRUCTION.match(line))
-                     for line in body if " parameter(" in line and _INSTRUCTION.match(line)), key=lambda p: p[0])
+    params = sorted((int(rest.split(")")[0]), name) for name, (_, opcode, _, rest) in instructions.items()
+                    if opcode == "parameter")
     per_param = []
-    for _, match in params:
-      name, shape = match.group(1), match.group(2)
+    for _, name in params:
+      shape = instructions[name][0]
       elements = sliced_elements(name)
       read = None if elements is None else elements * _BYTES[_ARRAY.search(shape).group(1)]
       per_param.append(None if read is None or read >= shape_bytes(shape) else read)

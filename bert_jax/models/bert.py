@@ -9,7 +9,6 @@ Submodule names follow Hugging Face's so parameter paths read like the checkpoin
 from __future__ import annotations
 
 import functools
-import re
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ from bert_jax.models import attention, axes
 from bert_jax.models import config as config_lib
 from bert_jax.models import dropout as dropout_lib
 from bert_jax.models import fused_norm
+from bert_jax.models import layer_stack
 from bert_jax.models.projection import add_bias, contract, dense, kernel_init, zeros_init
 
 
@@ -240,66 +240,6 @@ def _scan_body(layer: nn.Module, x, attention_mask, deterministic: bool):
   return layer(x, attention_mask, deterministic), None
 
 
-def _is_box(x) -> bool:
-  return isinstance(x, nn.meta.AxisMetadata)
-
-
-def stack_layers(encoder_variables: dict) -> dict:
-  """An encoder's `layer_{i}/...` variables stacked into `layers/...` `[num_layers, ...]`: the layout of
-  `nn.scan` (`scan_layers`). Boxed variables (logical axis names) gain `axes.LAYERS` first; the
-  encoder's other entries pass as they are."""
-  names = [k for k in encoder_variables if re.fullmatch(r"layer_\d+", k)]
-  if not names:
-    return encoder_variables
-  if sorted(names) != sorted(f"layer_{i}" for i in range(len(names))):
-    raise ValueError(f"Encoder layers {sorted(names)} are not numbered 0..{len(names) - 1}.")
-
-  def stack(*leaves):
-    if _is_box(leaves[0]):
-      stacked = jnp.stack([leaf.unbox() for leaf in leaves])
-      return leaves[0].replace_boxed(stacked).add_axis(0, {nn.PARTITION_NAME: axes.LAYERS})
-    return jnp.stack(leaves)
-
-  out = {k: v for k, v in encoder_variables.items() if k not in names}
-  out["layers"] = jax.tree.map(stack, *(encoder_variables[f"layer_{i}"] for i in range(len(names))), is_leaf=_is_box)
-  return out
-
-
-def unstack_layers(encoder_variables: dict) -> dict:
-  """The inverse of `stack_layers`: `layers/...` `[num_layers, ...]` as `layer_{i}/...`."""
-  if "layers" not in encoder_variables:
-    return encoder_variables
-  leaves, treedef = jax.tree.flatten(encoder_variables["layers"], is_leaf=_is_box)
-
-  def unstack(leaf):
-    if _is_box(leaf):
-      return [leaf.replace_boxed(x).remove_axis(0, {nn.PARTITION_NAME: axes.LAYERS}) for x in unstack(leaf.unbox())]
-    # jax.lax.unstack, whose gradient is one stack (a concatenate) per parameter; host arrays stay on the host.
-    return list(leaf) if isinstance(leaf, np.ndarray) else jax.lax.unstack(leaf)
-
-  columns = [unstack(leaf) for leaf in leaves]
-  out = {k: v for k, v in encoder_variables.items() if k != "layers"}
-  out.update({f"layer_{i}": jax.tree.unflatten(treedef, [column[i] for column in columns])
-              for i in range(len(columns[0]) if columns else 0)})
-  return out
-
-
-def _unstack_encoder(collections: dict, num_layers: int) -> dict:
-  """`stack_layers`' view of stored encoder variables: checked to be stacked, `num_layers` deep."""
-  for variables in collections.values():
-    if not variables:
-      continue
-    if "layers" not in variables:
-      raise ValueError(f"BertConfig.stack_layers=True takes the encoder's parameters stacked under "
-                       f"encoder/layers; these are stored per layer ({sorted(variables)[:3]}...). Stack them "
-                       "with bert_jax.hf.stack_layers(params), or set stack_layers=False.")
-    depth = jax.tree.leaves(variables["layers"])[0].shape[0]
-    if depth != num_layers:
-      raise ValueError(f"The stacked encoder parameters hold {depth} layers; BertConfig.num_hidden_layers is "
-                       f"{num_layers}. Use the checkpoint's config, or parameters of this depth.")
-  return {name: unstack_layers(variables) for name, variables in collections.items()}
-
-
 class BertEncoder(nn.Module):
   """The stack of `num_hidden_layers` layers `[batch, seq, hidden] -> [batch, seq, hidden]` (or the
   rows of `output_positions`, see `__call__`).
@@ -395,8 +335,8 @@ class BertModel(nn.Module):
       # parameter in one pass instead of one per layer (379 fewer kernels in a BERT-base step compiled
       # for an H100, docs/performance.md "fifteenth"; not yet timed on one).
       encoder_cls = nn.map_variables(
-          BertEncoder, "params", trans_in_fn=functools.partial(_unstack_encoder, num_layers=c.num_hidden_layers),
-          trans_out_fn=lambda cols: {k: stack_layers(v) for k, v in cols.items()}, init=self.is_initializing())
+          BertEncoder, "params", trans_in_fn=functools.partial(layer_stack.checked_view, num_layers=c.num_hidden_layers),
+          trans_out_fn=layer_stack.stored, init=self.is_initializing())
     self.encoder = encoder_cls(c)
     if self.add_pooling_layer:
       self.pooler = BertPooler(c)
