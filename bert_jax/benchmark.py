@@ -258,8 +258,8 @@ def _figures(case, bench, step_seconds: float, flops_per_sequence: float, compil
 def model_fields(config: models.BertConfig) -> dict:
   """The model's size and speed switches for a JSON row, with the kernels that ran ('auto' decided)."""
   fields = {name: getattr(config, name) for name in (
-      "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "remat_policy", "scan_layers",
-      "stack_layers", "prune_last_layer")}
+      "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
+      "remat_policy", "scan_layers", "stack_layers", "prune_last_layer")}
   return fields | {"attention_impl": models.resolve_attention_impl(config),
                    "layer_norm_impl": models.resolve_layer_norm_impl(config)}
 

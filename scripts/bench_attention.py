@@ -1,8 +1,9 @@
 """Times the attention core of one BERT layer, `softmax(q k^T / sqrt(d)) v` over the real keys: XLA's
-einsums, cuDNN's fused kernel and jax's Pallas (Triton) flash attention
-(`jax.experimental.pallas.ops.gpu.attention`, as `attention_impl='pallas'` calls it), forward and
-forward + backward, with each kernel's distance from XLA's values and gradients on the real rows.
-One JSON line per variant.
+einsums, cuDNN's fused kernel and our Pallas (Triton) flash attention (`flash_attention`, as
+`attention_impl='pallas'` calls it), forward and forward + backward, with each kernel's distance from
+XLA's values and gradients on the real rows. Then with attention dropout 0.1, as BERT trains: the
+einsums with XLA's dropout (`Dropout`, threefry bits) and the Pallas kernels with theirs, whose
+distance is from the einsums given the kernels' own mask (`keep_mask`). One JSON line per variant.
 
   python -m scripts.bench_attention [--batch=256] [--seq=128] [--heads=12] [--head-dim=64] [--sweep]
 
@@ -21,8 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax.models import attention
+from bert_jax.models import dropout as dropout_lib
+from bert_jax.models import flash_attention as flash
 from scripts.bench_fused_norm import rel_l2, timed
+
+RATE = 0.1  # BERT's attention dropout
+WORDS = jax.random.randint(jax.random.key(1), (1, 1, 2), -2**31, 2**31 - 1, jnp.int32)  # broadcast per batch, head
 
 
 def einsum(q, k, v, key_valid):
@@ -34,8 +39,34 @@ def cudnn(q, k, v, key_valid):
   return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
 
 
-def pallas(tiling: attention.AttentionTiling):
-  return lambda q, k, v, key_valid: attention.flash_attention(q, k, v, key_valid, tiling=tiling)
+def pallas(tiling: flash.AttentionTiling):
+  return lambda q, k, v, key_valid: flash.flash_attention(q, k, v, key_valid, tiling=tiling)
+
+
+def _words(q):
+  return jnp.broadcast_to(WORDS, (q.shape[0], q.shape[2], 2))
+
+
+def pallas_dropout(q, k, v, key_valid):
+  return flash.flash_attention(q, k, v, key_valid, _words(q), dropout_rate=RATE)
+
+
+def einsum_dropout(q, k, v, key_valid):
+  """attention.py's einsum path with its dropout: scores and softmax in float32, the mask from threefry."""
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
+  probs = jax.nn.softmax(jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
+  keep = dropout_lib.Dropout(RATE).apply({}, probs.shape, method="keep_mask", rngs={"dropout": jax.random.key(2)})
+  probs = jnp.where(keep, probs.astype(q.dtype) / jnp.asarray(1 - RATE, q.dtype), jnp.zeros((), q.dtype))
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def einsum_with_pallas_mask(q, k, v, key_valid):
+  """The reference of `pallas_dropout`: float32 einsums with the kernels' mask."""
+  q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  probs = jax.nn.softmax(jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
+  probs = jnp.where(flash.keep_mask(_words(q), q.shape[1], RATE), probs / (1 - RATE), 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def main():
@@ -61,12 +92,15 @@ def main():
   variants = [("einsum", einsum, None)]
   if jax.default_backend() == "gpu":
     variants.append(("cudnn", cudnn, None))
-    tilings = [attention.AttentionTiling()]
+    tilings = [flash.AttentionTiling()]
     if args.sweep:
-      tilings += [attention.AttentionTiling(*t) for t in itertools.product((64, 128), (32, 64, 128), (None, 4, 8), (2,))
-                  if attention.AttentionTiling(*t) != tilings[0]]
+      tilings += [flash.AttentionTiling(*t) for t in itertools.product((64, 128), (32, 64, 128), (None, 4, 8), (2,))
+                  if flash.AttentionTiling(*t) != tilings[0]]
       tilings += [tilings[0]._replace(num_stages=s) for s in (1, 3)]
     variants += [("pallas", pallas(t), t) for t in tilings]
+  variants += [("einsum_dropout", einsum_dropout, None), ("einsum_with_pallas_mask", einsum_with_pallas_mask, None)]
+  if jax.default_backend() == "gpu":
+    variants.append(("pallas_dropout", pallas_dropout, None))
   reference = None
   for name, fn, tiling in variants:
     row = dict(common, variant=name, tiling=list(tiling) if tiling else None)
@@ -80,7 +114,9 @@ def main():
       continue
     if reference is None:
       reference = out, grads
-    else:
+    elif name == "einsum_with_pallas_mask":
+      reference = out, grads  # the dropout variants after it compare with it
+    elif name != "einsum_dropout":  # its own mask: compared with nothing
       row["output_rel_l2"] = rel_l2(out, reference[0])
       row["grads_rel_l2"] = {g: rel_l2(a, b) for g, a, b in zip("qkv", grads, reference[1])}
     print(json.dumps(row), flush=True)

@@ -4,7 +4,9 @@ The unit suite checks 'dot_product' attention and bf16 on the CPU; cuDNN's fused
 only on a GPU, so this script is its test. Run on a GPU machine from the repo root:
   python -m scripts.check_gpu
 It prints one line per variant and exits 1 if any is outside its stated tolerance. First it checks
-that the dropout's fused hash (`bert_jax.models.dropout`) gives `jax.random.bits`'s bits on the GPU.
+that the dropout's fused hash (`bert_jax.models.dropout`) gives `jax.random.bits`'s bits on the GPU;
+after the variants, that the Pallas attention's in-kernel dropout draws `keep_mask`'s bits there
+and computes what float32 einsums with that mask compute.
 
 Inputs: a 2-layer model (hidden 256, 4 heads of 64, as cuDNN needs head_dim a multiple of 8),
 batch 8 of 128 tokens, each row padded after a random length in [16, 128]. Reference: einsum
@@ -30,6 +32,7 @@ from bert_jax import models
 from bert_jax import partitioning
 from bert_jax import steps
 from bert_jax.models import dropout
+from bert_jax.models import flash_attention
 from configs import common
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -93,6 +96,57 @@ def _check_dropout_bits() -> int:
   print(f"dropout bits {shape}: {mismatches} of {ours.size} differ from jax.random.bits "
         f"{'ok' if not mismatches else 'FAIL'}")
   return int(mismatches > 0)
+
+
+def _check_flash_attention_dropout() -> int:
+  """Failures (0 to 2): the Pallas attention's in-kernel dropout on this device. (1) Its mask, bit for bit:
+  with q = k = 0 every real key gets probability 1/n, and with v one-hot per key position the output
+  `[q, k]` is nonzero exactly where the kernel kept (q, k); against `keep_mask` (XLA's hash). (2) bf16
+  values and gradients at 8 x 128 x 4 heads x 64, rate 0.1, against float32 einsums with that mask,
+  relative L2 to 5e-2 (the bf16 bounds above)."""
+  failures = 0
+  batch, seq, heads, rate = 2, 128, 2, 0.1
+  words = jax.random.randint(jax.random.key(5), (batch, heads, 2), -2**31, 2**31 - 1, jnp.int32)
+  key_valid = jnp.arange(seq)[None, :] < jnp.array([[seq], [77]])
+  zeros = jnp.zeros((batch, seq, heads, seq), jnp.float32)
+  one_hot = jnp.broadcast_to(jnp.eye(seq, dtype=jnp.float32)[None, :, None, :], zeros.shape)
+  out = jax.jit(lambda *a: flash_attention.flash_attention(*a, dropout_rate=rate))(zeros, zeros, one_hot, key_valid,
+                                                                                    words)
+  kernel_keep = jnp.swapaxes(out, 1, 2) > 0  # [batch, heads, q, k]
+  want = flash_attention.keep_mask(words, seq, rate) & key_valid[:, None, None, :]
+  mismatches = int(jnp.sum(kernel_keep != want))
+  failures += mismatches > 0
+  print(f"pallas attention dropout mask {want.shape}: {mismatches} of {want.size} differ from keep_mask "
+        f"{'ok' if not mismatches else 'FAIL'}")
+
+  batch, heads, head_dim = 8, 4, 64
+  keys = jax.random.split(jax.random.key(6), 5)
+  q, k, v, d_out = (jax.random.normal(key, (batch, seq, heads, head_dim), jnp.float32) for key in keys[:4])
+  words = jax.random.randint(keys[4], (batch, heads, 2), -2**31, 2**31 - 1, jnp.int32)
+  key_valid = jnp.arange(seq)[None, :] < jnp.arange(seq, 0, -seq // batch)[:, None]
+  keep = flash_attention.keep_mask(words, seq, rate)
+
+  def reference(q, k, v):
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
+    probs = jax.nn.softmax(jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", jnp.where(keep, probs / (1 - rate), 0.0), v)
+
+  def kernel(q, k, v):
+    return flash_attention.flash_attention(q, k, v, key_valid, words, dropout_rate=rate)
+
+  def values_and_grads(fn, dtype):
+    return jax.jit(lambda *qkv: jax.vjp(fn, *qkv))(*(t.astype(dtype) for t in (q, k, v)))
+
+  want, want_vjp = values_and_grads(reference, jnp.float32)
+  got, got_vjp = values_and_grads(kernel, jnp.bfloat16)
+  rels = [_rel_l2(np.asarray(got, np.float32), np.asarray(want))]
+  rels += [_rel_l2(np.asarray(g, np.float32), np.asarray(w)) for g, w in
+           zip(got_vjp(d_out.astype(jnp.bfloat16)), want_vjp(d_out))]
+  ok = max(rels) <= 5e-2 and all(np.isfinite(rels))
+  failures += not ok
+  print(f"pallas attention dropout {rate}, bfloat16 vs float32 einsums with its mask: output, dq, dk, dv rel L2 "
+        + ", ".join(f"{r:.2e}" for r in rels) + f" (tol 5e-2) {'ok' if ok else 'FAIL'}")
+  return failures
 
 
 def _check_add_norm_dropout(base: models.BertConfig, params, inputs) -> int:
@@ -160,6 +214,11 @@ def main() -> int:
     failures += not ok
     print(f"{name}: loss rel {loss_rel:.2e} (tol {loss_tol:.0e}), gradients rel L2 "
           f"{grad_rel:.2e}, output rel L2 {out_rel:.2e} (tol {tol:.0e}) {'ok' if ok else 'FAIL'}")
+  try:
+    failures += _check_flash_attention_dropout()
+  except Exception as e:  # pylint: disable=broad-except  # reported as a failed check, after the others
+    failures += 1
+    print(f"pallas attention dropout: ERROR {type(e).__name__}: {str(e)[:300]}")
   try:
     failures += _check_add_norm_dropout(base, params, inputs)
   except Exception as e:  # pylint: disable=broad-except  # reported as a failed check, after the others

@@ -244,7 +244,7 @@ def test_dot_product_attention_matches_einsum_with_padding(tiny_config):
   np.testing.assert_allclose(fused.pooled_output, einsum.pooled_output, atol=F32_ATOL, rtol=0)
 
 
-# 'pallas' runs jax's Pallas flash attention in Pallas's interpreter here (tests/test_pallas_attention.py).
+# 'pallas' runs our Pallas flash attention in Pallas's interpreter here (tests/test_pallas_attention.py).
 @pytest.mark.parametrize("impl", ["dot_product", "pallas"])
 def test_fused_attention_gradients_match_einsum(tiny_config, impl):
   config = _speed_config(tiny_config, hidden_dropout_prob=0.1)  # hidden dropout on: training mode
@@ -257,13 +257,19 @@ def test_fused_attention_gradients_match_einsum(tiny_config, impl):
   _assert_trees_close(fused_grads, grads, atol=F32_ATOL)
 
 
-@pytest.mark.parametrize("impl", ["dot_product", "pallas"])
-def test_fused_attention_refuses_attention_dropout_in_training(tiny_config, impl):
-  config = tiny_config.replace(attention_impl=impl, attention_probs_dropout_prob=0.1)
+def test_dot_product_attention_refuses_attention_dropout_in_training(tiny_config):
+  config = tiny_config.replace(attention_impl="dot_product", attention_probs_dropout_prob=0.1)
   module = models.BertForSequenceClassification(config)
   params = hf.init_params(module)  # inference (deterministic) is fine: no dropout to drop
-  with pytest.raises(ValueError, match=r"attention_probs_dropout_prob=0.*attention_impl=einsum"):
+  with pytest.raises(ValueError, match=r"attention_probs_dropout_prob=0.*attention_impl=einsum \(or pallas on a GPU"):
     _loss_and_grads(module, params, deterministic=False)
+
+
+def test_only_the_kernels_without_attention_dropout_refuse_to_train_with_it(tiny_config):
+  for impl in ("einsum", "pallas", "cpu_fused", "auto"):
+    tiny_config.replace(attention_impl=impl, attention_probs_dropout_prob=0.1).check_trainable()
+  with pytest.raises(ValueError, match="attention_impl='cudnn' has no attention-probability dropout"):
+    tiny_config.replace(attention_impl="cudnn", dtype="bfloat16", attention_probs_dropout_prob=0.1).check_trainable()
 
 
 def test_cudnn_attention_is_refused_off_gpu_and_in_float32(tiny_config):

@@ -3,28 +3,26 @@
 Owns: `BertSelfAttention` (Q/K/V projections, the attention core, the output projection) and
 `config.attention_impl`: 'einsum' (ours: float32 softmax, attention dropout), 'dot_product'
 (`jax.nn.dot_product_attention`: XLA), 'cudnn' (the same, forced onto cuDNN's fused kernel),
-'pallas' (jax's Pallas flash attention for GPUs, `flash_attention`), 'cpu_fused' (the einsum path's
-function in one C++ kernel for XLA:CPU, `cpu_attention`) or 'auto' (`resolve_attention_impl`).
-Only 'einsum' and 'cpu_fused' apply attention dropout; the others refuse to train with it.
+'pallas' (our Pallas flash attention for GPUs with the dropout in the kernel, `flash_attention`),
+'cpu_fused' (the einsum path's function in one C++ kernel for XLA:CPU, `cpu_attention`) or 'auto'
+(`resolve_attention_impl`). 'einsum', 'pallas' and 'cpu_fused' apply attention dropout; the others
+refuse to train with it.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental import pallas as pl
-from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
 from bert_jax import partitioning
 from bert_jax.models import axes
 from bert_jax.models import config as config_lib
 from bert_jax.models import cpu_attention
 from bert_jax.models import dropout as dropout_lib
-from bert_jax.models import fused_norm
+from bert_jax.models import flash_attention
 from bert_jax.models.projection import dense, project_qkv
 
 
@@ -63,48 +61,6 @@ def pruned_layer_attention_impl(config: config_lib.BertConfig) -> str:
   return "dot_product" if resolve_attention_impl(config) == "dot_product" else "einsum"
 
 
-class AttentionTiling(NamedTuple):
-  """The Pallas flash attention's tiling: query rows per forward program, the query/key block of the
-  backward pass, and Triton's warps (None: the library's choice by block size) and pipeline stages.
-  The forward's key block is the whole sequence up to 128 (BERT's usual length). Of 20 tilings timed
-  at 256 x 128 x 12 heads x 64 in bfloat16 on an H200, the fastest forward + backward were within
-  4% of each other; this is one of them (docs/performance.md)."""
-  block_q: int = 128
-  backward_block: int = 64
-  num_warps: int | None = None
-  num_stages: int = 2
-
-
-def flash_attention(query, key, value, key_valid, *, tiling: AttentionTiling = AttentionTiling(),
-                    interpret: bool | None = None):
-  """`softmax(q k^T / sqrt(head_dim)) v` over the real keys, by jax's Pallas (Triton) flash attention.
-
-  `query`, `key`, `value` `[batch, seq, heads, head_dim]`, `key_valid` bool `[batch, seq]`. The
-  kernel masks by segment ids, and padding is segment 0: a padded query attends to the padded keys,
-  where the einsum path lets it see the real keys. No real token and no loss reads a padded row,
-  so losses and gradients agree; the padded rows of the output do not. A sequence is padded to a
-  multiple of the block (16 to 128: lengths that are multiples of 128 pad nothing, 129 pads to 256).
-  On a GPU, float32 inputs multiply in TF32 (Triton's dots); off a GPU, Pallas's interpreter runs
-  the kernel in full float32 (for tests).
-  """
-  seq, head_dim = query.shape[1], query.shape[-1]
-  # Triton's dots want power-of-2 tiles of 16 or more: the sequence is padded to a multiple of the
-  # block, and a head narrower than 16 with zeros (they add nothing to q k^T, and give zero columns).
-  block = max(16, min(128, pl.next_power_of_2(seq)))
-  padded, padded_head = -(-seq // block) * block, max(head_dim, 16)
-  if (padded, padded_head) != (seq, head_dim):
-    widths = ((0, 0), (0, padded - seq), (0, 0), (0, padded_head - head_dim))
-    query, key, value = (jnp.pad(t, widths) for t in (query, key, value))
-    key_valid = jnp.pad(key_valid, ((0, 0), (0, padded - seq)))
-  backward = min(tiling.backward_block, block)
-  blocks = pallas_attention.BlockSizes(block_q=min(tiling.block_q, block), block_k=block, block_q_dkv=backward,
-                                       block_kv_dkv=backward, block_q_dq=backward, block_kv_dq=backward)
-  out = pallas_attention.mha(query, key, value, key_valid.astype(jnp.int32), sm_scale=float(1 / np.sqrt(head_dim)),
-                             block_sizes=blocks, num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-                             interpret=fused_norm.interprets(interpret))
-  return out[:, :seq, :, :head_dim]
-
-
 class BertSelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention over the unpadded keys, by `config.attention_impl`.
 
@@ -133,12 +89,12 @@ class BertSelfAttention(nn.Module):
       context = self._einsum_attention(query, key, value, attention_mask, deterministic)
     elif impl == "cpu_fused":
       context = self._cpu_fused_attention(query, key, value, attention_mask, deterministic)
+    elif impl == "pallas":
+      context = self._flash_attention(query, key, value, attention_mask, deterministic)
     else:
       if not deterministic:
         c.check_trainable()  # dropout on: refuse to silently drop the attention dropout
-      if impl == "pallas":
-        context = self._on_shards(flash_attention, query, key, value, attention_mask)
-      elif impl == "cudnn":
+      if impl == "cudnn":
         # cuDNN takes padding as per-row key lengths (it has no broadcast [batch, 1, 1, seq] mask):
         # BERT's inputs are right-padded, real tokens first. Padded queries still see every real key.
         context = jax.nn.dot_product_attention(
@@ -149,14 +105,26 @@ class BertSelfAttention(nn.Module):
     return dense(c, c.hidden_size, (axes.HEADS, axes.KV), (axes.EMBED,), "output").unbiased(context)
 
   @staticmethod
-  def _on_shards(kernel, query, key, value, attention_mask, keep=None):
-    """`kernel(q, k, v, key_valid[, keep])` on each device's rows (heads) of a mesh: XLA cannot split a custom call."""
+  def _on_shards(kernel, query, key, value, attention_mask, extra=None, extra_axes=()):
+    """`kernel(q, k, v, key_valid[, extra])` on each device's rows (heads) of a mesh: XLA cannot split a
+    custom call. `extra` (a dropout mask or the words of one) is split by its logical `extra_axes`."""
     qkv = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.HEADS, axes.KV)
     inputs = (query, key, value, attention_mask[:, 0, 0, :])
     in_axes = (qkv, qkv, qkv, (axes.ACT_BATCH, axes.ACT_LENGTH))
-    if keep is not None:
-      inputs, in_axes = inputs + (keep,), in_axes + ((axes.ACT_BATCH, axes.HEADS, axes.ACT_LENGTH, None),)
+    if extra is not None:
+      inputs, in_axes = inputs + (extra,), in_axes + (extra_axes,)
     return partitioning.map_over_shards(kernel, inputs, in_axes, qkv)
+
+  def _flash_attention(self, query, key, value, attention_mask, deterministic: bool):
+    c = self.config
+    rate = 0.0 if deterministic else c.attention_probs_dropout_prob
+    attend = functools.partial(flash_attention.flash_attention, dropout_rate=rate)
+    if not rate:
+      return self._on_shards(attend, query, key, value, attention_mask)
+    # Each (sequence, head) keys the kernels' dropout hash with two words: split with the heads, the
+    # mask does not depend on the mesh.
+    words = dropout_lib.Dropout(rate).random_words((query.shape[0], c.num_attention_heads, 2))
+    return self._on_shards(attend, query, key, value, attention_mask, words, (axes.ACT_BATCH, axes.HEADS, None))
 
   def _cpu_fused_attention(self, query, key, value, attention_mask, deterministic: bool):
     c = self.config
@@ -167,7 +135,8 @@ class BertSelfAttention(nn.Module):
     attend = lambda q, k, v, key_valid, keep=None: cpu_attention.attention(q, k, v, key_valid, keep, rate)  # noqa: E731
     # The kernel computes in float32; bf16 query, key and value are widened, and its context rounded back.
     query, key, value = (t.astype(jnp.float32) for t in (query, key, value))
-    return self._on_shards(attend, query, key, value, attention_mask, keep).astype(c.compute_dtype)
+    keep_axes = (axes.ACT_BATCH, axes.HEADS, axes.ACT_LENGTH, None)
+    return self._on_shards(attend, query, key, value, attention_mask, keep, keep_axes).astype(c.compute_dtype)
 
   def _einsum_attention(self, query, key, value, attention_mask, deterministic: bool):
     c = self.config

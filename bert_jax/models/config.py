@@ -15,14 +15,15 @@ import jax.numpy as jnp
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
 # How attention is computed: our einsums (with attention dropout), `jax.nn.dot_product_attention`
 # with `implementation=None` (XLA in jax 0.10), the same forced onto cuDNN's fused kernel (GPU,
-# bfloat16/float16 only), jax's Pallas (Triton) flash attention (GPU; Pallas's interpreter on a
-# CPU, for tests), or our fused C++ kernel for XLA:CPU (computes in float32, with attention
-# dropout; `cpu_attention`). 'dot_product', 'cudnn' and 'pallas' have no attention-probability dropout.
+# bfloat16/float16 only), our Pallas (Triton) flash attention with the dropout in the kernel (GPU;
+# Pallas's interpreter on a CPU, for tests; `flash_attention`), or our fused C++ kernel for XLA:CPU
+# (computes in float32, with attention dropout; `cpu_attention`). 'dot_product' and 'cudnn' have no
+# attention-probability dropout.
 # 'auto' picks one of the two with dropout where the model is traced
 # (`attention.resolve_attention_impl`): 'cpu_fused' on XLA:CPU when its kernel builds, else 'einsum'.
 ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn", "pallas", "cpu_fused", "auto")
 # The implementations that apply attention-probability dropout.
-ATTENTION_DROPOUT_IMPLS = ("einsum", "cpu_fused", "auto")
+ATTENTION_DROPOUT_IMPLS = ("einsum", "pallas", "cpu_fused", "auto")
 # Rematerialisation of each encoder layer in the backward pass: none, all of it, or all but the
 # outputs of the weight matmuls (see `bert.REMAT_POLICIES`).
 REMAT_POLICIES = ("none", "full", "dots")
@@ -136,7 +137,7 @@ class BertConfig:
           f"BertConfig.attention_impl={self.attention_impl!r} has no attention-probability dropout, but "
           f"attention_probs_dropout_prob={self.attention_probs_dropout_prob} and the model is training. Set "
           "--config.model.attention_probs_dropout_prob=0 (hidden dropout still applies), or use "
-          "--config.model.attention_impl=einsum (or cpu_fused on a CPU).")
+          "--config.model.attention_impl=einsum (or pallas on a GPU, cpu_fused on a CPU).")
 
   @property
   def prunes_last_layer(self) -> bool:

@@ -79,6 +79,11 @@ class Dropout(nn.Module):
       return jnp.zeros_like(x)
     return jnp.where(self.keep_mask(x.shape), x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 
+  def random_words(self, shape: tuple[int, ...]) -> jax.Array:
+    """int32 `[*shape]` random words from this module's dropout rng: the keys of a kernel that draws its
+    own dropout bits (`flash_attention`)."""
+    return jax.lax.bitcast_convert_type(random_bits(self.make_rng("dropout"), shape), jnp.int32)
+
   def keep_mask(self, shape: tuple[int, ...]) -> jax.Array:
     """The bool mask `[*shape]` of the elements `__call__` keeps (True) on an input of that shape."""
     drop_below = np.uint32(min(round(self.rate * 2**32), 2**32 - 1))  # keep where the 32 bits are >= this

@@ -1,0 +1,323 @@
+"""Flash attention with BERT's attention dropout inside the kernel: Pallas (Triton) for GPUs.
+
+Owns: `flash_attention`, `softmax(q k^T / sqrt(head_dim)) v` over the real keys with inverted dropout
+on the probabilities, its forward and backward kernels, and the dropout bits both draw (`keep_mask`).
+
+Why: XLA's attention with dropout writes the `[batch, heads, seq, seq]` probabilities and their mask
+and reads them back in the backward pass; at 16 x 512 (BERT-base, bf16, an H100's compiled program)
+that is 31 GB more per train step than cuDNN's fused attention without dropout, whose API has none.
+Here, as in FlashAttention-2, no `[seq, seq]` array reaches memory: each kernel draws the dropout
+bits of its tile from a counter-based hash of the position, the forward and both backward loops
+alike. The kernels follow jax's own Pallas flash attention (`jax.experimental.pallas.ops.gpu.attention`,
+Apache 2.0), with key padding for its segment ids (a padded query attends to the real keys, as the
+einsum path's does) and the dropout added.
+
+The dropout bits: each (sequence, head) gets two random 32-bit words from the model's dropout rng
+(`Dropout.random_words`: threefry, as every other mask). An element's bits are two rounds of a
+multiply-xorshift hash (`_hash`) of its position `q * seq + k`, keyed by those words: 18 integer
+operations, where jax's threefry takes about 110. An element is kept when the hash's top 24 bits are
+at least `round(rate * 2**24)`. They are not the einsum path's bits (threefry of the flat
+index): the two kernels draw different masks from one rng, with the same distribution.
+
+Off a GPU, Pallas's interpreter runs the kernels in float32: correct, slow, for tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from bert_jax.models import fused_norm
+
+# A padded key's score: finite, so a row with no real key gets a uniform softmax (the einsum path's
+# float32-min gives the same), and far below any real score.
+_MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)
+_LOG2_E = math.log2(math.e)  # the kernels use exp2: e^x = 2^(x log2 e)
+DROPOUT_BITS = 24  # the hash bits compared with the rate: rates resolve to 2**-24
+
+
+class AttentionTiling(NamedTuple):
+  """The kernels' tiling: query rows per forward program, the query/key block of the backward pass,
+  and Triton's warps (None: 4, or 8 for heads over 64 or 128 x 128 backward blocks) and the forward's
+  pipeline stages. The forward's key block is the whole sequence up to 128 (BERT's usual length).
+  Of 20 tilings of jax's kernel, from which these kernels come, timed at 256 x 128 x 12 heads x 64 in
+  bfloat16 on an H200, the fastest forward + backward were within 4% of each other; this is one of
+  them (docs/performance.md)."""
+  block_q: int = 128
+  backward_block: int = 64
+  num_warps: int | None = None
+  num_stages: int = 2
+
+
+class _Settings(NamedTuple):
+  """What the kernels are compiled for (static): the true length `seq` keys the dropout hash."""
+  seq: int
+  head_dim: int
+  drop_threshold: int | None  # None: no dropout; else keep where the hash's top bits >= this
+  block_q: int
+  block_k: int
+  backward_block: int
+  num_warps: int | None
+  num_stages: int
+  interpret: bool
+
+  @property
+  def sm_scale(self) -> float:
+    return float(1 / np.sqrt(self.head_dim))
+
+  @property
+  def keep_scale(self) -> float:
+    """The inverted dropout's 1 / (1 - rate), of the rate the threshold resolves to."""
+    return 1.0 if self.drop_threshold is None else float(2**DROPOUT_BITS / (2**DROPOUT_BITS - self.drop_threshold))
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """lowbias32 (C. Wellons' hash prospector: xorshift, multiply, xorshift, multiply, xorshift): a bijection
+  of 32-bit words whose every input bit flips each output bit with probability 0.5 +- 0.002. int32
+  arithmetic, wrapping, logical shifts: the same bits in Triton and in XLA, and no unsigned compare
+  for Triton to get wrong."""
+  x = x ^ lax.shift_right_logical(x, np.int32(16))
+  x = x * np.int32(0x7FEB352D)
+  x = x ^ lax.shift_right_logical(x, np.int32(15))
+  x = x * np.int32(0x846CA68B - 2**32)
+  return x ^ lax.shift_right_logical(x, np.int32(16))
+
+
+def _hash(position: jax.Array, first_word, second_word) -> jax.Array:
+  """Two keyed rounds of `_mix32`. One round keyed at its input gives streams that are permutations of
+  one another when the first words agree above the position bits; a second word xored after the
+  first multiply of one round gave masks 27 sigma from independent for second words one bit apart
+  (their agreement, measured as tests/test_pallas_attention.py does: 0.800 where 0.82 is independent)."""
+  return _mix32(_mix32(position ^ first_word) ^ second_word)
+
+
+def _keep(first_word, second_word, query_positions, key_positions, seq: int, drop_threshold: int) -> jax.Array:
+  """bool `[..., queries, keys]`: which probabilities dropout keeps. The words: int32, one pair per
+  sequence and head (scalars, or `[..., 1, 1]` to broadcast against the positions);
+  `query_positions` `[queries]` and `key_positions` `[keys]` int32."""
+  bits = _hash(query_positions[:, None] * seq + key_positions[None, :], first_word, second_word)
+  return lax.shift_right_logical(bits, np.int32(32 - DROPOUT_BITS)) >= drop_threshold
+
+
+def drop_threshold(rate: float) -> int:
+  """The hash threshold of dropout `rate` in [0, 1): keep an element where its top bits are >= this."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"flash_attention's dropout rate {rate} is not in [0, 1).")
+  return round(rate * 2**DROPOUT_BITS)
+
+
+def keep_mask(words: jax.Array, seq: int, rate: float) -> jax.Array:
+  """The mask `flash_attention` applies: bool `[batch, heads, seq, seq]` (True: kept), from `words`
+  int32 `[batch, heads, 2]`. For tests and references: the kernels draw it tile by tile."""
+  positions = jnp.arange(seq, dtype=jnp.int32)
+  words = words[:, :, :, None, None]
+  return _keep(words[:, :, 0], words[:, :, 1], positions, positions, seq, drop_threshold(rate))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The kernels. Refs hold one (sequence, head): queries/keys/values `[seq, head_dim]`, `key_valid`
+# `[seq]` int32, `words` `[2]` int32, `lse` (log2-sum-exp2 of each query's scaled scores) and `delta`
+# (rowsum(out * d_out)) `[seq]` float32. `seq` here is padded to a multiple of the blocks.
+
+
+def _probabilities(q, k, valid, lse, settings: _Settings):
+  """The softmax `[queries, keys]` of one tile, recomputed from the forward pass's `lse`."""
+  scores = plgpu.dot(q, k.T) * (settings.sm_scale * _LOG2_E)
+  scores = jnp.where(valid[None, :], scores, _MASKED_SCORE)
+  return jnp.exp2(scores - lse[:, None])
+
+
+def _dropout_scale(words_ref, query_positions, key_positions, settings: _Settings):
+  """float32 `[queries, keys]`: 1 / (1 - rate) where kept, 0 where dropped; None without dropout."""
+  if settings.drop_threshold is None:
+    return None
+  keep = _keep(words_ref[0], words_ref[1], query_positions, key_positions, settings.seq, settings.drop_threshold)
+  return jnp.where(keep, settings.keep_scale, 0.0)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, words_ref, out_ref, lse_ref, *, settings: _Settings):
+  block_q, block_k = q_ref.shape[0], settings.block_k
+  query_positions = pl.program_id(0) * block_q + jnp.arange(block_q)
+  q = q_ref[...]
+
+  def over_key_blocks(i, carry):
+    out, running_max, running_sum = carry
+    keys = pl.ds(i * block_k, block_k)
+    k, v = k_ref[keys, :], v_ref[keys, :]
+    scores = plgpu.dot(q, k.T) * (settings.sm_scale * _LOG2_E)
+    scores = jnp.where((valid_ref[keys] != 0)[None, :], scores, _MASKED_SCORE)
+    new_max = jnp.maximum(running_max, scores.max(axis=-1))
+    correction = jnp.exp2(running_max - new_max)
+    unnormalized = jnp.exp2(scores - new_max[:, None])
+    running_sum = running_sum * correction + unnormalized.sum(axis=-1)
+    # The normalizer sums every probability; only the output sees the dropped ones zeroed.
+    if settings.drop_threshold is not None:
+      key_positions = i * block_k + jnp.arange(block_k)
+      keep = _keep(words_ref[0], words_ref[1], query_positions, key_positions, settings.seq,
+                   settings.drop_threshold)
+      unnormalized = jnp.where(keep, unnormalized, 0.0)
+    out = out * correction[:, None] + plgpu.dot(unnormalized.astype(v.dtype), v)
+    return out, new_max, running_sum
+
+  start = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_q,), jnp.float32))
+  out, running_max, running_sum = lax.fori_loop(0, k_ref.shape[0] // block_k, over_key_blocks, start)
+  out_ref[...] = (out * (settings.keep_scale / running_sum)[:, None]).astype(out_ref.dtype)
+  lse_ref[...] = running_max + jnp.log2(running_sum)
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, valid_ref, words_ref, d_out_ref, lse_ref, delta_ref,
+                     dq_ref, dk_ref, dv_ref, *, settings: _Settings):
+  """Program j: dK and dV of key block j (a loop over the query blocks), then dQ of query block j
+  (a loop over the key blocks). With dropout D (kept: 1/(1-rate), else 0), P the softmax and
+  out = (P * D) V: dV = (P * D)^T dO, dS = P * ((dO V^T) * D - delta) * scale, dK = dS^T Q, dQ = dS K;
+  delta = rowsum(dO * out) = rowsum(P * (dO V^T) * D) (FlashAttention-2)."""
+  block, n_blocks = settings.backward_block, q_ref.shape[0] // settings.backward_block
+  j = pl.program_id(2)
+  own = pl.ds(j * block, block)
+  own_positions = j * block + jnp.arange(block)
+
+  def score_gradient(p, d_out, v, delta, scale):
+    d_p = plgpu.dot(d_out, v.T)
+    if scale is not None:
+      d_p = d_p * scale
+    return p * (d_p - delta[:, None]) * settings.sm_scale
+
+  k, v, valid = k_ref[own, :], v_ref[own, :], valid_ref[own] != 0
+
+  def dk_dv_over_query_blocks(i, carry):
+    dk, dv = carry
+    queries = pl.ds(i * block, block)
+    q, d_out = q_ref[queries, :], d_out_ref[queries, :]
+    p = _probabilities(q, k, valid, lse_ref[queries], settings)
+    scale = _dropout_scale(words_ref, i * block + jnp.arange(block), own_positions, settings)
+    dropped = p if scale is None else p * scale
+    dv = dv + plgpu.dot(dropped.astype(d_out.dtype).T, d_out)
+    d_scores = score_gradient(p, d_out, v, delta_ref[queries], scale)
+    return dk + plgpu.dot(d_scores.astype(q.dtype).T, q), dv
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, n_blocks, dk_dv_over_query_blocks, (zeros, zeros))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+  q, d_out, lse, delta = q_ref[own, :], d_out_ref[own, :], lse_ref[own], delta_ref[own]
+
+  def dq_over_key_blocks(i, dq):
+    keys = pl.ds(i * block, block)
+    k, v = k_ref[keys, :], v_ref[keys, :]
+    p = _probabilities(q, k, valid_ref[keys] != 0, lse, settings)
+    scale = _dropout_scale(words_ref, own_positions, i * block + jnp.arange(block), settings)
+    return dq + plgpu.dot(score_gradient(p, d_out, v, delta, scale).astype(k.dtype), k)
+
+  dq = lax.fori_loop(0, n_blocks, dq_over_key_blocks, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The calls: arrays `[batch, seq, heads, head_dim]`, `key_valid` `[batch, seq]`, `words` `[batch, heads, 2]`.
+
+def _per_head(rows: int, head_dim: int, index):
+  return pl.BlockSpec((None, rows, None, head_dim), index)
+
+
+def _forward(q, k, v, key_valid, words, settings: _Settings):
+  batch, seq, heads, head_dim = q.shape
+  block_q = settings.block_q
+  whole = lambda i, b, h: (b, 0, h, 0)  # noqa: E731
+  in_specs = [_per_head(block_q, head_dim, lambda i, b, h: (b, i, h, 0)), _per_head(seq, head_dim, whole),
+              _per_head(seq, head_dim, whole), pl.BlockSpec((None, seq), lambda i, b, h: (b, 0)),
+              pl.BlockSpec((None, None, 2), lambda i, b, h: (b, h, 0))]
+  num_warps = settings.num_warps or (4 if head_dim <= 64 else 8)
+  out, lse = pl.pallas_call(
+      functools.partial(_forward_kernel, settings=settings),
+      grid=(seq // block_q, batch, heads),
+      in_specs=in_specs,
+      out_specs=[_per_head(block_q, head_dim, lambda i, b, h: (b, i, h, 0)),
+                 pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=settings.num_stages),
+      interpret=settings.interpret, name="bert_flash_attention_forward",
+  )(q, k, v, key_valid, words)
+  return out, lse
+
+
+def _backward(q, k, v, key_valid, words, out, lse, d_out, settings: _Settings):
+  batch, seq, heads, head_dim = q.shape
+  block = settings.backward_block
+  # One XLA pass: rowsum(dO * out) [batch, heads, seq].
+  delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
+  whole = _per_head(seq, head_dim, lambda b, h, j: (b, 0, h, 0))
+  per_row = pl.BlockSpec((None, None, seq), lambda b, h, j: (b, h, 0))
+  own_block = _per_head(block, head_dim, lambda b, h, j: (b, j, h, 0))
+  num_warps = settings.num_warps or (4 if block * block < 128 * 128 else 8)
+  return pl.pallas_call(
+      functools.partial(_backward_kernel, settings=settings),
+      grid=(batch, heads, seq // block),
+      in_specs=[whole, whole, whole, pl.BlockSpec((None, seq), lambda b, h, j: (b, 0)),
+                pl.BlockSpec((None, None, 2), lambda b, h, j: (b, h, 0)), whole, per_row, per_row],
+      out_specs=[own_block, own_block, own_block],
+      out_shape=[jax.ShapeDtypeStruct(t.shape, t.dtype) for t in (q, k, v)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+      interpret=settings.interpret, name="bert_flash_attention_backward",
+  )(q, k, v, key_valid, words, d_out, lse, delta)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, key_valid, words, settings: _Settings):
+  return _forward(q, k, v, key_valid, words, settings)[0]
+
+
+def _attention_forward(q, k, v, key_valid, words, settings: _Settings):
+  out, lse = _forward(q, k, v, key_valid, words, settings)
+  return out, (q, k, v, key_valid, words, out, lse)
+
+
+def _attention_backward(settings: _Settings, residuals, d_out):
+  q, k, v, key_valid, words, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, key_valid, words, out, lse, d_out, settings)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_forward, _attention_backward)
+
+
+def flash_attention(query, key, value, key_valid, words=None, *, dropout_rate: float = 0.0,
+                    tiling: AttentionTiling = AttentionTiling(), interpret: bool | None = None):
+  """`dropout(softmax(q k^T / sqrt(head_dim))) v` over the real keys, by the Pallas kernels above.
+
+  `query`, `key`, `value` `[batch, seq, heads, head_dim]`, `key_valid` bool `[batch, seq]`, `words`
+  int32 `[batch, heads, 2]` (`Dropout.random_words`; needed when `dropout_rate` > 0): returns
+  `[batch, seq, heads, head_dim]`. Every row attends to the real keys, padded queries too. The mask
+  is `keep_mask(words, seq, dropout_rate)`, whatever the tiling. A sequence is padded to a multiple
+  of the block (16 to 128: lengths that are multiples of 128 pad nothing), a head to a power of 2 of
+  16 or more (Triton's dots) with zeros, which add nothing to q k^T. On a GPU, float32 inputs multiply
+  in TF32 (Triton's dots); off a GPU, Pallas's interpreter runs the kernels in float32.
+  """
+  batch, seq, heads, head_dim = query.shape
+  threshold = drop_threshold(dropout_rate) or None
+  if threshold is not None and (words is None or words.shape != (batch, heads, 2)):
+    raise ValueError(f"flash_attention with dropout_rate={dropout_rate} needs words int32 [batch, heads, 2] = "
+                     f"{(batch, heads, 2)} (Dropout.random_words); got {None if words is None else words.shape}.")
+  if seq >= 2**15:
+    raise ValueError(f"flash_attention takes sequences under 32,768 tokens (its dropout hash's positions); got {seq}.")
+  block = max(16, min(128, pl.next_power_of_2(seq)))
+  padded, padded_head = -(-seq // block) * block, max(16, pl.next_power_of_2(head_dim))
+  if (padded, padded_head) != (seq, head_dim):
+    widths = ((0, 0), (0, padded - seq), (0, 0), (0, padded_head - head_dim))
+    query, key, value = (jnp.pad(t, widths) for t in (query, key, value))
+    key_valid = jnp.pad(key_valid, ((0, 0), (0, padded - seq)))
+  words = jnp.zeros((batch, heads, 2), jnp.int32) if threshold is None else words.astype(jnp.int32)
+  settings = _Settings(seq=seq, head_dim=head_dim, drop_threshold=threshold, block_q=min(tiling.block_q, block),
+                       block_k=block, backward_block=min(tiling.backward_block, block), num_warps=tiling.num_warps,
+                       num_stages=tiling.num_stages, interpret=fused_norm.interprets(interpret))
+  out = _attention(query, key, value, key_valid.astype(jnp.int32), words, settings)
+  return out[:, :seq, :, :head_dim]
