@@ -2,8 +2,9 @@
 einsums, cuDNN's fused kernel and our Pallas (Triton) flash attention (`flash_attention`, as
 `attention_impl='pallas'` calls it), forward and forward + backward, with each kernel's distance from
 XLA's values and gradients on the real rows. Then with attention dropout 0.1, as BERT trains: the
-einsums with XLA's dropout (`Dropout`, threefry bits) and the Pallas kernels with theirs, whose
-distance is from the einsums given the kernels' own mask (`keep_mask`). One JSON line per variant.
+einsums with the model's `Dropout` (the mask written out and read back) and the Pallas kernels, which
+draw the same hashed mask tile by tile; their distance is from float32 einsums given that mask
+(`dropout.keep_mask`). One JSON line per variant.
 
   python -m scripts.bench_attention [--batch=256] [--seq=128] [--heads=12] [--head-dim=64] [--sweep]
 
@@ -52,7 +53,7 @@ def pallas_dropout(q, k, v, key_valid):
 
 
 def einsum_dropout(q, k, v, key_valid):
-  """attention.py's einsum path with its dropout: scores and softmax in float32, the mask from threefry."""
+  """attention.py's einsum path with its dropout: scores and softmax in float32, the mask `Dropout`'s."""
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
   probs = jax.nn.softmax(jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
   keep = dropout_lib.Dropout(RATE).apply({}, probs.shape, method="keep_mask", rngs={"dropout": jax.random.key(2)})
@@ -65,7 +66,7 @@ def einsum_with_pallas_mask(q, k, v, key_valid):
   q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
   probs = jax.nn.softmax(jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
-  probs = jnp.where(flash.keep_mask(_words(q), q.shape[1], RATE), probs / (1 - RATE), 0.0)
+  probs = jnp.where(dropout_lib.keep_mask(_words(q), probs.shape, RATE), probs / (1 - RATE), 0.0)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 

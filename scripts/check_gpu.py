@@ -4,9 +4,9 @@ The unit suite checks 'dot_product' attention and bf16 on the CPU; cuDNN's fused
 only on a GPU, so this script is its test. Run on a GPU machine from the repo root:
   python -m scripts.check_gpu
 It prints one line per variant and exits 1 if any is outside its stated tolerance. First it checks
-that the dropout's fused hash (`bert_jax.models.dropout`) gives `jax.random.bits`'s bits on the GPU;
-after the variants, that the Pallas attention's in-kernel dropout draws `keep_mask`'s bits there
-and computes what float32 einsums with that mask compute.
+that the dropout's hashed masks (`bert_jax.models.dropout`) are XLA:CPU's bit for bit on the GPU;
+after the variants, that the Pallas attention's in-kernel dropout draws the same mask there and
+computes what float32 einsums with that mask compute.
 
 Inputs: a 2-layer model (hidden 256, 4 heads of 64, as cuDNN needs head_dim a multiple of 8),
 batch 8 of 128 tokens, each row padded after a random length in [16, 128]. Reference: einsum
@@ -83,17 +83,16 @@ def _rel_l2(actual, expected) -> float:
 
 
 def _check_dropout_bits() -> int:
-  """Failures (0 or 1): the dropout's fused hash against `jax.random.bits` on this device, bit for bit,
-  at the shape of a BERT-base hidden dropout at batch 256 x 128 (25M elements)."""
-  if not jax.config.jax_threefry_partitionable:
-    print("dropout bits: not checked, jax_threefry_partitionable is off, so Dropout draws through "
-          "jax.random.bits itself")
-    return 0
-  shape, key = (256, 128, 768), jax.random.key(7, impl="threefry2x32")  # the keys the fused hash serves
-  ours = jax.jit(dropout.random_bits, static_argnums=1)(key, shape)
-  theirs = jax.jit(jax.random.bits, static_argnums=(1, 2))(key, shape, jnp.uint32)
-  mismatches = int(jnp.sum(ours != theirs))
-  print(f"dropout bits {shape}: {mismatches} of {ours.size} differ from jax.random.bits "
+  """Failures (0 or 1): the dropout's hashed mask (`dropout.keep_mask`) on this device against the same
+  function run by XLA:CPU, bit for bit, at the shape of a BERT-base hidden dropout at batch 256 x 128
+  (25M elements)."""
+  shape, rate = (256, 128, 768), 0.1
+  words = jax.random.randint(jax.random.key(7), (256, 2), -2**31, 2**31 - 1, jnp.int32)
+  mask = jax.jit(lambda w: dropout.keep_mask(w, shape, rate))
+  ours = mask(words)
+  on_cpu = mask(jax.device_put(words, jax.devices("cpu")[0]))  # runs where its input is
+  mismatches = int(np.sum(np.asarray(ours) != np.asarray(on_cpu)))
+  print(f"dropout mask {shape} on {ours.devices()} against XLA:CPU's: {mismatches} of {ours.size} differ "
         f"{'ok' if not mismatches else 'FAIL'}")
   return int(mismatches > 0)
 
@@ -101,7 +100,7 @@ def _check_dropout_bits() -> int:
 def _check_flash_attention_dropout() -> int:
   """Failures (0 to 2): the Pallas attention's in-kernel dropout on this device. (1) Its mask, bit for bit:
   with q = k = 0 every real key gets probability 1/n, and with v one-hot per key position the output
-  `[q, k]` is nonzero exactly where the kernel kept (q, k); against `keep_mask` (XLA's hash). (2) bf16
+  `[q, k]` is nonzero exactly where the kernel kept (q, k); against `dropout.keep_mask` (XLA's). (2) bf16
   values and gradients at 8 x 128 x 4 heads x 64, rate 0.1, against float32 einsums with that mask,
   relative L2 to 5e-2 (the bf16 bounds above)."""
   failures = 0
@@ -113,10 +112,10 @@ def _check_flash_attention_dropout() -> int:
   out = jax.jit(lambda *a: flash_attention.flash_attention(*a, dropout_rate=rate))(zeros, zeros, one_hot, key_valid,
                                                                                     words)
   kernel_keep = jnp.swapaxes(out, 1, 2) > 0  # [batch, heads, q, k]
-  want = flash_attention.keep_mask(words, seq, rate) & key_valid[:, None, None, :]
+  want = dropout.keep_mask(words, (batch, heads, seq, seq), rate) & key_valid[:, None, None, :]
   mismatches = int(jnp.sum(kernel_keep != want))
   failures += mismatches > 0
-  print(f"pallas attention dropout mask {want.shape}: {mismatches} of {want.size} differ from keep_mask "
+  print(f"pallas attention dropout mask {want.shape}: {mismatches} of {want.size} differ from dropout.keep_mask "
         f"{'ok' if not mismatches else 'FAIL'}")
 
   batch, heads, head_dim = 8, 4, 64
@@ -124,7 +123,7 @@ def _check_flash_attention_dropout() -> int:
   q, k, v, d_out = (jax.random.normal(key, (batch, seq, heads, head_dim), jnp.float32) for key in keys[:4])
   words = jax.random.randint(keys[4], (batch, heads, 2), -2**31, 2**31 - 1, jnp.int32)
   key_valid = jnp.arange(seq)[None, :] < jnp.arange(seq, 0, -seq // batch)[:, None]
-  keep = flash_attention.keep_mask(words, seq, rate)
+  keep = dropout.keep_mask(words, (batch, heads, seq, seq), rate)
 
   def reference(q, k, v):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)

@@ -14,7 +14,7 @@
 # einsum128); PROFILE_EINSUM=0 profiles only the cuDNN step;
 # PROFILE_ARGS="--case=pretrain_train --config.batch_size=256" picks the traced step; DUMP_HLO=1
 # also keeps its optimized HLO ($OUT/hlo_after_optimizations.txt.gz);
-# CASES_512="('train','length_buckets')" narrows the seq-512 stage; SWEEP="default rbg" narrows the
+# CASES_512="('train','length_buckets')" narrows the seq-512 stage; SWEEP="default gelu_tanh" narrows the
 # batch-256 pretraining variants (SWEEP="default baseline baseline default": the default against the code
 # of an earlier commit carried in .gpu/baseline, BASELINE=REV bash scripts/prepare_gpu_carry.sh, an A/B on
 # one machine; each row of bench.jsonl names its run, "run"); SWEEP_SECONDS (default 150) limits each
@@ -142,7 +142,7 @@ PY
     b256|sweep)
       # BERT's pretraining batch (256 x 128 tokens); sweep: each speed variant, one process apiece.
       b256=(--config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 "--config.cases=('pretrain_train',)")
-      variants=${SWEEP:-default triton_gemm rbg gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention pallas_attention einsum_dropout pallas_dropout xla_norm no_prune stack_layers wait_each}
+      variants=${SWEEP:-default triton_gemm gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention pallas_attention einsum_dropout pallas_dropout xla_norm no_prune stack_layers wait_each}
       [ "$stage" = b256 ] && variants=default
       for variant in $variants; do  # each adds an XLA flag (after config.xla_flags: it wins), a PRNG or a model flag
         xla_flag="" prng=${JAX_DEFAULT_PRNG_IMPL:-threefry2x32} flags=()
@@ -154,7 +154,6 @@ PY
           # Original BERT's tanh GELU, which cuBLASLt can run with the bias in the matmul's epilogue.
           cublaslt_gelu_tanh) xla_flag=--xla_gpu_enable_cublaslt=true flags=(--config.model.hidden_act=gelu_new);;
           b512) flags=(--config.batch_size=512);;  # AdamW and the step's fixed costs spread over twice the tokens
-          rbg) prng=rbg;;
           gelu_tanh) flags=(--config.model.hidden_act=gelu_new);;  # original BERT's GELU: forward in cuBLASLt's epilogue
           no_hidden_dropout) flags=(--config.model.hidden_dropout_prob=0);;
           scan_remat) flags=(--config.model.scan_layers=True --config.model.remat_policy=dots);;

@@ -104,21 +104,6 @@ def test_dropout_drops_at_the_rate_and_keeps_the_mean(shape, impl):
   np.testing.assert_array_equal(dropout.Dropout(0.1).apply({}, x, True), x)
 
 
-@pytest.mark.parametrize("shape", [(), (5,), (2, 3, 9), (4, 12, 16, 16)])
-def test_dropout_bits_are_jax_random_bits(shape):
-  key = jax.random.key(7)
-  np.testing.assert_array_equal(jax.jit(dropout.random_bits, static_argnums=1)(key, shape),
-                                jax.random.bits(key, shape, jnp.uint32))
-
-
-@pytest.mark.parametrize("setting", ["raw key data", "non-partitionable threefry"])
-def test_dropout_bits_are_jax_random_bits_for_other_keys_and_settings(setting):
-  key = jax.random.PRNGKey(7) if setting == "raw key data" else jax.random.key(7)
-  with jax.threefry_partitionable(setting != "non-partitionable threefry"):
-    np.testing.assert_array_equal(jax.jit(dropout.random_bits, static_argnums=1)(key, (3, 10)),
-                                  jax.random.bits(key, (3, 10), jnp.uint32))
-
-
 def test_dropout_refuses_a_rate_outside_0_1():
   with pytest.raises(ValueError, match=r"Dropout rate 1.5 is not in \[0, 1\]"):
     dropout.Dropout(1.5).apply({}, jnp.ones(4), False, rngs={"dropout": jax.random.key(0)})

@@ -121,8 +121,9 @@ class BertSelfAttention(nn.Module):
     attend = functools.partial(flash_attention.flash_attention, dropout_rate=rate)
     if not rate:
       return self._on_shards(attend, query, key, value, attention_mask)
-    # Each (sequence, head) keys the kernels' dropout hash with two words: split with the heads, the
-    # mask does not depend on the mesh.
+    # Each (sequence, head) keys the kernels' dropout hash with two words, the words the einsum path's
+    # `Dropout` draws (the same submodule name and shape): the same mask. Split with the heads, the
+    # mask does not depend on the mesh either.
     words = dropout_lib.Dropout(rate).random_words((query.shape[0], c.num_attention_heads, 2))
     return self._on_shards(attend, query, key, value, attention_mask, words, (axes.ACT_BATCH, axes.HEADS, None))
 

@@ -1,72 +1,87 @@
-"""Dropout whose random bits XLA fuses into the mask: `jax.random.bits`, bit for bit, written out.
+"""Dropout whose bits come from a cheap keyed hash of each element's position.
 
-Owns: `Dropout` (the model's only source of randomness) and the bits behind it. The hash is the
-Threefry-2x32 of `jax.random` (20 rounds; Salmon et al. 2011).
+Owns: `Dropout` (the model's only source of randomness), the hash, and the rule that turns its bits
+into a keep mask: `keep_mask` for whole arrays (XLA fuses it into the ops that use the mask), `keep`
+for one tile of one (the Pallas flash attention's kernels draw their masks tile by tile with it).
+
+The bits of a mask `[*lead, rows, cols]`: two random 32-bit words per leading index, drawn from the
+module's dropout rng by `jax.random.bits` (threefry by default), key a hash of each element's position
+`row * cols + col` in its `[rows, cols]` slice: two rounds of lowbias32 (`_hash`, 18 integer
+operations). An element is kept when the hash's top 24 bits are at least `round(rate * 2**24)`.
+
+- **Why not `jax.random.bits` per element:** threefry's 20 rounds take about 110 integer operations
+  per 32 bits. Drawn that way (fused, as before 2026-11-28), the MiniLM train step on this project's
+  CPU took 3.6% longer, and on an H200 the masks' fusion was 5.1% of a BERT-base step
+  (docs/performance.md, "sixteenth").
+- **A mask depends only on the rng, the shape and the position:** not on the mesh (each device
+  hashes its own rows), and not on the attention kernel ('einsum', 'cpu_fused' and 'pallas' draw
+  the same attention masks).
 """
 
 from __future__ import annotations
-
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+DROPOUT_BITS = 24  # the hash bits compared with the rate: rates resolve to 2**-24
 
 
-def threefry2x32(key_words: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The Threefry-2x32 hash of the counters `(x0, x1)` (uint32, one shape) under `key_words` (uint32 `[2]`).
+def drop_threshold(rate: float) -> int:
+  """The hash threshold of dropout `rate` in [0, 1): an element is kept where its top bits are >= this."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"The dropout rate {rate} of a hashed mask is not in [0, 1).")
+  return round(rate * 2**DROPOUT_BITS)
 
-  Written out in integer ops, all 20 rounds, so that XLA fuses the hash into the ops that use its
-  bits. jax's own lowering on the CPU loops over the five 4-round blocks, each block a pass over
-  memory.
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """lowbias32 (C. Wellons' hash prospector: xorshift, multiply, xorshift, multiply, xorshift): a bijection
+  of 32-bit words whose every input bit flips each output bit with probability 0.5 +- 0.002. int32
+  arithmetic, wrapping, logical shifts: the same bits in XLA on every backend and in Triton, and no
+  unsigned compare for Triton to get wrong."""
+  x = x ^ lax.shift_right_logical(x, np.int32(16))
+  x = x * np.int32(0x7FEB352D)
+  x = x ^ lax.shift_right_logical(x, np.int32(15))
+  x = x * np.int32(0x846CA68B - 2**32)
+  return x ^ lax.shift_right_logical(x, np.int32(16))
+
+
+def _hash(position: jax.Array, first_word, second_word) -> jax.Array:
+  """Two keyed rounds of `_mix32`. One round keyed at its input gives slices whose masks are
+  permutations of one another when their first words agree above the position bits; a second word
+  xored after the first multiply of one round gave masks 27 sigma from independent for second words
+  one bit apart (their agreement, measured as tests/test_dropout.py does: 0.800 where 0.82 is
+  independent)."""
+  return _mix32(_mix32(position ^ first_word) ^ second_word)
+
+
+def keep(first_word, second_word, row_positions, col_positions, cols: int, threshold: int) -> jax.Array:
+  """bool `[..., len(row_positions), len(col_positions)]`: which elements of a tile dropout keeps.
+
+  The words: int32, one pair per slice (scalars, or `[..., 1, 1]` to broadcast against the positions);
+  `row_positions` and `col_positions` int32, the tile's rows and columns in its `[rows, cols]` slice.
   """
-  k0, k1 = key_words[0], key_words[1]
-  keys = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
-  x0, x1 = x0 + keys[0], x1 + keys[1]
-  for block in range(5):
-    for rotation in _ROTATIONS[block % 2]:
-      x0 = x0 + x1
-      x1 = jax.lax.shift_left(x1, np.uint32(rotation)) | jax.lax.shift_right_logical(x1, np.uint32(32 - rotation))
-      x1 = x0 ^ x1
-    x0 = x0 + keys[(block + 1) % 3]
-    x1 = x1 + keys[(block + 2) % 3] + np.uint32(block + 1)
-  return x0, x1
+  bits = _hash(row_positions[:, None] * cols + col_positions[None, :], first_word, second_word)
+  return lax.shift_right_logical(bits, np.int32(32 - DROPOUT_BITS)) >= threshold
 
 
-def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """`jax.random.bits(key, shape, jnp.uint32)`, bit for bit (`tests/test_models.py`), with the hash fused.
-
-  For a threefry key under jax's default partitionable threefry, an element's bits are the XOR of the
-  two words of the hash of its flat index (so they do not depend on how the array is sharded). Here
-  that hash is `threefry2x32`, plain integer ops that XLA fuses with the mask and the multiply: one
-  pass over memory for the whole dropout. Other keys, settings and sizes go through `jax.random.bits`.
-  """
-  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # raw key data, as jax.random.PRNGKey gives
-    key = jax.random.wrap_key_data(key)
-  if key.shape:
-    raise ValueError(f"random_bits takes one key; got a batch of keys of shape {key.shape} (vmap over them).")
-  if (str(jax.random.key_impl(key)) != "threefry2x32" or not jax.config.jax_threefry_partitionable
-      or not 0 < math.prod(shape) < 2**32):
-    return jax.random.bits(key, shape, jnp.uint32)
-  index = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
-    stride *= shape[axis]
-  first, second = threefry2x32(jax.random.key_data(key), jnp.zeros(shape, jnp.uint32), index)
-  return first ^ second
+def keep_mask(words: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+  """bool `[*shape]`: the elements dropout at `rate` keeps, from `words` int32 `[*shape[:-2], 2]`
+  (`Dropout.random_words`). An array of under two axes is one row."""
+  rows, cols = ((1,) * 2 + tuple(shape))[-2:]
+  if rows * cols >= 2**31:
+    raise ValueError(f"Dropout hashes positions within each [rows, cols] = [{rows}, {cols}] slice of its "
+                     f"input {tuple(shape)}, which must hold under 2**31 elements: split the input.")
+  words = words[..., None, None, :]
+  kept = keep(words[..., 0], words[..., 1], jnp.arange(rows, dtype=jnp.int32), jnp.arange(cols, dtype=jnp.int32),
+              cols, drop_threshold(rate))
+  return kept.reshape(shape)
 
 
 class Dropout(nn.Module):
-  """Inverted dropout, the distribution of `nn.Dropout` (the rate to 2**-32), its bits from `random_bits`.
-
-  `nn.Dropout` draws through `jax.random`, whose threefry on XLA:CPU loops over the hash's rounds in
-  passes over memory: a MiniLM train step with these same bits drawn by `jax.random.bits` took 1/0.88
-  as long on this project's CPU (docs/performance.md).
-  """
+  """Inverted dropout (the distribution of `nn.Dropout`, the rate to 2**-24), its bits hashed (above)."""
   rate: float
 
   @nn.compact
@@ -80,11 +95,9 @@ class Dropout(nn.Module):
     return jnp.where(self.keep_mask(x.shape), x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 
   def random_words(self, shape: tuple[int, ...]) -> jax.Array:
-    """int32 `[*shape]` random words from this module's dropout rng: the keys of a kernel that draws its
-    own dropout bits (`flash_attention`)."""
-    return jax.lax.bitcast_convert_type(random_bits(self.make_rng("dropout"), shape), jnp.int32)
+    """int32 `[*shape]` random words from this module's dropout rng: the keys of the hash."""
+    return lax.bitcast_convert_type(jax.random.bits(self.make_rng("dropout"), shape, jnp.uint32), jnp.int32)
 
   def keep_mask(self, shape: tuple[int, ...]) -> jax.Array:
     """The bool mask `[*shape]` of the elements `__call__` keeps (True) on an input of that shape."""
-    drop_below = np.uint32(min(round(self.rate * 2**32), 2**32 - 1))  # keep where the 32 bits are >= this
-    return random_bits(self.make_rng("dropout"), shape) >= drop_below
+    return keep_mask(self.random_words(tuple(shape[:-2]) + (2,)), shape, self.rate)

@@ -1,23 +1,20 @@
 """Flash attention with BERT's attention dropout inside the kernel: Pallas (Triton) for GPUs.
 
 Owns: `flash_attention`, `softmax(q k^T / sqrt(head_dim)) v` over the real keys with inverted dropout
-on the probabilities, its forward and backward kernels, and the dropout bits both draw (`keep_mask`).
+on the probabilities, and its forward and backward kernels.
 
 Why: XLA's attention with dropout writes the `[batch, heads, seq, seq]` probabilities and their mask
 and reads them back in the backward pass; at 16 x 512 (BERT-base, bf16, an H100's compiled program)
 that is 31 GB more per train step than cuDNN's fused attention without dropout, whose API has none.
 Here, as in FlashAttention-2, no `[seq, seq]` array reaches memory: each kernel draws the dropout
-bits of its tile from a counter-based hash of the position, the forward and both backward loops
-alike. The kernels follow jax's own Pallas flash attention (`jax.experimental.pallas.ops.gpu.attention`,
+bits of its tile from the counter-based hash of the position that every dropout mask of the model
+uses (`dropout.keep`), the forward and both backward loops alike. The kernels follow jax's own Pallas flash attention (`jax.experimental.pallas.ops.gpu.attention`,
 Apache 2.0), with key padding for its segment ids (a padded query attends to the real keys, as the
 einsum path's does) and the dropout added.
 
-The dropout bits: each (sequence, head) gets two random 32-bit words from the model's dropout rng
-(`Dropout.random_words`: threefry, as every other mask). An element's bits are two rounds of a
-multiply-xorshift hash (`_hash`) of its position `q * seq + k`, keyed by those words: 18 integer
-operations, where jax's threefry takes about 110. An element is kept when the hash's top 24 bits are
-at least `round(rate * 2**24)`. They are not the einsum path's bits (threefry of the flat
-index): the two kernels draw different masks from one rng, with the same distribution.
+The dropout bits: each (sequence, head) gets two random words from the model's dropout rng
+(`Dropout.random_words`), which key the hash of each element's position `q * seq + k`: the mask is
+`dropout.keep_mask(words, [batch, heads, seq, seq], rate)`, the einsum path's mask from the same rng.
 
 Off a GPU, Pallas's interpreter runs the kernels in float32: correct, slow, for tests.
 """
@@ -35,13 +32,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from bert_jax.models import dropout
 from bert_jax.models import fused_norm
 
 # A padded key's score: finite, so a row with no real key gets a uniform softmax (the einsum path's
 # float32-min gives the same), and far below any real score.
 _MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)
 _LOG2_E = math.log2(math.e)  # the kernels use exp2: e^x = 2^(x log2 e)
-DROPOUT_BITS = 24  # the hash bits compared with the rate: rates resolve to 2**-24
 
 
 class AttentionTiling(NamedTuple):
@@ -76,50 +73,8 @@ class _Settings(NamedTuple):
   @property
   def keep_scale(self) -> float:
     """The inverted dropout's 1 / (1 - rate), of the rate the threshold resolves to."""
-    return 1.0 if self.drop_threshold is None else float(2**DROPOUT_BITS / (2**DROPOUT_BITS - self.drop_threshold))
-
-
-def _mix32(x: jax.Array) -> jax.Array:
-  """lowbias32 (C. Wellons' hash prospector: xorshift, multiply, xorshift, multiply, xorshift): a bijection
-  of 32-bit words whose every input bit flips each output bit with probability 0.5 +- 0.002. int32
-  arithmetic, wrapping, logical shifts: the same bits in Triton and in XLA, and no unsigned compare
-  for Triton to get wrong."""
-  x = x ^ lax.shift_right_logical(x, np.int32(16))
-  x = x * np.int32(0x7FEB352D)
-  x = x ^ lax.shift_right_logical(x, np.int32(15))
-  x = x * np.int32(0x846CA68B - 2**32)
-  return x ^ lax.shift_right_logical(x, np.int32(16))
-
-
-def _hash(position: jax.Array, first_word, second_word) -> jax.Array:
-  """Two keyed rounds of `_mix32`. One round keyed at its input gives streams that are permutations of
-  one another when the first words agree above the position bits; a second word xored after the
-  first multiply of one round gave masks 27 sigma from independent for second words one bit apart
-  (their agreement, measured as tests/test_pallas_attention.py does: 0.800 where 0.82 is independent)."""
-  return _mix32(_mix32(position ^ first_word) ^ second_word)
-
-
-def _keep(first_word, second_word, query_positions, key_positions, seq: int, drop_threshold: int) -> jax.Array:
-  """bool `[..., queries, keys]`: which probabilities dropout keeps. The words: int32, one pair per
-  sequence and head (scalars, or `[..., 1, 1]` to broadcast against the positions);
-  `query_positions` `[queries]` and `key_positions` `[keys]` int32."""
-  bits = _hash(query_positions[:, None] * seq + key_positions[None, :], first_word, second_word)
-  return lax.shift_right_logical(bits, np.int32(32 - DROPOUT_BITS)) >= drop_threshold
-
-
-def drop_threshold(rate: float) -> int:
-  """The hash threshold of dropout `rate` in [0, 1): keep an element where its top bits are >= this."""
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"flash_attention's dropout rate {rate} is not in [0, 1).")
-  return round(rate * 2**DROPOUT_BITS)
-
-
-def keep_mask(words: jax.Array, seq: int, rate: float) -> jax.Array:
-  """The mask `flash_attention` applies: bool `[batch, heads, seq, seq]` (True: kept), from `words`
-  int32 `[batch, heads, 2]`. For tests and references: the kernels draw it tile by tile."""
-  positions = jnp.arange(seq, dtype=jnp.int32)
-  words = words[:, :, :, None, None]
-  return _keep(words[:, :, 0], words[:, :, 1], positions, positions, seq, drop_threshold(rate))
+    bits = dropout.DROPOUT_BITS
+    return 1.0 if self.drop_threshold is None else float(2**bits / (2**bits - self.drop_threshold))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,7 +94,8 @@ def _dropout_scale(words_ref, query_positions, key_positions, settings: _Setting
   """float32 `[queries, keys]`: 1 / (1 - rate) where kept, 0 where dropped; None without dropout."""
   if settings.drop_threshold is None:
     return None
-  keep = _keep(words_ref[0], words_ref[1], query_positions, key_positions, settings.seq, settings.drop_threshold)
+  keep = dropout.keep(words_ref[0], words_ref[1], query_positions, key_positions, settings.seq,
+                      settings.drop_threshold)
   return jnp.where(keep, settings.keep_scale, 0.0)
 
 
@@ -161,8 +117,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, words_ref, out_ref, lse_ref,
     # The normalizer sums every probability; only the output sees the dropped ones zeroed.
     if settings.drop_threshold is not None:
       key_positions = i * block_k + jnp.arange(block_k)
-      keep = _keep(words_ref[0], words_ref[1], query_positions, key_positions, settings.seq,
-                   settings.drop_threshold)
+      keep = dropout.keep(words_ref[0], words_ref[1], query_positions, key_positions, settings.seq,
+                          settings.drop_threshold)
       unnormalized = jnp.where(keep, unnormalized, 0.0)
     out = out * correction[:, None] + plgpu.dot(unnormalized.astype(v.dtype), v)
     return out, new_max, running_sum
@@ -297,13 +253,13 @@ def flash_attention(query, key, value, key_valid, words=None, *, dropout_rate: f
   `query`, `key`, `value` `[batch, seq, heads, head_dim]`, `key_valid` bool `[batch, seq]`, `words`
   int32 `[batch, heads, 2]` (`Dropout.random_words`; needed when `dropout_rate` > 0): returns
   `[batch, seq, heads, head_dim]`. Every row attends to the real keys, padded queries too. The mask
-  is `keep_mask(words, seq, dropout_rate)`, whatever the tiling. A sequence is padded to a multiple
-  of the block (16 to 128: lengths that are multiples of 128 pad nothing), a head to a power of 2 of
-  16 or more (Triton's dots) with zeros, which add nothing to q k^T. On a GPU, float32 inputs multiply
+  is `dropout.keep_mask(words, [batch, heads, seq, seq], dropout_rate)`, whatever the tiling. A
+  sequence is padded to a multiple of the block (16 to 128: lengths that are multiples of 128 pad
+  nothing), a head to a power of 2 of 16 or more (Triton's dots) with zeros, which add nothing to q k^T. On a GPU, float32 inputs multiply
   in TF32 (Triton's dots); off a GPU, Pallas's interpreter runs the kernels in float32.
   """
   batch, seq, heads, head_dim = query.shape
-  threshold = drop_threshold(dropout_rate) or None
+  threshold = dropout.drop_threshold(dropout_rate) or None
   if threshold is not None and (words is None or words.shape != (batch, heads, 2)):
     raise ValueError(f"flash_attention with dropout_rate={dropout_rate} needs words int32 [batch, heads, 2] = "
                      f"{(batch, heads, 2)} (Dropout.random_words); got {None if words is None else words.shape}.")
