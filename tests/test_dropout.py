@@ -40,12 +40,34 @@ def test_keep_mask_is_its_definition(shape):
 
 
 def test_a_mask_is_drawn_from_one_pair_of_words_per_leading_index():
-  # The module's mask of [2, 3, 8, 8]: words [2, 3, 2] from its rng, each keying its [8, 8] slice.
+  # The module's mask of [2, 3, 8, 8]: words [2, 3, 2] from its rng, each pair keying its [8, 8] slice.
   module = dropout.Dropout(0.5)
   rngs = {"dropout": jax.random.key(4)}
-  words = module.apply({}, (2, 3, 2), rngs=rngs, method=dropout.Dropout.random_words)
+  words = module.apply({}, (2, 3), rngs=rngs, method=dropout.Dropout.words)
   mask = module.apply({}, (2, 3, 8, 8), rngs=rngs, method=dropout.Dropout.keep_mask)
   np.testing.assert_array_equal(mask, numpy_keep_mask(words, (2, 3, 8, 8), 0.5))
+
+
+def test_slice_words_are_the_keys_words_the_second_spread_by_the_slice_index():
+  key = jax.random.key(5)
+  data = np.asarray(jax.random.key_data(key)).view(np.int32)
+  words = np.asarray(dropout.slice_words(key, (3, 4)))
+  assert words.shape == (3, 4, 2) and (words[..., 0] == data[0]).all()
+  with np.errstate(over="ignore"):
+    spread = (np.arange(12, dtype=np.uint32) * np.uint32(0x9E3779B9)).view(np.int32).reshape(3, 4)
+  np.testing.assert_array_equal(words[..., 1], data[1] ^ spread)
+  # Keys of other implementations go through jax.random.bits: still one pair per slice.
+  assert dropout.slice_words(jax.random.key(5, impl="rbg"), (3, 4)).shape == (3, 4, 2)
+
+
+def test_the_slices_of_a_modules_mask_are_independent():
+  # One key, 512 slices whose words differ only in the second: neighbouring and distant slices agree
+  # on 0.82 of their elements, as independent masks at rate 0.1 do.
+  keep = np.asarray(dropout.Dropout(0.1).apply({}, (512, 32, 32), rngs={"dropout": jax.random.key(6)},
+                                               method=dropout.Dropout.keep_mask))
+  assert abs(keep.mean() - 0.9) < 5 * np.sqrt(0.09 / keep.size)
+  for a, b in [(keep[:-1], keep[1:]), (keep[:-256], keep[256:]), (keep[:-2], keep[2:])]:
+    assert abs(np.mean(a == b) - 0.82) < 5 * np.sqrt(0.82 * 0.18 / a.size)
 
 
 def test_keep_mask_keeps_one_minus_the_rate_independently_per_slice_and_position():

@@ -61,7 +61,7 @@ def test_flash_attention_dropout_is_the_einsums_with_its_keep_mask(seq, head_dim
 
 def test_flash_attention_refuses_dropout_without_words_and_rates_outside_0_1():
   qkv, key_valid, _, _ = _inputs(16, 16)
-  with pytest.raises(ValueError, match=r"needs words int32 \[batch, heads, 2\] = \(2, 2, 2\).*Dropout.random_words"):
+  with pytest.raises(ValueError, match=r"needs words int32 \[batch, heads, 2\] = \(2, 2, 2\).*Dropout.words"):
     flash.flash_attention(*qkv, key_valid, dropout_rate=0.1)
   with pytest.raises(ValueError, match=r"rate 1.0 of a hashed mask is not in \[0, 1\)"):
     flash.flash_attention(*qkv, key_valid, jnp.zeros((2, 2, 2), jnp.int32), dropout_rate=1.0)

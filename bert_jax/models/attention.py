@@ -124,7 +124,7 @@ class BertSelfAttention(nn.Module):
     # Each (sequence, head) keys the kernels' dropout hash with two words, the words the einsum path's
     # `Dropout` draws (the same submodule name and shape): the same mask. Split with the heads, the
     # mask does not depend on the mesh either.
-    words = dropout_lib.Dropout(rate).random_words((query.shape[0], c.num_attention_heads, 2))
+    words = dropout_lib.Dropout(rate).words((query.shape[0], c.num_attention_heads))
     return self._on_shards(attend, query, key, value, attention_mask, words, (axes.ACT_BATCH, axes.HEADS, None))
 
   def _cpu_fused_attention(self, query, key, value, attention_mask, deterministic: bool):

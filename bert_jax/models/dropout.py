@@ -4,10 +4,9 @@ Owns: `Dropout` (the model's only source of randomness), the hash, and the rule 
 into a keep mask: `keep_mask` for whole arrays (XLA fuses it into the ops that use the mask), `keep`
 for one tile of one (the Pallas flash attention's kernels draw their masks tile by tile with it).
 
-The bits of a mask `[*lead, rows, cols]`: two random 32-bit words per leading index, drawn from the
-module's dropout rng by `jax.random.bits` (threefry by default), key a hash of each element's position
-`row * cols + col` in its `[rows, cols]` slice: two rounds of lowbias32 (`_hash`, 18 integer
-operations). An element is kept when the hash's top 24 bits are at least `round(rate * 2**24)`.
+The bits of a mask `[*lead, rows, cols]`: a pair of 32-bit words per leading index, derived from the
+module's dropout rng (`slice_words`), keys a hash of each element's position `row * cols + col` in
+its `[rows, cols]` slice: two rounds of lowbias32 (`_hash`, 18 integer operations). An element is kept when the hash's top 24 bits are at least `round(rate * 2**24)`.
 
 - **Why not `jax.random.bits` per element:** threefry's 20 rounds take about 110 integer operations
   per 32 bits. Drawn that way (fused, as before 2026-11-28), the MiniLM train step on this project's
@@ -69,7 +68,7 @@ def keep(first_word, second_word, row_positions, col_positions, cols: int, thres
 
 def keep_mask(words: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
   """bool `[*shape]`: the elements dropout at `rate` keeps, from `words` int32 `[*shape[:-2], 2]`
-  (`Dropout.random_words`). An array of under two axes is one row."""
+  (`slice_words`). An array of under two axes is one row."""
   rows, cols = ((1,) * 2 + tuple(shape))[-2:]
   if rows * cols >= 2**31:
     raise ValueError(f"Dropout hashes positions within each [rows, cols] = [{rows}, {cols}] slice of its "
@@ -78,6 +77,28 @@ def keep_mask(words: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Arra
   kept = keep(words[..., 0], words[..., 1], jnp.arange(rows, dtype=jnp.int32), jnp.arange(cols, dtype=jnp.int32),
               cols, drop_threshold(rate))
   return kept.reshape(shape)
+
+
+def slice_words(key: jax.Array, lead_shape: tuple[int, ...]) -> jax.Array:
+  """int32 `[*lead_shape, 2]`: the word pair of each slice under `key`. The first word is the key's; the
+  second, the key's other word xored with the slice's flat index times an odd constant: two integer
+  operations per slice, which XLA computes inside the fusions that use the mask. The hash's second
+  round decorrelates slices whose second words differ in any bit (tests/test_dropout.py)."""
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # raw key data, as jax.random.PRNGKey gives
+    key = jax.random.wrap_key_data(key)
+  if key.shape:
+    raise ValueError(f"slice_words takes one key; got a batch of keys of shape {key.shape} (vmap over them).")
+  if str(jax.random.key_impl(key)) == "threefry2x32":  # jax's default: the key is two random words
+    data = jax.random.key_data(key)
+  else:  # other implementations' key data may not be uniformly random words
+    data = jax.random.bits(key, (2,), jnp.uint32)
+  # The barrier keeps the key's derivation (make_rng's threefry) out of the fusions that use the mask:
+  # fused, XLA derives it inside them (a BERT-base step's mask fusion compiled for an H100:
+  # 3,839 PTX instructions with it fused, 2,331 without, for 47 small kernels more).
+  first, second = lax.optimization_barrier(tuple(lax.bitcast_convert_type(w, jnp.int32) for w in (data[0], data[1])))
+  index = jnp.arange(int(np.prod(lead_shape)), dtype=jnp.int32).reshape(lead_shape)
+  second = second ^ (index * np.int32(0x9E3779B9 - 2**32))
+  return jnp.stack([jnp.broadcast_to(first, lead_shape), second], axis=-1)
 
 
 class Dropout(nn.Module):
@@ -94,10 +115,11 @@ class Dropout(nn.Module):
       return jnp.zeros_like(x)
     return jnp.where(self.keep_mask(x.shape), x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 
-  def random_words(self, shape: tuple[int, ...]) -> jax.Array:
-    """int32 `[*shape]` random words from this module's dropout rng: the keys of the hash."""
-    return lax.bitcast_convert_type(jax.random.bits(self.make_rng("dropout"), shape, jnp.uint32), jnp.int32)
+  def words(self, lead_shape: tuple[int, ...]) -> jax.Array:
+    """int32 `[*lead_shape, 2]`: the hash's word pair of each slice of a mask `[*lead_shape, rows, cols]`,
+    from this module's dropout rng (`slice_words`)."""
+    return slice_words(self.make_rng("dropout"), lead_shape)
 
   def keep_mask(self, shape: tuple[int, ...]) -> jax.Array:
     """The bool mask `[*shape]` of the elements `__call__` keeps (True) on an input of that shape."""
-    return keep_mask(self.random_words(tuple(shape[:-2]) + (2,)), shape, self.rate)
+    return keep_mask(self.words(tuple(shape[:-2])), shape, self.rate)

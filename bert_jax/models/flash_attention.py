@@ -13,7 +13,7 @@ Apache 2.0), with key padding for its segment ids (a padded query attends to the
 einsum path's does) and the dropout added.
 
 The dropout bits: each (sequence, head) gets two random words from the model's dropout rng
-(`Dropout.random_words`), which key the hash of each element's position `q * seq + k`: the mask is
+(`Dropout.words`), which key the hash of each element's position `q * seq + k`: the mask is
 `dropout.keep_mask(words, [batch, heads, seq, seq], rate)`, the einsum path's mask from the same rng.
 
 Off a GPU, Pallas's interpreter runs the kernels in float32: correct, slow, for tests.
@@ -251,7 +251,7 @@ def flash_attention(query, key, value, key_valid, words=None, *, dropout_rate: f
   """`dropout(softmax(q k^T / sqrt(head_dim))) v` over the real keys, by the Pallas kernels above.
 
   `query`, `key`, `value` `[batch, seq, heads, head_dim]`, `key_valid` bool `[batch, seq]`, `words`
-  int32 `[batch, heads, 2]` (`Dropout.random_words`; needed when `dropout_rate` > 0): returns
+  int32 `[batch, heads, 2]` (`Dropout.words`; needed when `dropout_rate` > 0): returns
   `[batch, seq, heads, head_dim]`. Every row attends to the real keys, padded queries too. The mask
   is `dropout.keep_mask(words, [batch, heads, seq, seq], dropout_rate)`, whatever the tiling. A
   sequence is padded to a multiple of the block (16 to 128: lengths that are multiples of 128 pad
@@ -262,7 +262,7 @@ def flash_attention(query, key, value, key_valid, words=None, *, dropout_rate: f
   threshold = dropout.drop_threshold(dropout_rate) or None
   if threshold is not None and (words is None or words.shape != (batch, heads, 2)):
     raise ValueError(f"flash_attention with dropout_rate={dropout_rate} needs words int32 [batch, heads, 2] = "
-                     f"{(batch, heads, 2)} (Dropout.random_words); got {None if words is None else words.shape}.")
+                     f"{(batch, heads, 2)} (Dropout.words); got {None if words is None else words.shape}.")
   if seq >= 2**15:
     raise ValueError(f"flash_attention takes sequences under 32,768 tokens (its dropout hash's positions); got {seq}.")
   block = max(16, min(128, pl.next_power_of_2(seq)))
