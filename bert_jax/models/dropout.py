@@ -6,11 +6,12 @@ for one tile of one (the Pallas flash attention's kernels draw their masks tile 
 
 The bits of a mask `[*lead, rows, cols]`: a pair of 32-bit words per leading index, derived from the
 module's dropout rng (`slice_words`), keys a hash of each element's position `row * cols + col` in
-its `[rows, cols]` slice: two rounds of lowbias32 (`_hash`, 18 integer operations). An element is kept when the hash's top 24 bits are at least `round(rate * 2**24)`.
+its `[rows, cols]` slice: two rounds of lowbias32 (`_hash`, 18 integer operations). An element is
+kept when the hash's top 24 bits are at least `round(rate * 2**24)`.
 
 - **Why not `jax.random.bits` per element:** threefry's 20 rounds take about 110 integer operations
-  per 32 bits. Drawn that way (fused, as before 2026-11-28), the MiniLM train step on this project's
-  CPU took 3.6% longer, and on an H200 the masks' fusion was 5.1% of a BERT-base step
+  per 32 bits. Drawn that way (fused, as before 2026-11-28), MiniLM's train step on this project's
+  CPU ran 5% slower, and on an H200 the masks' fusion was 5.1% of a BERT-base step at batch 768
   (docs/performance.md, "sixteenth").
 - **A mask depends only on the rng, the shape and the position:** not on the mesh (each device
   hashes its own rows), and not on the attention kernel ('einsum', 'cpu_fused' and 'pallas' draw
