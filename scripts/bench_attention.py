@@ -52,22 +52,26 @@ def pallas_dropout(q, k, v, key_valid):
   return flash.flash_attention(q, k, v, key_valid, _words(q), dropout_rate=RATE)
 
 
-def einsum_dropout(q, k, v, key_valid):
-  """attention.py's einsum path with its dropout: scores and softmax in float32, the mask `Dropout`'s."""
+def masked_einsums(q, k, v, key_valid, keep):
+  """attention.py's einsum path with dropout mask `keep` `[batch, heads, q, k]`: scores and softmax in
+  float32, the kept probabilities scaled in the inputs' dtype."""
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
   probs = jax.nn.softmax(jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
-  keep = dropout_lib.Dropout(RATE).apply({}, probs.shape, method="keep_mask", rngs={"dropout": jax.random.key(2)})
   probs = jnp.where(keep, probs.astype(q.dtype) / jnp.asarray(1 - RATE, q.dtype), jnp.zeros((), q.dtype))
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def einsum_dropout(q, k, v, key_valid):
+  """The einsum path as the model runs it: its `Dropout` draws the mask, written out and read back."""
+  shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+  keep = dropout_lib.Dropout(RATE).apply({}, shape, method="keep_mask", rngs={"dropout": jax.random.key(2)})
+  return masked_einsums(q, k, v, key_valid, keep)
+
+
 def einsum_with_pallas_mask(q, k, v, key_valid):
   """The reference of `pallas_dropout`: float32 einsums with the kernels' mask."""
-  q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-  probs = jax.nn.softmax(jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
-  probs = jnp.where(dropout_lib.keep_mask(_words(q), probs.shape, RATE), probs / (1 - RATE), 0.0)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  keep = dropout_lib.keep_mask(_words(q), (q.shape[0], q.shape[2], q.shape[1], k.shape[1]), RATE)
+  return masked_einsums(*(t.astype(jnp.float32) for t in (q, k, v)), key_valid, keep)
 
 
 def main():

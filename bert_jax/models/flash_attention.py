@@ -83,20 +83,28 @@ class _Settings(NamedTuple):
 # (rowsum(out * d_out)) `[seq]` float32. `seq` here is padded to a multiple of the blocks.
 
 
+def _scores(q, k, valid, settings: _Settings):
+  """The scaled scores `[queries, keys]` of one tile in base 2 (`exp2` of them is `exp`), padded keys masked."""
+  scores = plgpu.dot(q, k.T) * (settings.sm_scale * _LOG2_E)
+  return jnp.where(valid[None, :], scores, _MASKED_SCORE)
+
+
+def _kept(words_ref, query_positions, key_positions, settings: _Settings):
+  """bool `[queries, keys]`: the tile's dropout mask (`dropout.keep`)."""
+  return dropout.keep(words_ref[0], words_ref[1], query_positions, key_positions, settings.seq,
+                      settings.drop_threshold)
+
+
 def _probabilities(q, k, valid, lse, settings: _Settings):
   """The softmax `[queries, keys]` of one tile, recomputed from the forward pass's `lse`."""
-  scores = plgpu.dot(q, k.T) * (settings.sm_scale * _LOG2_E)
-  scores = jnp.where(valid[None, :], scores, _MASKED_SCORE)
-  return jnp.exp2(scores - lse[:, None])
+  return jnp.exp2(_scores(q, k, valid, settings) - lse[:, None])
 
 
 def _dropout_scale(words_ref, query_positions, key_positions, settings: _Settings):
   """float32 `[queries, keys]`: 1 / (1 - rate) where kept, 0 where dropped; None without dropout."""
   if settings.drop_threshold is None:
     return None
-  keep = dropout.keep(words_ref[0], words_ref[1], query_positions, key_positions, settings.seq,
-                      settings.drop_threshold)
-  return jnp.where(keep, settings.keep_scale, 0.0)
+  return jnp.where(_kept(words_ref, query_positions, key_positions, settings), settings.keep_scale, 0.0)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, words_ref, out_ref, lse_ref, *, settings: _Settings):
@@ -108,17 +116,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, words_ref, out_ref, lse_ref,
     out, running_max, running_sum = carry
     keys = pl.ds(i * block_k, block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]
-    scores = plgpu.dot(q, k.T) * (settings.sm_scale * _LOG2_E)
-    scores = jnp.where((valid_ref[keys] != 0)[None, :], scores, _MASKED_SCORE)
+    scores = _scores(q, k, valid_ref[keys] != 0, settings)
     new_max = jnp.maximum(running_max, scores.max(axis=-1))
     correction = jnp.exp2(running_max - new_max)
     unnormalized = jnp.exp2(scores - new_max[:, None])
     running_sum = running_sum * correction + unnormalized.sum(axis=-1)
     # The normalizer sums every probability; only the output sees the dropped ones zeroed.
     if settings.drop_threshold is not None:
-      key_positions = i * block_k + jnp.arange(block_k)
-      keep = dropout.keep(words_ref[0], words_ref[1], query_positions, key_positions, settings.seq,
-                          settings.drop_threshold)
+      keep = _kept(words_ref, query_positions, i * block_k + jnp.arange(block_k), settings)
       unnormalized = jnp.where(keep, unnormalized, 0.0)
     out = out * correction[:, None] + plgpu.dot(unnormalized.astype(v.dtype), v)
     return out, new_max, running_sum
