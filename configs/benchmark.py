@@ -3,8 +3,8 @@
 Presets: 'minilm_cpu' (MiniLM-L6 size, batch 32, seq 128, float32, the fused CPU attention kernel:
 the CPU comparison with PyTorch), 'minilm_cpu_bf16' (the same in bf16, with YNNPACK's matmuls, against
 PyTorch under bf16 autocast: for CPUs with bf16 instructions),
-'base_gpu' (BERT-base, batch 64, seq 128, bf16, the Pallas add & norm), 'base_gpu_512' (the same at
-batch 16, seq 512),
+'base_gpu' (BERT-base, batch 64, seq 128, bf16, the Pallas add & norm, BERT's attention dropout 0.1
+in our Pallas flash attention: attention_impl 'auto'), 'base_gpu_512' (the same at batch 16, seq 512),
 'compile_cpu' (compile time of a narrow model at 2 and 24 layers, unrolled vs scanned) and
 'buckets_cpu' (MiniLM-L6 size, batch 8, seq 512, the fused CPU attention kernel: an IMDB epoch padded
 vs cut to length buckets).
@@ -75,11 +75,15 @@ def get_config(preset: str = "minilm_cpu") -> ml_collections.ConfigDict:
     config.dtype = "bfloat16"
     # The add & norm in one Pallas kernel: BERT-base pretraining at 256 x 128 4-5% faster on an H200.
     config.model.layer_norm_impl = "pallas"
+    # On a GPU in bf16, our Pallas flash attention with the recipe's attention dropout in the kernel:
+    # pretraining at 256 x 128 18% faster than the einsums on an H200 (docs/performance.md).
+    config.model.attention_impl = "auto"
     config.batch_size = 64
     config.steps_per_sample = 5
   elif preset == "base_gpu_512":
     config.dtype = "bfloat16"
     config.model.layer_norm_impl = "pallas"
+    config.model.attention_impl = "auto"
     config.steps_per_sample = 5
     config.batch_size = 16
     config.seq_len = 512

@@ -23,7 +23,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   # Overrides of the model's BertConfig fields, under their Hugging Face names; None keeps the
   # checkpoint's value (or BertConfig's default when training from random init).
-  # attention_impl 'auto': our fused C++ attention kernel on a CPU (computing in float32), else einsums;
+  # attention_impl 'auto': our fused C++ attention kernel on a CPU (computing in float32), our Pallas
+  # flash attention on a GPU in bf16 (--config.model.dtype=bfloat16), else einsums; all with dropout;
   # layer_norm_impl 'auto': the add & norm in one Pallas kernel on a GPU, else XLA's;
   # prune_last_layer: the last layer computes [CLS] only, all the classifier reads (configs/common.py).
   config.model = common.model_overrides(num_labels=2, attention_impl="auto", layer_norm_impl="auto",

@@ -133,6 +133,12 @@ def test_flops_formula_counts_attention_and_the_mlm_head():
   assert config.dtype == "bfloat16"
 
 
+def test_the_gpu_presets_keep_berts_attention_dropout_with_the_kernel_auto_picks():
+  for preset in ("base_gpu", "base_gpu_512"):
+    config = benchmark_configs.get_config(preset)
+    assert config.model.attention_impl == "auto" and config.model.attention_probs_dropout_prob is None  # 0.1
+
+
 def test_the_cpu_bf16_preset_is_the_cpu_preset_in_bf16_with_ynnpack_matmuls():
   cpu, bf16 = benchmark_configs.get_config("minilm_cpu"), benchmark_configs.get_config("minilm_cpu_bf16")
   assert (bf16.dtype, bf16.model.dtype, cpu.dtype) == ("bfloat16", "bfloat16", "float32")
