@@ -87,10 +87,10 @@ def test_pallas_attention_on_a_tpu_is_refused_and_dot_product_is_not(tiny_config
 
 
 @pytest.mark.parametrize("backend, dtype, expected", [
-    ("gpu", "bfloat16", "pallas"), ("gpu", "float16", "pallas"), ("gpu", "float32", "einsum"),
+    ("gpu", "bfloat16", "pallas"), ("gpu", "float16", "einsum"), ("gpu", "float32", "einsum"),
     ("tpu", "bfloat16", "einsum")])
-def test_auto_takes_the_kernel_on_a_gpu_in_half_precision_only(tiny_config, monkeypatch, backend, dtype, expected):
-  # Timed in bf16 on an H200 (docs/performance.md); in float32 Triton's dots would take TF32.
+def test_auto_takes_the_kernel_on_a_gpu_in_bfloat16_only(tiny_config, monkeypatch, backend, dtype, expected):
+  # Checked and timed in bf16 on an H200 (docs/performance.md); in float32 Triton's dots would take TF32.
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   auto = tiny_config.replace(attention_impl="auto", attention_probs_dropout_prob=0.1, dtype=dtype)
   auto.check_trainable()

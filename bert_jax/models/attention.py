@@ -39,9 +39,10 @@ def resolve_attention_impl(config: config_lib.BertConfig) -> str:
   """The attention kernel `config.attention_impl` names; 'auto' is decided here, where the model is traced:
   our fused kernel when JAX's default backend is the CPU (float32 train steps 10-15% faster there,
   docs/performance.md; a bf16 model's query, key and value are widened for it), unless it cannot be
-  built or loaded (logged); our Pallas flash attention on a GPU in bfloat16 or float16 (BERT-base
-  pretraining at 256 x 128 with attention dropout 0.1 18% faster than the einsums on an H200, as fast
-  as cuDNN's kernel without dropout; in float32 Triton's dots would take TF32, untimed); else the einsums.
+  built or loaded (logged); our Pallas flash attention on a GPU in bfloat16 (BERT-base pretraining at
+  256 x 128 with attention dropout 0.1 18.7% faster than the einsums on an H200, as fast as cuDNN's
+  kernel without dropout; float16 is unchecked there, and in float32 Triton's dots would take TF32);
+  else the einsums.
   All three apply attention dropout and agree to rounding. Each process decides for itself: on a
   multi-host CPU cluster whose hosts differ in having a compiler, name the kernel explicitly.
   A kernel this backend cannot run is refused, with the setting to use instead."""
@@ -50,7 +51,7 @@ def resolve_attention_impl(config: config_lib.BertConfig) -> str:
   if impl == "auto":
     if backend == "cpu" and cpu_attention.available():
       impl = "cpu_fused"
-    elif backend == "gpu" and config.dtype in ("bfloat16", "float16"):
+    elif backend == "gpu" and config.dtype == "bfloat16":
       impl = "pallas"
     else:
       impl = "einsum"

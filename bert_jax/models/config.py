@@ -20,7 +20,7 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "si
 # (computes in float32, with attention dropout; `cpu_attention`). 'dot_product' and 'cudnn' have no
 # attention-probability dropout.
 # 'auto' picks one of those with dropout where the model is traced (`attention.resolve_attention_impl`):
-# 'cpu_fused' on XLA:CPU when its kernel builds, 'pallas' on a GPU in bfloat16/float16, else 'einsum'.
+# 'cpu_fused' on XLA:CPU when its kernel builds, 'pallas' on a GPU in bfloat16, else 'einsum'.
 ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn", "pallas", "cpu_fused", "auto")
 # The implementations that apply attention-probability dropout.
 ATTENTION_DROPOUT_IMPLS = ("einsum", "pallas", "cpu_fused", "auto")
