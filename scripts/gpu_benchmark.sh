@@ -10,7 +10,7 @@
 #   device run, carry [".gpu"], command "bash scripts/gpu_benchmark.sh"
 # Results: $OUT/bench.jsonl (one JSON line per case), $OUT/check_gpu.txt, $OUT/attention.jsonl,
 # $OUT/main_results.json, $OUT/env.txt, logs.
-# STAGES="check profile" runs a subset (default: ceilings check profile base128 base512 sweep
+# STAGES="check profile" runs a subset (default: ceilings check profile base128 base512 sweep recipe128
 # einsum128); PROFILE_EINSUM=0 profiles only the cuDNN step;
 # PROFILE_ARGS="--case=pretrain_train --config.batch_size=256" picks the traced step; DUMP_HLO=1
 # also keeps its optimized HLO ($OUT/hlo_after_optimizations.txt.gz);
@@ -96,7 +96,7 @@ profile() {  # profile SECONDS FLAGS...: kernel table to profile.txt
     2>> "$out/stderr.log"
   explain profile "$1" $?
 }
-for stage in ${STAGES:-ceilings check profile base128 base512 sweep einsum128}; do
+for stage in ${STAGES:-ceilings check profile base128 base512 sweep recipe128 einsum128}; do
   case $stage in
     check)
       echo "== numerics: speed switches vs float32 einsum"
