@@ -381,7 +381,13 @@ def _run_processes(command: list[str], env: dict, processes: int) -> list[tuple[
 
   The hang: on 2026-11-28 one CI run's jit pair (2 processes x 4 CPU devices, mesh (2,2,2)) sat with
   both processes idle at the train loop's first use of a step's metrics for 15 minutes, no XLA
-  collective timeout firing; 3 other runs that day passed."""
+  collective timeout firing; 3 other runs that day passed. Reproduced outside pytest later that day:
+  3 hangs in 22 pairs with two pairs running at once (0 in 25 beside one main job), at steps 11-20 and
+  31-42, so not only after a checkpoint. gdb in two of them: one process's 4 device threads in gloo
+  AllGather inside the step's gradient-accumulation `while`; the other's devices in a top-level gloo
+  CollectivePermute and AllGather, which XLA:CPU's thunk executor ran concurrently (`SplitReadyQueue`),
+  its other device threads waiting to launch. The two processes are in different collectives of the
+  step: an ordering deadlock in XLA:CPU's gloo collectives (jax 0.10.2), not in this code's loop."""
   env = dict(env, JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
   running = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
                               env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(processes)]
