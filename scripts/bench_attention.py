@@ -52,6 +52,11 @@ def pallas_dropout(q, k, v, key_valid):
   return flash.flash_attention(q, k, v, key_valid, _words(q), dropout_rate=RATE)
 
 
+def _probs_shape(q, k):
+  """The attention probabilities' shape `[batch, heads, queries, keys]`, the masks' shape."""
+  return (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+
+
 def masked_einsums(q, k, v, key_valid, keep):
   """attention.py's einsum path with dropout mask `keep` `[batch, heads, q, k]`: scores and softmax in
   float32, the kept probabilities scaled in the inputs' dtype."""
@@ -63,14 +68,13 @@ def masked_einsums(q, k, v, key_valid, keep):
 
 def einsum_dropout(q, k, v, key_valid):
   """The einsum path as the model runs it: its `Dropout` draws the mask, written out and read back."""
-  shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
-  keep = dropout_lib.Dropout(RATE).apply({}, shape, method="keep_mask", rngs={"dropout": jax.random.key(2)})
+  keep = dropout_lib.Dropout(RATE).apply({}, _probs_shape(q, k), method="keep_mask", rngs={"dropout": jax.random.key(2)})
   return masked_einsums(q, k, v, key_valid, keep)
 
 
 def einsum_with_pallas_mask(q, k, v, key_valid):
   """The reference of `pallas_dropout`: float32 einsums with the kernels' mask."""
-  keep = dropout_lib.keep_mask(_words(q), (q.shape[0], q.shape[2], q.shape[1], k.shape[1]), RATE)
+  keep = dropout_lib.keep_mask(_words(q), _probs_shape(q, k), RATE)
   return masked_einsums(*(t.astype(jnp.float32) for t in (q, k, v)), key_valid, keep)
 
 
