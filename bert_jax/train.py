@@ -8,6 +8,7 @@ shardings and checkpoints live in their own modules.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -103,11 +104,36 @@ def evaluate_arrays(eval_step, params, arrays: dict[str, np.ndarray], batch_size
   in batches cut to `length_buckets` if given."""
   sums = None
   sharding = partitioning.batch_sharding(mesh)
+  in_flight = _InFlight(MAX_STEPS_AHEAD)
   for batch in batching.eval_batches(arrays, batch_size=batch_size, length_buckets=length_buckets):
     sums = metrics_lib.add(sums, eval_step(params, batching.shard_batch(batch, sharding)))
+    in_flight.dispatched(sums)
   summary = metrics_lib.summarize(sums, prefix)
   summary[f"num_{prefix}examples"] = int(round(float(sums["count"])))
   return summary
+
+
+# How many steps the host may dispatch ahead of the devices: enough to keep an accelerator fed. The
+# bound matters for multi-process CPU runs. XLA:CPU (jax 0.10.2) launches each device's share of a
+# multi-device program from a pool of max(cores, local devices) threads, and a launch that finds its
+# device's queue full (32 computations) waits for room on one of those threads. A host far enough ahead
+# so took the threads that the current step's devices needed, and two processes hung, each waiting for
+# the other in a collective (tests/test_parallelism.py, `_run_processes`).
+MAX_STEPS_AHEAD = 2
+
+
+class _InFlight:
+  """Bounds the steps dispatched but not finished: after each dispatch, waits for the outputs of the
+  step `limit` dispatches back."""
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self._outputs = collections.deque()
+
+  def dispatched(self, outputs: Any) -> None:
+    self._outputs.append(outputs)
+    if len(self._outputs) > self.limit:
+      jax.block_until_ready(self._outputs.popleft())
 
 
 def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -287,11 +313,13 @@ def _steps(config, state, data, train_step, eval_step, ckpt, writer, meta, mesh,
   window = None
   state = placement.to_step(state)
   nonfinite = _NonFiniteGuard(config.train.on_nonfinite, progress, ckpt)
+  in_flight = _InFlight(MAX_STEPS_AHEAD)
   for batch in _batches_from(data.batches, steps_per_epoch, step, num_train_steps):
     state, step_metrics = train_step(state, placement.put_batch(batch))
     step += 1
     nonfinite.add(step, step_metrics["nonfinite"])
     window = metrics_lib.add(window, step_metrics)
+    in_flight.dispatched(window)
     if step % config.train.log_every_steps == 0 or step == num_train_steps:
       nonfinite.check()
       writer.scalars(step, progress.window(step, window, step_metrics))

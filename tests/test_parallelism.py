@@ -359,7 +359,7 @@ def run_main(workdir, devices: int, *args: str, env=None, processes: int = 1) ->
     errors = _run_processes(command, env, processes)
     if errors is None:
       # Both processes idle in the train loop, each waiting on a step whose collective never ends: seen
-      # once in 4 runs of the jit case on 2026-11-28 (cause not found; see the docstring below). The
+      # in CI before the loops bounded their dispatch (see `_run_processes`). Kept as a safety net: the
       # pair is killed and run once more, resuming from the last checkpoint, with a warning.
       warnings.warn(f"{processes} joined `bert_jax.main` processes hung past {MULTI_PROCESS_HANG_SECONDS} s; "
                     "killed, running them once more")
@@ -380,14 +380,15 @@ def _run_processes(command: list[str], env: dict, processes: int) -> list[tuple[
   stderr), or None if they had not all ended within MULTI_PROCESS_HANG_SECONDS (then all are killed).
 
   The hang: on 2026-11-28 one CI run's jit pair (2 processes x 4 CPU devices, mesh (2,2,2)) sat with
-  both processes idle at the train loop's first use of a step's metrics for 15 minutes, no XLA
-  collective timeout firing; 3 other runs that day passed. Reproduced outside pytest later that day:
-  3 hangs in 22 pairs with two pairs running at once (0 in 25 beside one main job), at steps 11-20 and
-  31-42, so not only after a checkpoint. gdb in two of them: one process's 4 device threads in gloo
-  AllGather inside the step's gradient-accumulation `while`; the other's devices in a top-level gloo
-  CollectivePermute and AllGather, which XLA:CPU's thunk executor ran concurrently (`SplitReadyQueue`),
-  its other device threads waiting to launch. The two processes are in different collectives of the
-  step: an ordering deadlock in XLA:CPU's gloo collectives (jax 0.10.2), not in this code's loop."""
+  both processes idle in the train loop for 15 minutes, no XLA collective timeout firing. Outside
+  pytest: 3 hangs in 22 pairs with two pairs running at once. gdb, two hangs: one process had all 4
+  devices in a collective of the step; in the other, 1 or 2 devices' launches sat in XLA's
+  `Semaphore::Acquire` (their device's queue of 32 computations was full), each holding one of the 4
+  threads that run the devices' parts, so those devices never joined. The host had run ahead: the
+  loop summed each metric with its own program (7 launches a fine-tuning step) and never waited. The
+  loops now wait for the step `train.MAX_STEPS_AHEAD` back and sum the metrics in one program: 0
+  hangs in 36 pairs under the same load. The reduced case is
+  `test_two_processes_dispatching_collective_steps_through_the_loops_bound_finish`."""
   env = dict(env, JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
   running = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
                               env=dict(env, JAX_PROCESS_ID=str(i))) for i in range(processes)]
@@ -480,6 +481,47 @@ def test_two_processes_of_one_device_each_train_as_one_device_does(tmp_path, mai
   result = run_main(tmp_path, 1, *data, processes=2)
   assert result["final_train_loss"] == pytest.approx(results["1 device"]["final_train_loss"], rel=1e-3)
   assert result["test_loss"] == pytest.approx(results["1 device"]["test_loss"], rel=1e-3)
+
+
+# The train and evaluation loops' dispatch, reduced to what hung: 300 steps, each a program with an
+# all-gather over 2 processes x 4 devices, then the metrics' sum. Unbounded, the pair hung 5 runs in 5
+# (a bound of 16 steps, 34 queued computations per device, hung; 15, 32 queued, did not).
+_DISPATCH_AHEAD = """
+import jax, numpy as np
+from bert_jax import metrics, partitioning, train
+partitioning.initialize_distributed()
+mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+x = jax.make_array_from_process_local_data(rows, np.ones((4, 64), np.float32))
+
+@jax.jit
+def step(x):
+  gathered = jax.lax.with_sharding_constraint(x, everywhere)
+  return x, {"sum": gathered.sum()}
+
+sums, in_flight = None, train._InFlight(train.MAX_STEPS_AHEAD)
+for _ in range(300):
+  x, step_metrics = step(x)
+  sums = metrics.add(sums, step_metrics)
+  in_flight.dispatched(sums)
+assert float(sums["sum"]) == 300 * 8 * 64, sums
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_dispatching_collective_steps_through_the_loops_bound_finish(monkeypatch):
+  """XLA:CPU (jax 0.10.2) starts each device's part of a multi-device program from a pool of
+  max(cores, local devices) threads; a launch that finds 32 computations queued on its device waits
+  for room on one of them. A host dispatching far enough ahead so took the thread one device of the
+  running step needed: both processes hung in its collective. `train._InFlight` keeps the loops within
+  MAX_STEPS_AHEAD steps; it alone ends this run, in about 3 s."""
+  monkeypatch.setattr(sys.modules[__name__], "MULTI_PROCESS_HANG_SECONDS", 120)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  ended = _run_processes([sys.executable, "-c", _DISPATCH_AHEAD], env, 2)
+  assert ended is not None, "hung: the host ran far enough ahead to take XLA:CPU's launch threads"
+  for i, (returncode, err) in enumerate(ended):
+    assert returncode == 0, f"process {i}: {err[-4000:]}"
 
 
 # ----------------------------------------------------------------------------------------------------

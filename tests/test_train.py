@@ -271,3 +271,22 @@ def test_tiny_preset_on_the_real_archive_from_the_command_line(tmp_path, imdb_ar
   assert (tmp_path / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
   assert (tmp_path / "hf_model" / "model.safetensors").exists()
   assert results["test_accuracy"] > 0.55  # it learns something from 1,800 reviews in 2 epochs
+
+
+class _Dispatched:
+  """A step's outputs as `jax.block_until_ready` sees them; notes when the loop waits on them."""
+
+  def __init__(self, step, waited):
+    self.step, self.waited = step, waited
+
+  def block_until_ready(self):
+    self.waited.append(self.step)
+    return self
+
+
+def test_the_loop_waits_for_the_step_dispatched_max_steps_ahead_back():
+  waited = []
+  in_flight = train._InFlight(2)
+  for step in range(5):
+    in_flight.dispatched(_Dispatched(step, waited))
+    assert waited == list(range(step - 1)), f"after dispatching step {step}"
