@@ -23,7 +23,9 @@
 # skips what would start with under 30 s left, so a long STAGES list still ends with its summary.
 # STAGES=recipe128 times the base_gpu preset as it is at 256 x 128 (BERT's attention dropout in our Pallas
 # kernel, which 'auto' picks in bf16; the other stages' `fast` flags run cuDNN without attention dropout).
-# STAGES=attention times the attention core alone (scripts/bench_attention.py); STAGES=main runs the
+# STAGES=attention times the attention core alone (scripts/bench_attention.py); STAGES=matmul the layer's
+# matmuls, XLA's against jax's Pallas matmul for Hopper (scripts/bench_matmul.py; MATMUL_ARGS, default
+# --sweep); STAGES=main runs the
 # main job (configs/imdb.py:minilm) on all the labelled reviews within MAIN_SECONDS (default 400),
 # MAIN_EXTRA="--config.a=1 --config.b=2" adding flags (split at spaces, as BENCH_EXTRA is: no
 # spaces inside a value).
@@ -103,6 +105,18 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep recipe128 ei
       limited 150 python3 -m scripts.check_gpu > "$out/check_gpu.txt" 2>> "$out/stderr.log"
       explain check 150 $?
       cat "$out/check_gpu.txt";;
+    matmul)  # the layer's matmuls: cuBLAS against jax's Pallas Hopper matmul (scripts/bench_matmul.py)
+      echo "== matmuls"
+      limited 240 python3 -m scripts.bench_matmul ${MATMUL_ARGS:---sweep} > "$out/matmul.jsonl" 2>> "$out/stderr.log"
+      explain matmul 240 $?
+      python3 - "$out/matmul.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+  r = json.loads(line)
+  print(r["shape"], r["variant"], r["tiling"] or "", r.get("error") or
+        f"{r['ms']:.3f} ms, {r['tflops']:.0f} TFLOP/s" + (f", rel L2 {r['rel_l2']:.1e}" if "rel_l2" in r else ""))
+PY
+      ;;
     attention)  # the attention core alone: einsums, cuDNN, the Pallas kernel at each tiling
       echo "== attention kernels"
       limited 240 python3 -m scripts.bench_attention --sweep > "$out/attention.jsonl" 2>> "$out/stderr.log"

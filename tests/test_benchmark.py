@@ -123,6 +123,17 @@ def test_ceilings_script_prints_matmul_and_bandwidth_figures():
   assert row["bandwidth_gb_per_second"] > 0
 
 
+def test_matmul_script_times_each_of_a_layer_s_products_with_xla_off_hopper():
+  result = subprocess.run([sys.executable, "-m", "scripts.bench_matmul", "--tokens=64"], capture_output=True,
+                          text=True, timeout=120, check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+  rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  assert [(r["shape"], r["variant"]) for r in rows] == [
+      ("qkv", "xla"), ("attention_output", "xla"), ("intermediate", "xla"), ("intermediate", "xla_bias_gelu"),
+      ("output", "xla"), ("intermediate_weight_grad", "xla")]  # the Pallas kernel needs a Hopper GPU
+  assert rows[0]["m_k_n"] == [64, 768, 2304] and rows[-1]["m_k_n"] == [768, 64, 3072]
+  assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
+
+
 def test_flops_formula_counts_attention_and_the_mlm_head():
   config = benchmark_configs.get_config("base_gpu")
   model_config = benchmark.models.BertConfig()

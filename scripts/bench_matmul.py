@@ -1,0 +1,106 @@
+"""Times BERT-base's matmuls at pretraining's 256 x 128 tokens: XLA's (cuBLAS on a GPU) and jax's Hopper
+matmul written in Pallas for Mosaic GPU (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`) at a few
+tilings, each with its distance from XLA's product. Then the feed-forward's first matmul with its bias and
+exact GELU, which XLA runs as the matmul and a separate pass over `[tokens, 3072]`. One JSON line per
+(shape, variant).
+
+  python -m scripts.bench_matmul [--tokens=32768] [--sweep]
+
+The question: can a matmul written in Pallas keep cuBLAS's speed at these shapes? If it can, a kernel
+with the bias and GELU (and in the backward the GELU's derivative) in its epilogue would take those passes
+out of the step, which is what 55% MFU needs (docs/performance.md, "What 55% would take"); the
+`bias_gelu` row says how much time that pass takes now. Meant for a Hopper GPU: elsewhere only XLA's
+rows run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+
+from scripts.bench_fused_norm import rel_l2, timed
+
+HIDDEN, INTERMEDIATE = 768, 3072
+
+
+def shapes(tokens: int) -> dict[str, tuple[int, int, int]]:
+  """(m, k, n) of each product `[m, k] @ [k, n]` of a BERT-base layer's step over `tokens` rows."""
+  return {
+      "qkv": (tokens, HIDDEN, 3 * HIDDEN),
+      "attention_output": (tokens, HIDDEN, HIDDEN),
+      "intermediate": (tokens, HIDDEN, INTERMEDIATE),
+      "output": (tokens, INTERMEDIATE, HIDDEN),  # also the intermediate's input gradient
+      "intermediate_weight_grad": (HIDDEN, tokens, INTERMEDIATE),  # x^T @ dy: the long sum over tokens
+  }
+
+
+def mosaic_tilings(sweep: bool) -> list[dict]:
+  """Tilings of `hopper_matmul_mgpu.TuningConfig`: two compute warpgroups split N, so a block is
+  tile_m x 2 tile_n. The first is the default."""
+  tilings = [dict(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4, grid_minor_dim="N", grid_tile_width=4)]
+  if sweep:
+    for tile_m, tile_n, minor in itertools.product((128, 256), (64, 128), ("M", "N")):  # the kernel's own sweep's
+      tiling = dict(tile_m=tile_m, tile_n=tile_n, tile_k=64, max_concurrent_steps=4, grid_minor_dim=minor,
+                    grid_tile_width=8)
+      if tiling not in tilings:
+        tilings.append(tiling)
+  return tilings
+
+
+def mosaic_matmul(tiling: dict):
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # needs a GPU jaxlib to lower
+  config = mgpu.TuningConfig(**dict(tiling, grid_minor_dim=mgpu.MatmulDimension[tiling["grid_minor_dim"]]))
+  return jax.jit(lambda a, b: mgpu.matmul(a, b, None, config))
+
+
+def xla_matmul(a, b):
+  return a @ b
+
+
+def xla_bias_gelu(a, b, bias):
+  return jax.nn.gelu(a @ b + bias, approximate=False)
+
+
+def row(name, variant, mkn, fn, args, reference, tiling=None) -> dict:
+  m, k, n = mkn
+  out = {"shape": name, "m_k_n": list(mkn), "variant": variant, "tiling": tiling}
+  try:
+    result = fn(*args)
+    ms = timed(fn, args)
+  except Exception as e:  # noqa: BLE001  a tiling that does not fit (shared memory, divisibility) is reported
+    return dict(out, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+  out.update(ms=round(ms, 4), tflops=round(2 * m * k * n / ms / 1e9, 1))
+  if reference is not None:
+    out["rel_l2"] = rel_l2(result, reference)
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--tokens", type=int, default=256 * 128)
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--sweep", action="store_true", help="time the Mosaic kernel at more tilings")
+  args = parser.parse_args()
+  dtype = jnp.dtype(args.dtype)
+  on_hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")  # wgmma: sm_90
+  keys = iter(jax.random.split(jax.random.key(0), 16))
+  for name, (m, k, n) in shapes(args.tokens).items():
+    a = jax.random.normal(next(keys), (m, k), dtype)
+    b = (jax.random.normal(next(keys), (k, n), jnp.float32) / k**0.5).astype(dtype)
+    xla = jax.jit(xla_matmul)
+    reference = xla(a, b)
+    print(json.dumps(row(name, "xla", (m, k, n), xla, (a, b), None)), flush=True)
+    if name == "intermediate":
+      bias = jax.random.normal(next(keys), (n,), dtype)
+      print(json.dumps(row(name, "xla_bias_gelu", (m, k, n), jax.jit(xla_bias_gelu), (a, b, bias), None)), flush=True)
+    if on_hopper:
+      for tiling in mosaic_tilings(args.sweep):
+        print(json.dumps(row(name, "mosaic", (m, k, n), mosaic_matmul(tiling), (a, b), reference, tiling)), flush=True)
+
+
+if __name__ == "__main__":
+  main()
