@@ -1,9 +1,10 @@
 """The training loop of fine-tuning and pretraining alike: `train_and_evaluate(config, workdir)`.
 
 Owns: compiling the steps (over the mesh with `jax.jit`, or over the devices with `jax.pmap`: see
-`config.parallelism`), the loop with its periodic logging, validation and checkpoints, the final
-evaluation and `results.json`. What differs between tasks is in `tasks`; steps, data, state,
-shardings and checkpoints live in their own modules.
+`config.parallelism`), the loop with its periodic logging, validation and checkpoints, how far it
+dispatches ahead of the devices (`MAX_STEPS_AHEAD`), the final evaluation and `results.json`. What
+differs between tasks is in `tasks`; steps, data, state, shardings and checkpoints live in their own
+modules.
 """
 
 from __future__ import annotations
@@ -113,12 +114,13 @@ def evaluate_arrays(eval_step, params, arrays: dict[str, np.ndarray], batch_size
   return summary
 
 
-# How many steps the host may dispatch ahead of the devices: enough to keep an accelerator fed. The
-# bound matters for multi-process CPU runs. XLA:CPU (jax 0.10.2) launches each device's share of a
-# multi-device program from a pool of max(cores, local devices) threads, and a launch that finds its
-# device's queue full (32 computations) waits for room on one of those threads. A host far enough ahead
-# so took the threads that the current step's devices needed, and two processes hung, each waiting for
-# the other in a collective (tests/test_parallelism.py, `_run_processes`).
+# How many steps the host may dispatch ahead of the devices: enough to keep an accelerator fed. On
+# CPUs the bound keeps runs on several devices from hanging. XLA:CPU (jax 0.10.2) launches each
+# device's share of a multi-device program from a pool of max(cores, local devices) threads, and a
+# launch that finds its device's queue full (32 computations) waits for room on one of those threads.
+# A host far enough ahead so took the threads that the running step's other devices needed, and the
+# step's collective never ended: two processes of 4 devices, or one of 8 (tests/test_parallelism.py,
+# `_run_processes`; docs/performance.md, "seventeenth").
 MAX_STEPS_AHEAD = 2
 
 

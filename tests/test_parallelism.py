@@ -484,8 +484,8 @@ def test_two_processes_of_one_device_each_train_as_one_device_does(tmp_path, mai
 
 
 # The train and evaluation loops' dispatch, reduced to what hung: 300 steps, each a program with an
-# all-gather over 2 processes x 4 devices, then the metrics' sum. Unbounded, the pair hung 5 runs in 5
-# (a bound of 16 steps, 34 queued computations per device, hung; 15, 32 queued, did not).
+# all-gather over 2 processes x 4 devices, then the metrics' sum. Unbounded, the pair hung 7 runs in 7
+# (a bound of 16 steps, 34 queued computations per device, hung 4 in 4; 15, 32 queued, none in 4).
 _DISPATCH_AHEAD = """
 import jax, numpy as np
 from bert_jax import metrics, partitioning, train
