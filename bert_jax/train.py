@@ -114,11 +114,12 @@ def evaluate_arrays(eval_step, params, arrays: dict[str, np.ndarray], batch_size
   return summary
 
 
-# How many steps the host may dispatch ahead of the devices: enough to keep an accelerator fed. On
-# CPUs the bound keeps runs on several devices from hanging. XLA:CPU (jax 0.10.2) launches each
-# device's share of a multi-device program from a pool of max(cores, local devices) threads, and a
-# launch that finds its device's queue full (32 computations) waits for room on one of those threads.
-# A host far enough ahead so took the threads that the running step's other devices needed, and the
+# How many steps the host may dispatch ahead of the devices: a device always has the next step queued,
+# so a host pause of up to a step costs nothing (not yet timed on an accelerator). On CPUs the bound
+# keeps runs on several devices from hanging. XLA:CPU (jax 0.10.2) launches each device's share of a
+# multi-device program from a pool of max(cores, local devices) threads, and a launch that finds its
+# device's queue full (32 computations) waits for room on one of those threads. With the host far
+# enough ahead, such waits took the threads that the running step's other devices needed, and the
 # step's collective never ended: two processes of 4 devices, or one of 8 (tests/test_parallelism.py,
 # `_run_processes`; docs/performance.md, "seventeenth").
 MAX_STEPS_AHEAD = 2

@@ -45,8 +45,9 @@ def mosaic_tilings(sweep: bool) -> list[dict]:
   tile_m x 2 tile_n. The first is the default."""
   tilings = [dict(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4, grid_minor_dim="N", grid_tile_width=4)]
   if sweep:
-    for tile_m, tile_n, minor in itertools.product((128, 256), (64, 128), ("M", "N")):  # the kernel's own sweep's
-      # 256 x 2*128 blocks of 4 stages need 295 kB of shared memory (an H100 has 227): 3 stages fit.
+    # Block sizes and grid orders from the kernel's own sweep (its `main`). 256 x 2*128 blocks of 4 stages
+    # need 295 kB of shared memory (an H100 has 227): 3 stages fit.
+    for tile_m, tile_n, minor in itertools.product((128, 256), (64, 128), ("M", "N")):
       steps = 3 if tile_m * tile_n > 128 * 128 else 4
       tiling = dict(tile_m=tile_m, tile_n=tile_n, tile_k=64, max_concurrent_steps=steps, grid_minor_dim=minor,
                     grid_tile_width=8)
@@ -56,12 +57,13 @@ def mosaic_tilings(sweep: bool) -> list[dict]:
 
 
 def mosaic_matmul(tiling: dict):
+  """The jitted kernel at `tiling`, and the `TuningConfig` fields it was given."""
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # needs a GPU jaxlib to lower
   # Written against jax 0.10.2's kernel; a later jax may have renamed or dropped a field: those are left out.
   fields = {field.name for field in dataclasses.fields(mgpu.TuningConfig)}
-  tiling = dict(tiling, grid_minor_dim=mgpu.MatmulDimension[tiling["grid_minor_dim"]])
-  config = mgpu.TuningConfig(**{name: value for name, value in tiling.items() if name in fields})
-  return jax.jit(lambda a, b: mgpu.matmul(a, b, None, config))
+  given = {name: value for name, value in tiling.items() if name in fields}
+  config = mgpu.TuningConfig(**dict(given, grid_minor_dim=mgpu.MatmulDimension[given["grid_minor_dim"]]))
+  return jax.jit(lambda a, b: mgpu.matmul(a, b, None, config)), given
 
 
 def xla_matmul(a, b):
@@ -72,15 +74,18 @@ def xla_bias_gelu(a, b, bias):
   return jax.nn.gelu(a @ b + bias, approximate=False)
 
 
-def row(name, variant, mkn, fn, args, reference, tiling=None) -> dict:
+def row(name, variant, mkn, make, args, reference) -> dict:
+  """Times `make()`'s function (a jitted function and its tiling, or None) on `args`. An error anywhere,
+  building the kernel included (a tiling that does not fit, a jax without the kernel), is reported."""
   m, k, n = mkn
-  out = {"shape": name, "m_k_n": list(mkn), "variant": variant, "tiling": tiling}
+  out = {"shape": name, "m_k_n": list(mkn), "variant": variant, "tiling": None}
   try:
+    fn, out["tiling"] = make()
     result = fn(*args)
     ms = timed(fn, args)
-  except Exception as e:  # noqa: BLE001  a tiling that does not fit (shared memory, divisibility) is reported
-    return dict(out, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-  out.update(ms=round(ms, 4), tflops=round(2 * m * k * n / ms / 1e9, 1))
+  except Exception as e:  # noqa: BLE001
+    return dict(out, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+  out.update(ms=round(ms, 4), tflops=float(f"{2 * m * k * n / ms / 1e9:.4g}"))
   if reference is not None:
     out["rel_l2"] = rel_l2(result, reference)
   return out
@@ -100,13 +105,15 @@ def main():
     b = (jax.random.normal(next(keys), (k, n), jnp.float32) / k**0.5).astype(dtype)
     xla = jax.jit(xla_matmul)
     reference = xla(a, b)
-    print(json.dumps(row(name, "xla", (m, k, n), xla, (a, b), None)), flush=True)
+    print(json.dumps(row(name, "xla", (m, k, n), lambda: (xla, None), (a, b), None)), flush=True)
     if name == "intermediate":
       bias = jax.random.normal(next(keys), (n,), dtype)
-      print(json.dumps(row(name, "xla_bias_gelu", (m, k, n), jax.jit(xla_bias_gelu), (a, b, bias), None)), flush=True)
+      print(json.dumps(row(name, "xla_bias_gelu", (m, k, n), lambda: (jax.jit(xla_bias_gelu), None), (a, b, bias),
+                           None)), flush=True)
     if on_hopper:
       for tiling in mosaic_tilings(args.sweep):
-        print(json.dumps(row(name, "mosaic", (m, k, n), mosaic_matmul(tiling), (a, b), reference, tiling)), flush=True)
+        print(json.dumps(row(name, "mosaic", (m, k, n), lambda: mosaic_matmul(tiling), (a, b), reference)),  # noqa: B023
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #
 # Needs the git-ignored .gpu/ folder (bash scripts/prepare_gpu_carry.sh). On the lent machine:
 #   device run, carry [".gpu"], command "bash scripts/gpu_benchmark.sh"
-# Results: $OUT/bench.jsonl (one JSON line per case), $OUT/check_gpu.txt, $OUT/attention.jsonl,
+# Results: $OUT/bench.jsonl (one JSON line per case), $OUT/check_gpu.txt, $OUT/attention.jsonl, $OUT/matmul.jsonl,
 # $OUT/main_results.json, $OUT/env.txt, logs.
 # STAGES="check profile" runs a subset (default: ceilings check profile base128 base512 sweep recipe128
 # einsum128); PROFILE_EINSUM=0 profiles only the cuDNN step;
@@ -25,7 +25,7 @@
 # kernel, which 'auto' picks in bf16; the other stages' `fast` flags run cuDNN without attention dropout).
 # STAGES=attention times the attention core alone (scripts/bench_attention.py); STAGES=matmul the layer's
 # matmuls, XLA's against jax's Pallas matmul for Hopper (scripts/bench_matmul.py; MATMUL_ARGS, default
-# --sweep); STAGES=main runs the
+# --sweep, MATMUL_ARGS= for the default tiling alone); STAGES=main runs the
 # main job (configs/imdb.py:minilm) on all the labelled reviews within MAIN_SECONDS (default 400),
 # MAIN_EXTRA="--config.a=1 --config.b=2" adding flags (split at spaces, as BENCH_EXTRA is: no
 # spaces inside a value).
@@ -107,7 +107,7 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep recipe128 ei
       cat "$out/check_gpu.txt";;
     matmul)  # the layer's matmuls: cuBLAS against jax's Pallas Hopper matmul (scripts/bench_matmul.py)
       echo "== matmuls"
-      limited 240 python3 -m scripts.bench_matmul ${MATMUL_ARGS:---sweep} > "$out/matmul.jsonl" 2>> "$out/stderr.log"
+      limited 240 python3 -m scripts.bench_matmul ${MATMUL_ARGS---sweep} > "$out/matmul.jsonl" 2>> "$out/stderr.log"
       explain matmul 240 $?
       python3 - "$out/matmul.jsonl" <<'PY'
 import json, sys

@@ -513,8 +513,8 @@ assert float(sums["sum"]) == 300 * 8 * 64, sums
 def test_two_processes_dispatching_collective_steps_through_the_loops_bound_finish(monkeypatch):
   """XLA:CPU (jax 0.10.2) starts each device's part of a multi-device program from a pool of
   max(cores, local devices) threads; a launch that finds 32 computations queued on its device waits
-  for room on one of them. A host dispatching far enough ahead so took the thread one device of the
-  running step needed: both processes hung in its collective. `train._InFlight` keeps the loops within
+  for room on one of them. With the host dispatching far enough ahead, such a wait took the thread one
+  device of the running step needed: both processes hung in its collective. `train._InFlight` keeps the loops within
   MAX_STEPS_AHEAD steps; it alone ends this run, in about 3 s."""
   monkeypatch.setattr(sys.modules[__name__], "MULTI_PROCESS_HANG_SECONDS", 120)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}

@@ -290,3 +290,23 @@ def test_the_loop_waits_for_the_step_dispatched_max_steps_ahead_back():
   for step in range(5):
     in_flight.dispatched(_Dispatched(step, waited))
     assert waited == list(range(step - 1)), f"after dispatching step {step}"
+
+
+def test_the_train_and_eval_loops_pass_every_step_through_the_bound(tmp_path, archive, minilm_dir, monkeypatch):
+  calls = []  # per _InFlight, in the order they were made: how many dispatches each saw
+
+  class Counted(train._InFlight):
+    def __init__(self, limit):
+      super().__init__(limit)
+      self.index = len(calls)
+      calls.append(0)
+
+    def dispatched(self, outputs):
+      calls[self.index] += 1
+      super().dispatched(outputs)
+
+  monkeypatch.setattr(train, "_InFlight", Counted)
+  results = train.train_and_evaluate(tiny_config(archive, minilm_dir, **{"train.num_epochs": 0.25}), str(tmp_path))
+  # The train loop's 2 steps; validation at its end (16 reviews, 2 batches of 8); the test set (24, 3 batches).
+  assert results["steps"] == 2 and results["num_test_examples"] == 24
+  assert calls == [2, 2, 3]
