@@ -107,7 +107,8 @@ for stage in ${STAGES:-ceilings check profile base128 base512 sweep recipe128 ei
       cat "$out/check_gpu.txt";;
     matmul)  # the layer's matmuls: cuBLAS against jax's Pallas Hopper matmul (scripts/bench_matmul.py)
       echo "== matmuls"
-      limited 240 python3 -m scripts.bench_matmul ${MATMUL_ARGS---sweep} > "$out/matmul.jsonl" 2>> "$out/stderr.log"
+      read -ra matmul_args <<< "${MATMUL_ARGS---sweep}"  # split at spaces, as BENCH_EXTRA is
+      limited 240 python3 -m scripts.bench_matmul "${matmul_args[@]}" > "$out/matmul.jsonl" 2>> "$out/stderr.log"
       explain matmul 240 $?
       python3 - "$out/matmul.jsonl" <<'PY'
 import json, sys
