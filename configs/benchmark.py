@@ -23,10 +23,12 @@ import ml_collections
 from configs import common
 
 
+PRESETS = ("minilm_cpu", "minilm_cpu_bf16", "compile_cpu", "buckets_cpu", "base_gpu", "base_gpu_512")
+
+
 def get_config(preset: str = "minilm_cpu") -> ml_collections.ConfigDict:
-  if preset not in ("minilm_cpu", "minilm_cpu_bf16", "compile_cpu", "buckets_cpu", "base_gpu", "base_gpu_512"):
-    raise ValueError(f"Unknown preset {preset!r}; use 'minilm_cpu', 'minilm_cpu_bf16', 'compile_cpu', 'buckets_cpu', "
-                     "'base_gpu' or 'base_gpu_512'.")
+  if preset not in PRESETS:
+    raise ValueError(f"Unknown preset {preset!r}; use {', '.join(map(repr, PRESETS[:-1]))} or {PRESETS[-1]!r}.")
   config = ml_collections.ConfigDict()
   # Only the model's config.json is read: the weights do not change the step time.
   config.init_checkpoint = ""
