@@ -16,6 +16,7 @@ times the Pallas kernel at each tiling (forward query block, backward block, war
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 
@@ -78,6 +79,13 @@ def einsum_with_pallas_mask(q, k, v, key_valid):
   return masked_einsums(*(t.astype(jnp.float32) for t in (q, k, v)), key_valid, keep)
 
 
+def _gradients(fn, d_out, q, k, v, key_valid):
+  """`fn`'s gradients with respect to q, k, v for the cotangent `d_out`, cast to `fn`'s output dtype (the
+  float32 reference's output is float32 for inputs of any dtype)."""
+  out, vjp = jax.vjp(lambda *qkv: fn(*qkv, key_valid), q, k, v)
+  return vjp(d_out.astype(out.dtype))
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=256)
@@ -110,24 +118,24 @@ def main():
   variants += [("einsum_dropout", einsum_dropout, None), ("einsum_with_pallas_mask", einsum_with_pallas_mask, None)]
   if jax.default_backend() == "gpu":
     variants.append(("pallas_dropout", pallas_dropout, None))
-  reference = None
+  references = {}  # "einsum" for the variants without dropout, "einsum_with_pallas_mask" for pallas_dropout
   for name, fn, tiling in variants:
     row = dict(common, variant=name, tiling=list(tiling) if tiling else None)
     forward = jax.jit(fn)
-    backward = jax.jit(lambda *a, fn=fn: jax.vjp(lambda *qkv: fn(*qkv, a[-1]), *a[:-1])[1](d_out))
+    backward = jax.jit(functools.partial(_gradients, fn, d_out))
     try:
       row["forward_ms"], row["forward_backward_ms"] = timed(forward, inputs), timed(backward, inputs)
       out, grads = jnp.where(real_rows, forward(*inputs), 0), backward(*inputs)
     except Exception as e:  # pylint: disable=broad-except  # a tiling Triton rejects: report, go on
       print(json.dumps(dict(row, error=f"{type(e).__name__}: {str(e)[:200]}")), flush=True)
       continue
-    if reference is None:
-      reference = out, grads
-    elif name == "einsum_with_pallas_mask":
-      reference = out, grads  # the dropout variants after it compare with it
+    if name in ("einsum", "einsum_with_pallas_mask"):
+      references[name] = out, grads
     elif name != "einsum_dropout":  # its own mask: compared with nothing
-      row["output_rel_l2"] = rel_l2(out, reference[0])
-      row["grads_rel_l2"] = {g: rel_l2(a, b) for g, a, b in zip("qkv", grads, reference[1])}
+      reference = references.get("einsum_with_pallas_mask" if name == "pallas_dropout" else "einsum")
+      if reference is not None:  # else the reference's own row reported its error
+        row["output_rel_l2"] = rel_l2(out, reference[0])
+        row["grads_rel_l2"] = {g: rel_l2(a, b) for g, a, b in zip("qkv", grads, reference[1])}
     print(json.dumps(row), flush=True)
 
 

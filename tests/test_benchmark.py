@@ -134,6 +134,17 @@ def test_matmul_script_times_each_of_a_layer_s_products_with_xla_off_hopper():
   assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
 
 
+def test_attention_script_gives_each_variant_its_gradients_in_bf16_off_the_gpu():
+  # The float32 reference of the dropout kernel returns float32 for bf16 inputs: its cotangent must follow
+  # (a bf16 one failed its row on the eleventh lease, and pallas_dropout was compared with no-dropout values).
+  result = subprocess.run([sys.executable, "-m", "scripts.bench_attention", "--batch=4", "--seq=16", "--heads=2",
+                           "--head-dim=8", "--dtype=bfloat16"], capture_output=True, text=True, timeout=120,
+                          check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+  rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  assert [r["variant"] for r in rows] == ["einsum", "einsum_dropout", "einsum_with_pallas_mask"]  # no kernels off GPU
+  assert all("error" not in r and r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in rows)
+
+
 def test_flops_formula_counts_attention_and_the_mlm_head():
   config = benchmark_configs.get_config("base_gpu")
   model_config = benchmark.models.BertConfig()
