@@ -1,17 +1,16 @@
 """Times BERT-base's matmuls at pretraining's 256 x 128 tokens: XLA's (cuBLAS on a GPU) and jax's Hopper
 matmul written in Pallas for Mosaic GPU (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`) at a few
 tilings, each with its distance from XLA's product. Then the feed-forward's first matmul with its bias and
-exact GELU, which XLA runs as the matmul and a separate pass over `[tokens, 3072]`. One JSON line per
-(shape, variant).
+exact GELU: in XLA, and in our Mosaic kernel with both in its epilogue (scripts/matmul_bias_gelu_mgpu.py),
+alone and also writing the pre-activation that training keeps for the backward; each with its distance
+from the float32 result. One JSON line per (shape, variant).
 
   python -m scripts.bench_matmul [--tokens=32768] [--sweep]
 
-The question: can a matmul written in Pallas keep cuBLAS's speed at these shapes? If it can, a kernel
-with the bias and GELU (and in the backward the GELU's derivative) in its epilogue would take those passes
-out of the step, which is what 55% MFU needs (docs/performance.md, "What 55% would take"); the
-`bias_gelu` row says how much time that pass takes now. Meant for a Hopper GPU: elsewhere only XLA's
-rows run. Every tiling here lowers for an H100 at these shapes (checked by lowering with jax[cuda12] on a
-CPU host, the SM count set to 132); none has run on a GPU yet.
+The question: can matmul kernels of our own, with the passes around them in their epilogues, beat cuBLAS
+and XLA's separate passes (docs/performance.md, "What 55% would take")? XLA runs with the training
+configs' flags (`configs/common.py`: cuBLAS, not Triton, for its matmul fusions). Meant for a Hopper GPU:
+elsewhere only XLA's rows run. Figures from an H200 in docs/performance.md ("eleventh lease").
 """
 
 from __future__ import annotations
@@ -25,7 +24,10 @@ import json
 import jax
 import jax.numpy as jnp
 
+from bert_jax import partitioning
+from configs import common
 from scripts.bench_fused_norm import rel_l2, timed
+from scripts.matmul_bias_gelu_mgpu import matmul_bias_gelu
 
 HIDDEN, INTERMEDIATE = 768, 3072
 
@@ -57,14 +59,36 @@ def mosaic_tilings(sweep: bool) -> list[dict]:
   return tilings
 
 
-def mosaic_matmul(tiling: dict):
-  """The jitted kernel at `tiling`, and the `TuningConfig` fields it was given."""
+def epilogue_tilings(with_preactivation: bool) -> list[dict]:
+  """The three fastest tilings of the intermediate's plain product on the eleventh lease's H200. A second
+  output's store buffers need 3 stages: 4 take 263 kB of shared memory (an H100 has 227)."""
+  steps = 3 if with_preactivation else 4
+  return [dict(tiling, max_concurrent_steps=steps) for tiling in (
+      dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="N", grid_tile_width=4),
+      dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="M", grid_tile_width=8),
+      dict(tile_m=256, tile_n=64, tile_k=64, grid_minor_dim="N", grid_tile_width=8))]
+
+
+def tuning_config(tiling: dict):
+  """`hopper_matmul_mgpu.TuningConfig` at `tiling`, and the fields it was given."""
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # needs a GPU jaxlib to lower
   # Written against jax 0.10.2's kernel; a later jax may have renamed or dropped a field: those are left out.
   fields = {field.name for field in dataclasses.fields(mgpu.TuningConfig)}
   given = {name: value for name, value in tiling.items() if name in fields}
-  config = mgpu.TuningConfig(**dict(given, grid_minor_dim=mgpu.MatmulDimension[given["grid_minor_dim"]]))
+  return mgpu.TuningConfig(**dict(given, grid_minor_dim=mgpu.MatmulDimension[given["grid_minor_dim"]])), given
+
+
+def mosaic_matmul(tiling: dict):
+  """jax's kernel jitted at `tiling`, and the `TuningConfig` fields it was given."""
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu
+  config, given = tuning_config(tiling)
   return jax.jit(lambda a, b: mgpu.matmul(a, b, None, config)), given
+
+
+def mosaic_bias_gelu(tiling: dict, with_preactivation: bool):
+  """Our epilogue kernel (scripts/matmul_bias_gelu_mgpu.py) jitted at `tiling`, and the fields given."""
+  config, given = tuning_config(tiling)
+  return jax.jit(functools.partial(matmul_bias_gelu, config=config, with_preactivation=with_preactivation)), given
 
 
 def xla_matmul(a, b):
@@ -73,6 +97,18 @@ def xla_matmul(a, b):
 
 def xla_bias_gelu(a, b, bias):
   return jax.nn.gelu(a @ b + bias, approximate=False)
+
+
+def xla_bias_gelu_preactivation(a, b, bias):
+  """What the model's forward keeps for training: the GELU and its input, which the backward reads."""
+  preactivation = a @ b + bias
+  return jax.nn.gelu(preactivation, approximate=False), preactivation
+
+
+def float32_bias_gelu(a, b, bias):
+  """The reference of the GELU rows: products, bias and GELU in float32."""
+  preactivation = jnp.dot(a, b, preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
+  return jax.nn.gelu(preactivation, approximate=False)
 
 
 def row(name, variant, mkn, make, args, reference) -> dict:
@@ -87,8 +123,8 @@ def row(name, variant, mkn, make, args, reference) -> dict:
   except Exception as e:  # noqa: BLE001
     return dict(out, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
   out.update(ms=round(ms, 4), tflops=float(f"{2 * m * k * n / ms / 1e9:.4g}"))
-  if reference is not None:
-    out["rel_l2"] = rel_l2(result, reference)
+  if reference is not None:  # of the first output: the GELU rows' second is the pre-activation
+    out["rel_l2"] = rel_l2(result[0] if isinstance(result, tuple) else result, reference)
   return out
 
 
@@ -98,6 +134,7 @@ def main():
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--sweep", action="store_true", help="time the Mosaic kernel at more tilings")
   args = parser.parse_args()
+  partitioning.add_xla_flags(common.XLA_FLAGS)  # as training compiles: before JAX starts a backend
   dtype = jnp.dtype(args.dtype)
   on_hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")  # wgmma: sm_90
   keys = iter(jax.random.split(jax.random.key(0), 16))
@@ -109,8 +146,15 @@ def main():
     print(json.dumps(row(name, "xla", (m, k, n), lambda: (xla, None), (a, b), None)), flush=True)
     if name == "intermediate":
       bias = jax.random.normal(next(keys), (n,), dtype)
-      print(json.dumps(row(name, "xla_bias_gelu", (m, k, n), lambda: (jax.jit(xla_bias_gelu), None), (a, b, bias),
-                           None)), flush=True)
+      gelu_reference = jax.jit(float32_bias_gelu)(a, b, bias)
+      for variant, fn in (("xla_bias_gelu", xla_bias_gelu), ("xla_bias_gelu_preactivation", xla_bias_gelu_preactivation)):
+        print(json.dumps(row(name, variant, (m, k, n), lambda fn=fn: (jax.jit(fn), None), (a, b, bias),
+                             gelu_reference)), flush=True)
+      if on_hopper:
+        for with_preactivation, tiling in [(p, t) for p in (False, True) for t in epilogue_tilings(p)]:
+          variant = "mosaic_bias_gelu" + ("_preactivation" if with_preactivation else "")
+          make = functools.partial(mosaic_bias_gelu, tiling, with_preactivation)
+          print(json.dumps(row(name, variant, (m, k, n), make, (a, b, bias), gelu_reference)), flush=True)
     if on_hopper:
       for tiling in mosaic_tilings(args.sweep):
         print(json.dumps(row(name, "mosaic", (m, k, n), functools.partial(mosaic_matmul, tiling), (a, b), reference)),

@@ -8,11 +8,14 @@ import sys
 import types
 
 import jax
+import jax.numpy as jnp
 import pytest
+from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu
 
 from bert_jax import benchmark
 from bert_jax import device_peaks
 from configs import benchmark as benchmark_configs
+from scripts import matmul_bias_gelu_mgpu
 
 
 def _tiny_benchmark_config(**overrides):
@@ -129,9 +132,12 @@ def test_matmul_script_times_each_of_a_layer_s_products_with_xla_off_hopper():
   rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
   assert [(r["shape"], r["variant"]) for r in rows] == [
       ("qkv", "xla"), ("attention_output", "xla"), ("intermediate", "xla"), ("intermediate", "xla_bias_gelu"),
-      ("output", "xla"), ("intermediate_weight_grad", "xla")]  # the Pallas kernel needs a Hopper GPU
+      ("intermediate", "xla_bias_gelu_preactivation"), ("output", "xla"),
+      ("intermediate_weight_grad", "xla")]  # the Pallas kernels need a Hopper GPU
   assert rows[0]["m_k_n"] == [64, 768, 2304] and rows[-1]["m_k_n"] == [768, 64, 3072]
   assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
+  gelu_rows = [r for r in rows if "gelu" in r["variant"]]
+  assert all(0 < r["rel_l2"] < 1e-2 for r in gelu_rows)  # bf16 outputs against the float32 reference
 
 
 def test_attention_script_gives_each_variant_its_gradients_in_bf16_off_the_gpu():
@@ -143,6 +149,23 @@ def test_attention_script_gives_each_variant_its_gradients_in_bf16_off_the_gpu()
   rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
   assert [r["variant"] for r in rows] == ["einsum", "einsum_dropout", "einsum_with_pallas_mask"]  # no kernels off GPU
   assert all("error" not in r and r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in rows)
+
+
+def test_the_epilogue_kernel_s_gelu_is_the_exact_one_without_erf():
+  # Mosaic GPU has no layout rule for erf, so the kernel's epilogue builds erf from exp (A&S 7.1.26).
+  x = jnp.linspace(-10.0, 10.0, 100_001, dtype=jnp.float32)
+  error = jnp.abs(matmul_bias_gelu_mgpu._gelu(x) - jax.nn.gelu(x, approximate=False))
+  assert float(jnp.max(error)) < 1e-6
+
+
+def test_the_epilogue_kernel_names_the_configs_it_cannot_run():
+  config = hopper_matmul_mgpu.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
+                                           cluster_dimension=hopper_matmul_mgpu.MatmulDimension.M)
+  a, b = jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match="uses no cluster"):
+    matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, jnp.zeros(256), config)
+  with pytest.raises(ValueError, match="must share a dtype"):
+    matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b.astype(jnp.float32), jnp.zeros(256), config)
 
 
 def test_flops_formula_counts_attention_and_the_mlm_head():
