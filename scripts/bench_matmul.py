@@ -59,14 +59,19 @@ def mosaic_tilings(sweep: bool) -> list[dict]:
   return tilings
 
 
-def epilogue_tilings(with_preactivation: bool) -> list[dict]:
-  """The three fastest tilings of the intermediate's plain product on the eleventh lease's H200. A second
-  output's store buffers need 3 stages: 4 take 263 kB of shared memory (an H100 has 227)."""
-  steps = 3 if with_preactivation else 4
-  return [dict(tiling, max_concurrent_steps=steps) for tiling in (
-      dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="N", grid_tile_width=4),
-      dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="M", grid_tile_width=8),
-      dict(tile_m=256, tile_n=64, tile_k=64, grid_minor_dim="N", grid_tile_width=8))]
+def epilogue_variants() -> list[tuple[bool, dict, int]]:
+  """(with_preactivation, tiling, out_slots) of the GELU-epilogue rows. First the eleventh lease's: the three
+  fastest tilings of the intermediate's plain product there, at 4 stages for the GELU alone and at 3 with
+  the pre-activation too (4 stages and 2 store slots per output take 263 kB of shared memory; an H100 has
+  227). Then the controls that separate the stages' part from the second output's: the GELU alone at 3
+  stages, and both outputs at 4 stages with 1 store slot each."""
+  tilings = [dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="N", grid_tile_width=4),
+             dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="M", grid_tile_width=8),
+             dict(tile_m=256, tile_n=64, tile_k=64, grid_minor_dim="N", grid_tile_width=8)]
+  return ([(False, dict(t, max_concurrent_steps=4), 2) for t in tilings]
+          + [(True, dict(t, max_concurrent_steps=3), 2) for t in tilings]
+          + [(False, dict(tilings[1], max_concurrent_steps=3), 2)]
+          + [(True, dict(t, max_concurrent_steps=4), 1) for t in tilings])
 
 
 def tuning_config(tiling: dict):
@@ -85,10 +90,12 @@ def mosaic_matmul(tiling: dict):
   return jax.jit(lambda a, b: mgpu.matmul(a, b, None, config)), given
 
 
-def mosaic_bias_gelu(tiling: dict, with_preactivation: bool):
-  """Our epilogue kernel (scripts/matmul_bias_gelu_mgpu.py) jitted at `tiling`, and the fields given."""
+def mosaic_bias_gelu(with_preactivation: bool, tiling: dict, out_slots: int):
+  """Our epilogue kernel (scripts/matmul_bias_gelu_mgpu.py) jitted at `tiling`, and the settings given."""
   config, given = tuning_config(tiling)
-  return jax.jit(functools.partial(matmul_bias_gelu, config=config, with_preactivation=with_preactivation)), given
+  kernel = functools.partial(matmul_bias_gelu, config=config, with_preactivation=with_preactivation,
+                             out_slots=out_slots)
+  return jax.jit(kernel), dict(given, out_slots=out_slots)
 
 
 def xla_matmul(a, b):
@@ -151,9 +158,9 @@ def main():
         print(json.dumps(row(name, variant, (m, k, n), lambda fn=fn: (jax.jit(fn), None), (a, b, bias),
                              gelu_reference)), flush=True)
       if on_hopper:
-        for with_preactivation, tiling in [(p, t) for p in (False, True) for t in epilogue_tilings(p)]:
+        for with_preactivation, tiling, out_slots in epilogue_variants():
           variant = "mosaic_bias_gelu" + ("_preactivation" if with_preactivation else "")
-          make = functools.partial(mosaic_bias_gelu, tiling, with_preactivation)
+          make = functools.partial(mosaic_bias_gelu, with_preactivation, tiling, out_slots)
           print(json.dumps(row(name, variant, (m, k, n), make, (a, b, bias), gelu_reference)), flush=True)
     if on_hopper:
       for tiling in mosaic_tilings(args.sweep):

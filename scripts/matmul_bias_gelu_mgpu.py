@@ -41,7 +41,7 @@ def _gelu(x):
   return 0.5 * (x + abs(x) * (1.0 - q))
 
 
-def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config):
+def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
   """One persistent CTA per SM: loops over `[tile_m, 2 tile_n]` output blocks.
 
   a `[m, k]`, b `[k, n]` (bf16), bias `[n]` float32; out_gmems: gelu `[m, n]` and, optionally, the
@@ -61,7 +61,7 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config):
   swizzle = plgpu.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
   epi_tile_m, epi_tile_n = config.epi_tile_m, config.epi_tile_n
-  num_out_slots = min(2, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
+  num_out_slots = min(out_slots, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
   out_swizzle = plgpu.find_swizzle(epi_tile_n * jnp.dtype(dtype).itemsize * 8)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
                     plgpu.SwizzleTransform(out_swizzle))
@@ -119,8 +119,9 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config):
             for epi_ni in range(tile_n // epi_tile_n):
               epi_m_slice = slice(epi_mi * epi_tile_m, (epi_mi + 1) * epi_tile_m)
               epi_n_slice = slice(epi_ni * epi_tile_n, (epi_ni + 1) * epi_tile_n)
-              slot = (epi_mi * (tile_n // epi_tile_n) + epi_ni) % 2
-              plgpu.wait_smem_to_gmem(len(out_gmems), wait_read_only=True)  # this slot's last stores read
+              slot = (epi_mi * (tile_n // epi_tile_n) + epi_ni) % num_out_slots
+              # This slot's last stores have read it; the other slots' may still be reading.
+              plgpu.wait_smem_to_gmem(len(out_gmems) * (num_out_slots - 1), wait_read_only=True)
               for i, result in enumerate(results):
                 out_smem[i, wg_idx, slot] = result[epi_m_slice, epi_n_slice]
               plgpu.commit_smem()
@@ -140,11 +141,13 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config):
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every store done before the kernel exits
 
 
-def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False):
+def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_slots: int = 2):
   """`gelu(a @ b + bias)` `[m, n]` in a's dtype (and `a @ b + bias` with `with_preactivation`).
 
   a `[m, k]`, b `[k, n]` of one dtype, bias `[n]` (used in float32); `config` a `hopper_matmul_mgpu.
   TuningConfig` without a cluster. GELU is the exact one (erf), as BERT's `hidden_act='gelu'`.
+  `out_slots` store buffers per output: with 2, one epilogue tile's stores overlap the next tile's
+  writes; 1 frees the shared memory that a fourth pipeline stage needs when both outputs are written.
   """
   import jax.experimental.pallas.mosaic_gpu as plgpu
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu
@@ -158,7 +161,7 @@ def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False):
   (m, _), (_, n) = a.shape, b.shape
   out = jax.ShapeDtypeStruct((m, n), a.dtype)
   call = plgpu.kernel(
-      functools.partial(kernel, config=config),
+      functools.partial(kernel, config=config, out_slots=out_slots),
       out_type=(out, out) if with_preactivation else (out,),
       grid=(mgpu.get_num_sms(),),
       grid_names=("cluster_grid",),
