@@ -79,6 +79,18 @@ def einsum_with_pallas_mask(q, k, v, key_valid):
   return masked_einsums(*(t.astype(jnp.float32) for t in (q, k, v)), key_valid, keep)
 
 
+REFERENCES = ("einsum", "einsum_with_pallas_mask")
+
+
+def reference_for(variant: str) -> str | None:
+  """The variant whose values `variant`'s are compared with: the float32 einsums with the kernels' mask
+  for our dropout kernel, XLA's einsums for the others without dropout, and none for the references
+  themselves and for `einsum_dropout`, whose mask is its own."""
+  if variant in REFERENCES or variant == "einsum_dropout":
+    return None
+  return "einsum_with_pallas_mask" if variant == "pallas_dropout" else "einsum"
+
+
 def _gradients(fn, d_out, q, k, v, key_valid):
   """`fn`'s gradients with respect to q, k, v for the cotangent `d_out`, cast to `fn`'s output dtype (the
   float32 reference's output is float32 for inputs of any dtype)."""
@@ -118,24 +130,24 @@ def main():
   variants += [("einsum_dropout", einsum_dropout, None), ("einsum_with_pallas_mask", einsum_with_pallas_mask, None)]
   if jax.default_backend() == "gpu":
     variants.append(("pallas_dropout", pallas_dropout, None))
-  references = {}  # "einsum" for the variants without dropout, "einsum_with_pallas_mask" for pallas_dropout
+  references = {}  # each reference variant's (output, gradients)
   for name, fn, tiling in variants:
     row = dict(common, variant=name, tiling=list(tiling) if tiling else None)
     forward = jax.jit(fn)
-    backward = jax.jit(functools.partial(_gradients, fn, d_out))
+    backward = jax.jit(functools.partial(_gradients, fn))  # d_out an argument, not a constant to fold
     try:
-      row["forward_ms"], row["forward_backward_ms"] = timed(forward, inputs), timed(backward, inputs)
-      out, grads = jnp.where(real_rows, forward(*inputs), 0), backward(*inputs)
+      row["forward_ms"] = timed(forward, inputs)
+      row["forward_backward_ms"] = timed(backward, (d_out, *inputs))
+      out, grads = jnp.where(real_rows, forward(*inputs), 0), backward(d_out, *inputs)
     except Exception as e:  # pylint: disable=broad-except  # a tiling Triton rejects: report, go on
       print(json.dumps(dict(row, error=f"{type(e).__name__}: {str(e)[:200]}")), flush=True)
       continue
-    if name in ("einsum", "einsum_with_pallas_mask"):
+    if name in REFERENCES:
       references[name] = out, grads
-    elif name != "einsum_dropout":  # its own mask: compared with nothing
-      reference = references.get("einsum_with_pallas_mask" if name == "pallas_dropout" else "einsum")
-      if reference is not None:  # else the reference's own row reported its error
-        row["output_rel_l2"] = rel_l2(out, reference[0])
-        row["grads_rel_l2"] = {g: rel_l2(a, b) for g, a, b in zip("qkv", grads, reference[1])}
+    reference = references.get(reference_for(name))
+    if reference is not None:  # None also when the reference's own row reported an error
+      row["output_rel_l2"] = rel_l2(out, reference[0])
+      row["grads_rel_l2"] = {g: rel_l2(a, b) for g, a, b in zip("qkv", grads, reference[1])}
     print(json.dumps(row), flush=True)
 
 

@@ -7,8 +7,9 @@ A prototype for scripts/bench_matmul.py, which times it: does the epilogue keep 
 decides whether the model's feed-forward should get such a kernel (docs/performance.md, "What 55% would
 take", "eleventh lease"). The model does not use it. Kept from jax's kernel: the tiling (`TuningConfig`),
 the TMA/wgmma pipeline with two compute warpgroups side by side along N, the planar-snake grid, the
-epilogue's double-buffered stores. Dropped: the accumulate-into-C input, clusters and the collective hooks.
-Ran on an H200 (jax 0.11.2): 1.7e-3 from the float32 result at 32,768 x 768 x 3072, against XLA's 2.6e-3.
+epilogue's buffered stores (`out_slots`). Dropped: the accumulate-into-C input, clusters and the collective hooks.
+Ran on an H200 (jax 0.11.2): 1.7e-3 from the float32 result at 32,768 x 768 x 3072, against XLA's 2.6e-3
+(with `_gelu`'s earlier form `(x + |x| (1 - q)) / 2`; `out_slots` also came after that run).
 Lowers wherever jax's CUDA plugin is installed (the SM count given: `scripts/gpu_hlo.py`'s venv).
 """
 
@@ -30,15 +31,16 @@ _ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
 def _gelu(x):
-  """Exact GELU, x Phi(x), from abs, exp and arithmetic alone: with z = |x| / sqrt(2) and
-  erf(z) = 1 - q, x Phi(x) = (x + |x| (1 - q)) / 2 for either sign of x."""
+  """Exact GELU, x Phi(x), from abs, max, exp and arithmetic alone: with z = |x| / sqrt(2) and
+  erf(z) = 1 - q, x Phi(x) = (x + |x| (1 - q)) / 2 = max(x, 0) - |x| q / 2 for either sign of x. The last
+  form keeps the negative tail's relative accuracy, which `1 - q` would round away."""
   z = abs(x) * np.float32(np.sqrt(0.5))
   t = 1.0 / (1.0 + _ERF_P * z)
   poly = _ERF_A[4]
   for a in reversed(_ERF_A[:4]):
     poly = poly * t + a
   q = poly * t * jnp.exp(-z * z)
-  return 0.5 * (x + abs(x) * (1.0 - q))
+  return jnp.maximum(x, 0.0) - 0.5 * abs(x) * q
 
 
 def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
@@ -113,7 +115,7 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
           bias = plgpu.load(bias_smem.at[wg_idx], (), layout=plgpu.Layout.WGMMA.reduce(0))
           preactivation = acc_ref[...] + lax.broadcast_in_dim(bias, (tile_m, tile_n), [1])
           gelu = _gelu(preactivation)
-          results = (gelu.astype(dtype), preactivation.astype(dtype))[:len(out_gmems)]
+          results = [gelu.astype(dtype)] + [preactivation.astype(dtype)] * (len(out_gmems) == 2)
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           for epi_mi in range(tile_m // epi_tile_m):
             for epi_ni in range(tile_n // epi_tile_n):
@@ -154,6 +156,10 @@ def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_s
 
   if a.dtype != b.dtype:
     raise ValueError(f"a and b must share a dtype, got {a.dtype} and {b.dtype}")
+  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or bias.shape != (b.shape[1],):
+    raise ValueError(f"need a [m, k], b [k, n] and bias [n]; got {a.shape}, {b.shape} and {bias.shape}")
+  if out_slots < 1:
+    raise ValueError(f"out_slots must be at least 1, got {out_slots}")
   if config.cluster_dimension is not None or config.wg_dimension != mgpu.MatmulDimension.N:
     raise ValueError("this kernel splits N between its two warpgroups and uses no cluster")
   config = dataclasses.replace(config, epi_tile_m=config.epi_tile_m or config.tile_m,

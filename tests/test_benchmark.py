@@ -1,5 +1,6 @@
 """The benchmark prints one JSON line per case with the figures other tools read."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -10,11 +11,11 @@ import types
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu
 
 from bert_jax import benchmark
 from bert_jax import device_peaks
 from configs import benchmark as benchmark_configs
+from scripts import bench_attention
 from scripts import matmul_bias_gelu_mgpu
 
 
@@ -151,21 +152,38 @@ def test_attention_script_gives_each_variant_its_gradients_in_bf16_off_the_gpu()
   assert all("error" not in r and r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in rows)
 
 
+def test_the_attention_script_compares_the_dropout_kernel_with_the_einsums_given_its_mask():
+  assert bench_attention.reference_for("pallas_dropout") == "einsum_with_pallas_mask"
+  assert bench_attention.reference_for("cudnn") == bench_attention.reference_for("pallas") == "einsum"
+  assert [bench_attention.reference_for(v) for v in ("einsum", "einsum_with_pallas_mask", "einsum_dropout")] == [
+      None, None, None]  # the references, and the einsums with a mask of their own
+
+
 def test_the_epilogue_kernel_s_gelu_is_the_exact_one_without_erf():
   # Mosaic GPU has no layout rule for erf, so the kernel's epilogue builds erf from exp (A&S 7.1.26).
   x = jnp.linspace(-10.0, 10.0, 100_001, dtype=jnp.float32)
-  error = jnp.abs(matmul_bias_gelu_mgpu._gelu(x) - jax.nn.gelu(x, approximate=False))
-  assert float(jnp.max(error)) < 1e-6
+  gelu, exact = matmul_bias_gelu_mgpu._gelu(x), jax.nn.gelu(x, approximate=False)
+  assert float(jnp.max(jnp.abs(gelu - exact))) < 1e-6
+  tail = (x > -6.0) & (x < -3.0)  # the negative tail keeps its relative accuracy too
+  assert float(jnp.max(jnp.where(tail, jnp.abs(gelu - exact) / jnp.abs(exact), 0.0))) < 5e-2
 
 
-def test_the_epilogue_kernel_names_the_configs_it_cannot_run():
-  config = hopper_matmul_mgpu.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
-                                           cluster_dimension=hopper_matmul_mgpu.MatmulDimension.M)
-  a, b = jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16)
-  with pytest.raises(ValueError, match="uses no cluster"):
-    matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, jnp.zeros(256), config)
+def test_the_epilogue_kernel_names_the_inputs_and_configs_it_cannot_run():
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # pylint: disable=g-import-not-at-top
+  config = mgpu.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4)
+  a, b, bias = jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16), jnp.zeros(256)
+  for bad_config in (dataclasses.replace(config, cluster_dimension=mgpu.MatmulDimension.M),
+                     dataclasses.replace(config, wg_dimension=mgpu.MatmulDimension.M)):
+    with pytest.raises(ValueError, match="uses no cluster"):
+      matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, bias, bad_config)
   with pytest.raises(ValueError, match="must share a dtype"):
-    matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b.astype(jnp.float32), jnp.zeros(256), config)
+    matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b.astype(jnp.float32), bias, config)
+  with pytest.raises(ValueError, match=r"need a \[m, k\], b \[k, n\] and bias \[n\]"):
+    matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b[:32], bias, config)  # k differs
+  with pytest.raises(ValueError, match="bias"):
+    matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, bias[:128], config)
+  with pytest.raises(ValueError, match="out_slots must be at least 1"):
+    matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, bias, config, out_slots=0)
 
 
 def test_flops_formula_counts_attention_and_the_mlm_head():
