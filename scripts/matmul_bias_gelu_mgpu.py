@@ -9,8 +9,10 @@ take", "eleventh lease"). The model does not use it. Kept from jax's kernel: the
 the TMA/wgmma pipeline with two compute warpgroups side by side along N, the planar-snake grid, the
 epilogue's buffered stores (`out_slots`). Dropped: the accumulate-into-C input, clusters and the collective hooks.
 Ran on an H200 (jax 0.11.2): 1.7e-3 from the float32 result at 32,768 x 768 x 3072, against XLA's 2.6e-3
-(with `_gelu`'s earlier form `(x + |x| (1 - q)) / 2`; `out_slots` also came after that run).
-Lowers wherever jax's CUDA plugin is installed (the SM count given: `scripts/gpu_hlo.py`'s venv).
+(with `_gelu`'s earlier form `(x + |x| (1 - q)) / 2` and the bias read through `plgpu.load` in lane
+semantics; `out_slots` and the interpreter's tests came after that run).
+Lowers wherever jax's CUDA plugin is installed (the SM count given: `scripts/gpu_hlo.py`'s venv), and runs
+on a CPU in Mosaic GPU's interpreter, with its race detector (tests/test_benchmark.py).
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
           plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem.at[wg_idx], bias_barrier.at[wg_idx])
           eval_pipeline(acc_ref)
           plgpu.barrier_wait(bias_barrier.at[wg_idx])
-          bias = plgpu.load(bias_smem.at[wg_idx], (), layout=plgpu.Layout.WGMMA.reduce(0))
+          bias = bias_smem[wg_idx]
           preactivation = acc_ref[...] + lax.broadcast_in_dim(bias, (tile_m, tile_n), [1])
           gelu = _gelu(preactivation)
           results = [gelu.astype(dtype)] + [preactivation.astype(dtype)] * (len(out_gmems) == 2)
@@ -143,13 +145,14 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every store done before the kernel exits
 
 
-def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_slots: int = 2):
+def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_slots: int = 2, interpret=None):
   """`gelu(a @ b + bias)` `[m, n]` in a's dtype (and `a @ b + bias` with `with_preactivation`).
 
   a `[m, k]`, b `[k, n]` of one dtype, bias `[n]` (used in float32); `config` a `hopper_matmul_mgpu.
   TuningConfig` without a cluster. GELU is the exact one (erf), as BERT's `hidden_act='gelu'`.
   `out_slots` store buffers per output: with 2, one epilogue tile's stores overlap the next tile's
   writes; 1 frees the shared memory that a fourth pipeline stage needs when both outputs are written.
+  `interpret`: parameters of Mosaic GPU's interpreter, which runs the kernel on a CPU (the tests').
   """
   import jax.experimental.pallas.mosaic_gpu as plgpu
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu
@@ -175,6 +178,7 @@ def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_s
       cluster_names=("cluster",),
       num_threads=3,
       thread_name="wg",
+      interpret=interpret,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
   )
   results = call(a, b, bias.astype(jnp.float32))
