@@ -1,9 +1,10 @@
 """Times BERT-base's matmuls at pretraining's 256 x 128 tokens: XLA's (cuBLAS on a GPU) and jax's Hopper
 matmul written in Pallas for Mosaic GPU (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`) at a few
 tilings, each with its distance from XLA's product. Then the feed-forward's first matmul with its bias and
-exact GELU: in XLA, and in our Mosaic kernel with both in its epilogue (scripts/matmul_bias_gelu_mgpu.py),
-alone and also writing the pre-activation that training keeps for the backward; each with its distance
-from the float32 result. One JSON line per (shape, variant).
+exact GELU: in XLA, and in our Mosaic kernels with both in the epilogue (scripts/matmul_bias_gelu_mgpu.py:
+jax's cooperative schedule, and a ping-pong one that overlaps each epilogue with products), alone and also
+writing the pre-activation that training keeps for the backward; each with its distance from the float32
+result. One JSON line per (shape, variant).
 
   python -m scripts.bench_matmul [--tokens=32768] [--sweep]
 
@@ -75,6 +76,17 @@ def epilogue_variants() -> list[tuple[bool, dict, int]]:
           + [(True, dict(t, max_concurrent_steps=4), 1) for t in tilings])
 
 
+def pingpong_variants() -> list[tuple[bool, dict, int]]:
+  """(with_preactivation, tiling, out_slots) of the ping-pong rows: each consumer warpgroup's block is
+  tile_m x tile_n, its ring `max_concurrent_steps` deep. Two grid orders; the most stages that fit in an
+  H100's shared memory (3 with one store slot per output; with the pre-activation and 2 slots, 2)."""
+  orders = [dict(grid_minor_dim="M", grid_tile_width=8), dict(grid_minor_dim="N", grid_tile_width=4)]
+  block = dict(tile_m=128, tile_n=128, tile_k=64)
+  return ([(False, dict(block, max_concurrent_steps=3, **order), 2) for order in orders]
+          + [(True, dict(block, max_concurrent_steps=3, **order), 1) for order in orders]
+          + [(True, dict(block, max_concurrent_steps=2, **order), 2) for order in orders])
+
+
 def tuning_config(tiling: dict):
   """`hopper_matmul_mgpu.TuningConfig` at `tiling`, and the fields it was given."""
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # needs a GPU jaxlib to lower
@@ -91,11 +103,11 @@ def mosaic_matmul(tiling: dict):
   return jax.jit(lambda a, b: mgpu.matmul(a, b, None, config)), given
 
 
-def mosaic_bias_gelu(with_preactivation: bool, tiling: dict, out_slots: int):
+def mosaic_bias_gelu(with_preactivation: bool, tiling: dict, out_slots: int, schedule: str = "cooperative"):
   """Our epilogue kernel (scripts/matmul_bias_gelu_mgpu.py) jitted at `tiling`, and the settings given."""
   config, given = tuning_config(tiling)
   kernel = functools.partial(matmul_bias_gelu, config=config, with_preactivation=with_preactivation,
-                             out_slots=out_slots)
+                             out_slots=out_slots, schedule=schedule)
   return jax.jit(kernel), dict(given, out_slots=out_slots)
 
 
@@ -161,9 +173,11 @@ def main():
         print(json.dumps(row(name, variant, (m, k, n), lambda fn=fn: (jax.jit(fn), None), (a, b, bias),
                              gelu_reference)), flush=True)
       if on_hopper:
-        for with_preactivation, tiling, out_slots in epilogue_variants():
+        variants = [(*v, "cooperative") for v in epilogue_variants()] + [(*v, "pingpong") for v in pingpong_variants()]
+        for with_preactivation, tiling, out_slots, schedule in variants:
           variant = "mosaic_bias_gelu" + ("_preactivation" if with_preactivation else "")
-          make = functools.partial(mosaic_bias_gelu, with_preactivation, tiling, out_slots)
+          variant += "_pingpong" if schedule == "pingpong" else ""
+          make = functools.partial(mosaic_bias_gelu, with_preactivation, tiling, out_slots, schedule)
           print(json.dumps(row(name, variant, (m, k, n), make, (a, b, bias), gelu_reference)), flush=True)
     if on_hopper:
       for tiling in mosaic_tilings(args.sweep):

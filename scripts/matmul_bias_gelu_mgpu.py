@@ -1,18 +1,24 @@
-"""`gelu(a @ b + bias)` in one Hopper kernel: jax's warp-specialised Mosaic GPU matmul
-(`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`, Apache 2.0, The JAX Authors) with the bias and
-exact GELU applied to the float32 accumulator in its epilogue, before the one bf16 write. With
-`with_preactivation`, the epilogue also writes `a @ b + bias`, which the GELU's backward reads.
+"""`gelu(a @ b + bias)` in one Hopper kernel: a Mosaic GPU matmul with the bias and exact GELU applied
+to the float32 accumulator in its epilogue, before the one bf16 write. With `with_preactivation`, the
+epilogue also writes `a @ b + bias`, which the GELU's backward reads. Two schedules:
 
-A prototype for scripts/bench_matmul.py, which times it: does the epilogue keep the matmul's speed? That
-decides whether the model's feed-forward should get such a kernel (docs/performance.md, "What 55% would
-take", "eleventh lease"). The model does not use it. Kept from jax's kernel: the tiling (`TuningConfig`),
-the TMA/wgmma pipeline with two compute warpgroups side by side along N, the planar-snake grid, the
-epilogue's buffered stores (`out_slots`). Dropped: the accumulate-into-C input, clusters and the collective hooks.
-Ran on an H200 (jax 0.11.2): 1.7e-3 from the float32 result at 32,768 x 768 x 3072, against XLA's 2.6e-3
-(with `_gelu`'s earlier form `(x + |x| (1 - q)) / 2` and the bias read through `plgpu.load` in lane
-semantics; `out_slots` and the interpreter's tests came after that run).
-Lowers wherever jax's CUDA plugin is installed (the SM count given: `scripts/gpu_hlo.py`'s venv), and runs
-on a CPU in Mosaic GPU's interpreter, with its race detector (tests/test_benchmark.py).
+- `kernel` ("cooperative"): jax's warp-specialised Hopper matmul
+  (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`, Apache 2.0, The JAX Authors) with this
+  epilogue. Kept: the tiling (`TuningConfig`), the TMA/wgmma pipeline with two compute warpgroups side
+  by side along N, the planar-snake grid. Dropped: the accumulate-into-C input, clusters, collective hooks.
+- `pingpong_kernel`: the two compute warpgroups take turns over their own output blocks, so that one's
+  epilogue runs while the other's products do, as CUTLASS's ping-pong Hopper kernels do.
+
+A prototype for scripts/bench_matmul.py, which times both: can an epilogue kernel beat cuBLAS plus XLA's
+separate pass? That decides whether the model's feed-forward should get one (docs/performance.md, "What
+55% would take", "eleventh lease"). The model does not use it.
+- The cooperative kernel ran on an H200 (jax 0.11.2): 1.7e-3 from the float32 result at
+  32,768 x 768 x 3072, against XLA's 2.6e-3. That run had `_gelu`'s earlier form `(x + |x| (1 - q)) / 2`
+  and read the bias through `plgpu.load` in lane semantics. `out_slots`, the ping-pong kernel and the
+  interpreter's tests came after it.
+- Both lower for an H100 wherever jax's CUDA plugin is installed (the SM count given:
+  `scripts/gpu_hlo.py`'s venv). Both run on a CPU in Mosaic GPU's interpreter, with its race detector
+  (tests/test_benchmark.py).
 """
 
 from __future__ import annotations
@@ -43,6 +49,33 @@ def _gelu(x):
     poly = poly * t + a
   q = poly * t * jnp.exp(-z * z)
   return jnp.maximum(x, 0.0) - 0.5 * abs(x) * q
+
+
+def _epilogue(acc, bias, out_smem, out_gmems, m_slice, n_slice):
+  """Stores gelu(acc + bias) (and acc + bias) to `out_gmems` at `[m_slice, n_slice]` through `out_smem`.
+
+  acc `[tile_m, tile_n]` float32, bias `[tile_n]` float32, out_smem `[outputs, slots, epi_m, epi_n]`: one
+  warpgroup's store buffers, which its earlier stores may still be reading.
+  """
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  num_outputs, num_slots, epi_tile_m, epi_tile_n = out_smem.shape
+  (tile_m, tile_n), dtype = acc.shape, out_smem.dtype
+  preactivation = acc + lax.broadcast_in_dim(bias, (tile_m, tile_n), [1])
+  results = [_gelu(preactivation).astype(dtype)] + [preactivation.astype(dtype)] * (num_outputs == 2)
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block's stores, whatever slot they used
+  for epi_mi in range(tile_m // epi_tile_m):
+    for epi_ni in range(tile_n // epi_tile_n):
+      epi_m_slice = slice(epi_mi * epi_tile_m, (epi_mi + 1) * epi_tile_m)
+      epi_n_slice = slice(epi_ni * epi_tile_n, (epi_ni + 1) * epi_tile_n)
+      slot = (epi_mi * (tile_n // epi_tile_n) + epi_ni) % num_slots
+      # This slot's last stores have read it; the other slots' may still be reading.
+      plgpu.wait_smem_to_gmem(num_outputs * (num_slots - 1), wait_read_only=True)
+      for i, result in enumerate(results):
+        out_smem[i, slot] = result[epi_m_slice, epi_n_slice]
+      plgpu.commit_smem()
+      for i, out_gmem in enumerate(out_gmems):
+        plgpu.copy_smem_to_gmem(out_smem.at[i, slot], out_gmem.at[m_slice, n_slice].at[epi_m_slice, epi_n_slice])
 
 
 def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
@@ -114,24 +147,7 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
           plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem.at[wg_idx], bias_barrier.at[wg_idx])
           eval_pipeline(acc_ref)
           plgpu.barrier_wait(bias_barrier.at[wg_idx])
-          bias = bias_smem[wg_idx]
-          preactivation = acc_ref[...] + lax.broadcast_in_dim(bias, (tile_m, tile_n), [1])
-          gelu = _gelu(preactivation)
-          results = [gelu.astype(dtype)] + [preactivation.astype(dtype)] * (len(out_gmems) == 2)
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          for epi_mi in range(tile_m // epi_tile_m):
-            for epi_ni in range(tile_n // epi_tile_n):
-              epi_m_slice = slice(epi_mi * epi_tile_m, (epi_mi + 1) * epi_tile_m)
-              epi_n_slice = slice(epi_ni * epi_tile_n, (epi_ni + 1) * epi_tile_n)
-              slot = (epi_mi * (tile_n // epi_tile_n) + epi_ni) % num_out_slots
-              # This slot's last stores have read it; the other slots' may still be reading.
-              plgpu.wait_smem_to_gmem(len(out_gmems) * (num_out_slots - 1), wait_read_only=True)
-              for i, result in enumerate(results):
-                out_smem[i, wg_idx, slot] = result[epi_m_slice, epi_n_slice]
-              plgpu.commit_smem()
-              for i, out_gmem in enumerate(out_gmems):
-                plgpu.copy_smem_to_gmem(out_smem.at[i, wg_idx, slot],
-                                        out_gmem.at[m_slice, n_slice].at[epi_m_slice, epi_n_slice])
+          _epilogue(acc_ref[...], bias_smem[wg_idx], out_smem.at[:, wg_idx], out_gmems, m_slice, n_slice)
 
       def mma_body(_, a_smem, b_smem, acc_ref):
         plgpu.wgmma(acc_ref, a_smem, b_smem.at[:, pl.ds(wg_idx * tile_n, tile_n)])
@@ -145,13 +161,135 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every store done before the kernel exits
 
 
-def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_slots: int = 2, interpret=None):
+def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, num_ctas):
+  """One persistent CTA per SM, three warpgroups. The CTA's `[tile_m, tile_n]` output blocks alternate
+  between two consumer warpgroups, each with its own ring of `max_concurrent_steps` stages; the third
+  warpgroup loads the rings in the order the blocks are consumed. One consumer's epilogue then runs while
+  the other's products do (the "ping-pong" schedule of CUTLASS's Hopper kernels), where `kernel`'s two
+  warpgroups stop their products together for theirs.
+
+  a `[m, k]`, b `[k, n]` (bf16), bias `[n]` float32; out_gmems as `kernel`'s.
+  """
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  dtype = a_gmem.dtype
+  m, k = a_gmem.shape
+  _, n = b_gmem.shape
+  tile_m, tile_n, tile_k, stages = config.tile_m, config.tile_n, config.tile_k, config.max_concurrent_steps
+  if m % tile_m or n % tile_n or k % tile_k:
+    raise ValueError(f"{(m, k, n)=} must be multiples of {(tile_m, tile_k, tile_n)=}")
+  m_iters, n_iters, k_iters = m // tile_m, n // tile_n, k // tile_k
+  num_tiles = m_iters * n_iters
+  swizzle = plgpu.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
+  transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+  epi_tile_m, epi_tile_n = config.epi_tile_m, config.epi_tile_n
+  num_out_slots = min(out_slots, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
+  out_swizzle = plgpu.find_swizzle(epi_tile_n * jnp.dtype(dtype).itemsize * 8)
+  out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
+                    plgpu.SwizzleTransform(out_swizzle))
+
+  def block_slices(j):
+    """The rows and columns of this CTA's j-th block."""
+    lin_idx = lax.axis_index("sm") + j * num_ctas
+    m_idx, n_idx = plgpu.planar_snake(lin_idx, (m_iters, n_iters), config.grid_minor_dim, config.grid_tile_width)
+    return pl.ds(m_idx * tile_m, tile_m), pl.ds(n_idx * tile_n, tile_n)
+
+  def body(a_smem, b_smem, out_smem, bias_smem, a_loaded, b_loaded, consumed, bias_loaded):
+    # Rings: consumer c's stage s is a_smem[c * stages + s] (likewise b and the barriers). Each barrier is
+    # waited on at each of its uses by one warpgroup alone, which keeps Mosaic's phase tracking in step.
+    wg_idx = lax.axis_index("wg")
+    num_blocks = (num_tiles - lax.axis_index("sm") + num_ctas - 1) // num_ctas  # this CTA's
+
+    @pl.when(wg_idx == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      @pl.loop(0, num_blocks)
+      def _block(j):
+        consumer = lax.rem(j, 2)
+        m_slice, n_slice = block_slices(j)
+
+        @pl.loop(0, k_iters)
+        def _k_step(i):
+          step = lax.div(j, 2) * k_iters + i  # the consumer's step: its ring's position
+          ring = consumer * stages + lax.rem(step, stages)
+
+          @pl.when(step >= stages)
+          def _wait_for_the_consumer():
+            plgpu.barrier_wait(consumed.at[ring])
+
+          k_slice = pl.ds(i * tile_k, tile_k)
+          plgpu.copy_gmem_to_smem(a_gmem.at[m_slice, k_slice], a_smem.at[ring], a_loaded.at[ring])
+          plgpu.copy_gmem_to_smem(b_gmem.at[k_slice, n_slice], b_smem.at[ring], b_loaded.at[ring])
+
+      # Wait for the hand-backs of each ring's last stages too, so that no barrier ends with a phase unseen.
+      for consumer in range(2):
+        num_steps = lax.div(num_blocks - consumer + 1, 2) * k_iters
+
+        @pl.loop(jnp.maximum(num_steps - stages, 0), num_steps)
+        def _drain(step, consumer=consumer):
+          plgpu.barrier_wait(consumed.at[consumer * stages + lax.rem(step, stages)])
+
+    @pl.when(wg_idx < 2)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      consumer = wg_idx
+
+      @pl.loop(0, lax.div(num_blocks - consumer + 1, 2))
+      def _block(jj):
+        m_slice, n_slice = block_slices(consumer + 2 * jj)
+        # The bias's copy is issued before the k loop, so it arrives while the products run.
+        plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem.at[consumer], bias_loaded.at[consumer])
+
+        def products_and_epilogue(acc_ref):
+          def ring(i):
+            return consumer * stages + lax.rem(jj * k_iters + i, stages)
+
+          @pl.loop(0, k_iters)
+          def _k_step(i):
+            plgpu.barrier_wait(a_loaded.at[ring(i)])
+            plgpu.barrier_wait(b_loaded.at[ring(i)])
+            plgpu.wgmma(acc_ref, a_smem.at[ring(i)], b_smem.at[ring(i)])
+            plgpu.wgmma_wait(1)  # the step before has read its stage: hand it back
+
+            @pl.when(i > 0)
+            def _release():
+              plgpu.barrier_arrive(consumed.at[ring(i - 1)])
+
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(consumed.at[ring(k_iters - 1)])
+          plgpu.barrier_wait(bias_loaded.at[consumer])
+          _epilogue(acc_ref[...], bias_smem[consumer], out_smem.at[:, consumer], out_gmems, m_slice, n_slice)
+
+        pl.run_scoped(products_and_epilogue, plgpu.ACC((tile_m, tile_n), jnp.float32))
+
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every store done before the kernel exits
+
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((2 * stages, tile_m, tile_k), dtype, transforms=transforms),
+      plgpu.SMEM((2 * stages, tile_k, tile_n), dtype, transforms=transforms),
+      plgpu.SMEM((len(out_gmems), 2, num_out_slots, epi_tile_m, epi_tile_n), dtype, transforms=out_transforms),
+      plgpu.SMEM((2, tile_n), jnp.float32),
+      plgpu.Barrier(num_barriers=2 * stages),
+      plgpu.Barrier(num_barriers=2 * stages),
+      plgpu.Barrier(num_barriers=2 * stages),
+      plgpu.Barrier(num_barriers=2),
+      collective_axes="wg",
+  )
+
+
+def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_slots: int = 2,
+                     schedule: str = "cooperative", interpret=None):
   """`gelu(a @ b + bias)` `[m, n]` in a's dtype (and `a @ b + bias` with `with_preactivation`).
 
   a `[m, k]`, b `[k, n]` of one dtype, bias `[n]` (used in float32); `config` a `hopper_matmul_mgpu.
   TuningConfig` without a cluster. GELU is the exact one (erf), as BERT's `hidden_act='gelu'`.
   `out_slots` store buffers per output: with 2, one epilogue tile's stores overlap the next tile's
   writes; 1 frees the shared memory that a fourth pipeline stage needs when both outputs are written.
+  `schedule`: "cooperative" (`kernel`: both compute warpgroups on one `[tile_m, 2 tile_n]` block) or
+  "pingpong" (`pingpong_kernel`: each on its own `[tile_m, tile_n]` blocks, in turns).
   `interpret`: parameters of Mosaic GPU's interpreter, which runs the kernel on a CPU (the tests').
   """
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -163,23 +301,29 @@ def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_s
     raise ValueError(f"need a [m, k], b [k, n] and bias [n]; got {a.shape}, {b.shape} and {bias.shape}")
   if out_slots < 1:
     raise ValueError(f"out_slots must be at least 1, got {out_slots}")
+  if schedule not in ("cooperative", "pingpong"):
+    raise ValueError(f"schedule must be 'cooperative' or 'pingpong', got {schedule!r}")
   if config.cluster_dimension is not None or config.wg_dimension != mgpu.MatmulDimension.N:
     raise ValueError("this kernel splits N between its two warpgroups and uses no cluster")
   config = dataclasses.replace(config, epi_tile_m=config.epi_tile_m or config.tile_m,
                                epi_tile_n=config.epi_tile_n or config.tile_n)
   (m, _), (_, n) = a.shape, b.shape
   out = jax.ShapeDtypeStruct((m, n), a.dtype)
+  num_sms = mgpu.get_num_sms()
+  if schedule == "cooperative":
+    body, grid = functools.partial(kernel, config=config, out_slots=out_slots), dict(
+        grid=(num_sms,), grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",))
+  else:
+    body = functools.partial(pingpong_kernel, config=config, out_slots=out_slots, num_ctas=num_sms)
+    grid = dict(grid=(num_sms,), grid_names=("sm",))
   call = plgpu.kernel(
-      functools.partial(kernel, config=config, out_slots=out_slots),
+      body,
       out_type=(out, out) if with_preactivation else (out,),
-      grid=(mgpu.get_num_sms(),),
-      grid_names=("cluster_grid",),
-      cluster=(1,),
-      cluster_names=("cluster",),
       num_threads=3,
       thread_name="wg",
       interpret=interpret,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      **grid,
   )
   results = call(a, b, bias.astype(jnp.float32))
   return results if with_preactivation else results[0]

@@ -168,24 +168,31 @@ def test_the_epilogue_kernel_s_gelu_is_the_exact_one_without_erf():
   assert float(jnp.max(jnp.where(tail, jnp.abs(gelu - exact) / jnp.abs(exact), 0.0))) < 5e-2
 
 
-@pytest.mark.parametrize("with_preactivation,out_slots", [(False, 2), (True, 2), (True, 1)])
+@pytest.mark.parametrize("schedule,with_preactivation,out_slots,mkn,stages", [
+    ("cooperative", False, 2, (256, 128, 512), 2),
+    ("cooperative", True, 2, (256, 128, 512), 2),
+    ("cooperative", True, 1, (256, 128, 512), 2),
+    ("pingpong", True, 2, (384, 192, 256), 2),  # 6 blocks: 3 per SM, so 2 for one consumer and 1 for the other
+    ("pingpong", False, 1, (640, 128, 128), 3),  # 5 blocks: 3 and 2 per SM; rings deeper than the k steps
+])
 def test_the_epilogue_kernel_computes_gelu_of_the_biased_product_in_mosaic_s_interpreter(
-    monkeypatch, with_preactivation, out_slots):
+    monkeypatch, schedule, with_preactivation, out_slots, mkn, stages):
   # jax's Mosaic GPU interpreter runs the kernel on the CPU: its TMA copies, barriers, wgmmas and stores, with
-  # a happens-before race detector. 2 "SMs" each loop over 2 output blocks, so buffers and barriers are reused.
-  # The detector did not flag a store buffer rewritten before its store had read it (tried by waiting too
-  # little): the store waits rest on reasoning and the GPU run, not on this test.
+  # a happens-before race detector, and it fails a barrier freed with a phase some waiter never saw. 2 "SMs"
+  # each loop over several output blocks, so buffers and barriers are reused. The detector did not flag a
+  # store buffer rewritten before its store had read it (tried by waiting too little): the store waits rest
+  # on reasoning and the GPU run, not on this test.
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(mgpu, "get_num_sms", lambda: 2)
-  m, k, n = 256, 128, 512  # blocks of 128 x 2*128, two k steps of 64
+  m, k, n = mkn  # blocks of 128 x 2*128 (cooperative) or 128 x 128 (pingpong), k steps of 64
   keys = jax.random.split(jax.random.key(0), 3)
   a = jax.random.normal(keys[0], (m, k), jnp.float32).astype(jnp.bfloat16)
   b = (jax.random.normal(keys[1], (k, n), jnp.float32) / k**0.5).astype(jnp.bfloat16)
   bias = jax.random.normal(keys[2], (n,), jnp.float32)
-  config = mgpu.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=2)
-  outputs = matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, bias, config, with_preactivation, out_slots,
+  config = mgpu.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=stages)
+  outputs = matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, bias, config, with_preactivation, out_slots, schedule,
                                                    interpret=InterpretGPUParams(detect_races=True))
   preactivation = jnp.dot(a, b, preferred_element_type=jnp.float32) + bias
   expected = (jax.nn.gelu(preactivation, approximate=False), preactivation)
@@ -212,6 +219,8 @@ def test_the_epilogue_kernel_names_the_inputs_and_configs_it_cannot_run():
     matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, bias[:128], config)
   with pytest.raises(ValueError, match="out_slots must be at least 1"):
     matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, bias, config, out_slots=0)
+  with pytest.raises(ValueError, match="schedule must be 'cooperative' or 'pingpong'"):
+    matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, bias, config, schedule="ping-pong")
 
 
 def test_flops_formula_counts_attention_and_the_mlm_head():
