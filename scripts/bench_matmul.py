@@ -61,30 +61,42 @@ def mosaic_tilings(sweep: bool) -> list[dict]:
   return tilings
 
 
-def epilogue_variants() -> list[tuple[bool, dict, int]]:
-  """(with_preactivation, tiling, out_slots) of the GELU-epilogue rows. First the eleventh lease's: the
-  default tiling and two of the three fastest for the intermediate's plain product there, at 4 stages for
-  the GELU alone and at 3 with the pre-activation too (4 stages and 2 store slots per output take 263,248
-  bytes of shared memory; an H100 has 232,448). Then the controls that separate the stages' part from the
-  second output's: the GELU alone at 3 stages, and both outputs at 4 stages with 1 store slot each."""
+def epilogue_variants() -> list[dict]:
+  """The GELU-epilogue rows: keyword arguments of `mosaic_bias_gelu`.
+
+  Cooperative (jax's schedule), first the eleventh lease's rows: the default tiling and two of the three
+  fastest for the intermediate's plain product there, at 4 stages for the GELU alone and at 3 with the
+  pre-activation too (4 stages and 2 store slots per output take 263,248 bytes of shared memory; an H100
+  has 232,448). Then the controls that separate the stages' part from the second output's: the GELU alone
+  at 3 stages, and both outputs at 4 stages with 1 store slot each.
+
+  Ping-pong: 128 x 128 blocks per warpgroup in two grid orders, with the most stages that fit (3 with one
+  store slot per output; with the pre-activation and 2 slots, 2), then two rows with Mosaic's approximate
+  exp and division in the GELU.
+  """
   tilings = [dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="N", grid_tile_width=4),
              dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="M", grid_tile_width=8),
              dict(tile_m=256, tile_n=64, tile_k=64, grid_minor_dim="N", grid_tile_width=8)]
-  return ([(False, dict(t, max_concurrent_steps=4), 2) for t in tilings]
-          + [(True, dict(t, max_concurrent_steps=3), 2) for t in tilings]
-          + [(False, dict(tilings[1], max_concurrent_steps=3), 2)]
-          + [(True, dict(t, max_concurrent_steps=4), 1) for t in tilings])
+  cooperative = ([dict(with_preactivation=False, tiling=dict(t, max_concurrent_steps=4)) for t in tilings]
+                 + [dict(with_preactivation=True, tiling=dict(t, max_concurrent_steps=3)) for t in tilings]
+                 + [dict(with_preactivation=False, tiling=dict(tilings[1], max_concurrent_steps=3))]
+                 + [dict(with_preactivation=True, tiling=dict(t, max_concurrent_steps=4), out_slots=1)
+                    for t in tilings])
+  blocks = [dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="M", grid_tile_width=8),
+            dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="N", grid_tile_width=4)]
+  pingpong = ([dict(with_preactivation=False, tiling=dict(t, max_concurrent_steps=3)) for t in blocks]
+              + [dict(with_preactivation=True, tiling=dict(t, max_concurrent_steps=3), out_slots=1) for t in blocks]
+              + [dict(with_preactivation=True, tiling=dict(t, max_concurrent_steps=2)) for t in blocks]
+              + [dict(with_preactivation=True, tiling=dict(blocks[0], max_concurrent_steps=3), out_slots=1,
+                      approx_math=True),
+                 dict(with_preactivation=False, tiling=dict(blocks[0], max_concurrent_steps=3), approx_math=True)])
+  return cooperative + [dict(v, schedule="pingpong") for v in pingpong]
 
 
-def pingpong_variants() -> list[tuple[bool, dict, int]]:
-  """(with_preactivation, tiling, out_slots) of the ping-pong rows: each consumer warpgroup's block is
-  tile_m x tile_n, its ring `max_concurrent_steps` deep. Two grid orders; the most stages that fit in an
-  H100's shared memory (3 with one store slot per output; with the pre-activation and 2 slots, 2)."""
-  orders = [dict(grid_minor_dim="M", grid_tile_width=8), dict(grid_minor_dim="N", grid_tile_width=4)]
-  block = dict(tile_m=128, tile_n=128, tile_k=64)
-  return ([(False, dict(block, max_concurrent_steps=3, **order), 2) for order in orders]
-          + [(True, dict(block, max_concurrent_steps=3, **order), 1) for order in orders]
-          + [(True, dict(block, max_concurrent_steps=2, **order), 2) for order in orders])
+def variant_name(with_preactivation: bool, schedule: str = "cooperative", approx_math: bool = False, **_) -> str:
+  """A GELU-epilogue row's name: mosaic_bias_gelu[_preactivation][_pingpong][_approx]."""
+  return ("mosaic_bias_gelu" + "_preactivation" * with_preactivation + "_pingpong" * (schedule == "pingpong")
+          + "_approx" * approx_math)
 
 
 def tuning_config(tiling: dict):
@@ -103,11 +115,12 @@ def mosaic_matmul(tiling: dict):
   return jax.jit(lambda a, b: mgpu.matmul(a, b, None, config)), given
 
 
-def mosaic_bias_gelu(with_preactivation: bool, tiling: dict, out_slots: int, schedule: str = "cooperative"):
+def mosaic_bias_gelu(with_preactivation: bool, tiling: dict, out_slots: int = 2, schedule: str = "cooperative",
+                     approx_math: bool = False):
   """Our epilogue kernel (scripts/matmul_bias_gelu_mgpu.py) jitted at `tiling`, and the settings given."""
   config, given = tuning_config(tiling)
   kernel = functools.partial(matmul_bias_gelu, config=config, with_preactivation=with_preactivation,
-                             out_slots=out_slots, schedule=schedule)
+                             out_slots=out_slots, schedule=schedule, approx_math=approx_math)
   return jax.jit(kernel), dict(given, out_slots=out_slots)
 
 
@@ -173,12 +186,10 @@ def main():
         print(json.dumps(row(name, variant, (m, k, n), lambda fn=fn: (jax.jit(fn), None), (a, b, bias),
                              gelu_reference)), flush=True)
       if on_hopper:
-        variants = [(*v, "cooperative") for v in epilogue_variants()] + [(*v, "pingpong") for v in pingpong_variants()]
-        for with_preactivation, tiling, out_slots, schedule in variants:
-          variant = "mosaic_bias_gelu" + ("_preactivation" if with_preactivation else "")
-          variant += "_pingpong" if schedule == "pingpong" else ""
-          make = functools.partial(mosaic_bias_gelu, with_preactivation, tiling, out_slots, schedule)
-          print(json.dumps(row(name, variant, (m, k, n), make, (a, b, bias), gelu_reference)), flush=True)
+        for variant in epilogue_variants():
+          make = functools.partial(mosaic_bias_gelu, **variant)
+          print(json.dumps(row(name, variant_name(**variant), (m, k, n), make, (a, b, bias), gelu_reference)),
+                flush=True)
     if on_hopper:
       for tiling in mosaic_tilings(args.sweep):
         print(json.dumps(row(name, "mosaic", (m, k, n), functools.partial(mosaic_matmul, tiling), (a, b), reference)),

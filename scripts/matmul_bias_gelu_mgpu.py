@@ -62,7 +62,9 @@ def _epilogue(acc, bias, out_smem, out_gmems, m_slice, n_slice):
   num_outputs, num_slots, epi_tile_m, epi_tile_n = out_smem.shape
   (tile_m, tile_n), dtype = acc.shape, out_smem.dtype
   preactivation = acc + lax.broadcast_in_dim(bias, (tile_m, tile_n), [1])
-  results = [_gelu(preactivation).astype(dtype)] + [preactivation.astype(dtype)] * (num_outputs == 2)
+  results = [_gelu(preactivation).astype(dtype)]
+  if num_outputs == 2:
+    results.append(preactivation.astype(dtype))
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block's stores, whatever slot they used
   for epi_mi in range(tile_m // epi_tile_m):
     for epi_ni in range(tile_n // epi_tile_n):
@@ -78,6 +80,27 @@ def _epilogue(acc, bias, out_smem, out_gmems, m_slice, n_slice):
         plgpu.copy_smem_to_gmem(out_smem.at[i, slot], out_gmem.at[m_slice, n_slice].at[epi_m_slice, epi_n_slice])
 
 
+def _iterations(a_shape, b_shape, block):
+  """Blocks along m and n and steps along k of `[m, k] @ [k, n]` in blocks `(block_m, block_k, block_n)`."""
+  (m, k), (_, n) = a_shape, b_shape
+  if m % block[0] or k % block[1] or n % block[2]:
+    raise ValueError(f"(m, k, n) = {(m, k, n)} must be multiples of the blocks' {block}")
+  return m // block[0], n // block[2], k // block[1]
+
+
+def _layouts(config, dtype, out_slots):
+  """The input stages' and the store buffers' shared-memory transforms (tiled and swizzled for TMA and
+  wgmma), and the store slots per output."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  def transforms(minor_elements):
+    swizzle = plgpu.find_swizzle(minor_elements * jnp.dtype(dtype).itemsize * 8)
+    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+
+  num_out_slots = min(out_slots, (config.tile_m * config.tile_n) // (config.epi_tile_m * config.epi_tile_n))
+  return transforms(config.tile_k), transforms(config.epi_tile_n), num_out_slots
+
+
 def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
   """One persistent CTA per SM: loops over `[tile_m, 2 tile_n]` output blocks.
 
@@ -88,20 +111,11 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   dtype = a_gmem.dtype
-  m, k = a_gmem.shape
-  _, n = b_gmem.shape
   tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
   cta_tile_n = 2 * tile_n  # the two compute warpgroups split N
-  if m % tile_m or n % cta_tile_n or k % tile_k:
-    raise ValueError(f"{(m, k, n)=} must be multiples of {(tile_m, tile_k, cta_tile_n)=}")
-  m_iters, n_iters, k_iters = m // tile_m, n // cta_tile_n, k // tile_k
-  swizzle = plgpu.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
-  transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+  m_iters, n_iters, k_iters = _iterations(a_gmem.shape, b_gmem.shape, (tile_m, tile_k, cta_tile_n))
+  transforms, out_transforms, num_out_slots = _layouts(config, dtype, out_slots)
   epi_tile_m, epi_tile_n = config.epi_tile_m, config.epi_tile_n
-  num_out_slots = min(out_slots, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
-  out_swizzle = plgpu.find_swizzle(epi_tile_n * jnp.dtype(dtype).itemsize * 8)
-  out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
-                    plgpu.SwizzleTransform(out_swizzle))
 
   def get_pipeline(pipeline_body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -174,20 +188,10 @@ def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, nu
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   dtype = a_gmem.dtype
-  m, k = a_gmem.shape
-  _, n = b_gmem.shape
   tile_m, tile_n, tile_k, stages = config.tile_m, config.tile_n, config.tile_k, config.max_concurrent_steps
-  if m % tile_m or n % tile_n or k % tile_k:
-    raise ValueError(f"{(m, k, n)=} must be multiples of {(tile_m, tile_k, tile_n)=}")
-  m_iters, n_iters, k_iters = m // tile_m, n // tile_n, k // tile_k
+  m_iters, n_iters, k_iters = _iterations(a_gmem.shape, b_gmem.shape, (tile_m, tile_k, tile_n))
+  transforms, out_transforms, num_out_slots = _layouts(config, dtype, out_slots)
   num_tiles = m_iters * n_iters
-  swizzle = plgpu.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
-  transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
-  epi_tile_m, epi_tile_n = config.epi_tile_m, config.epi_tile_n
-  num_out_slots = min(out_slots, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
-  out_swizzle = plgpu.find_swizzle(epi_tile_n * jnp.dtype(dtype).itemsize * 8)
-  out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
-                    plgpu.SwizzleTransform(out_swizzle))
 
   def block_slices(j):
     """The rows and columns of this CTA's j-th block."""
@@ -195,11 +199,18 @@ def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, nu
     m_idx, n_idx = plgpu.planar_snake(lin_idx, (m_iters, n_iters), config.grid_minor_dim, config.grid_tile_width)
     return pl.ds(m_idx * tile_m, tile_m), pl.ds(n_idx * tile_n, tile_n)
 
+  def ring(consumer, step):
+    """Consumer `consumer`'s stage for its `step`-th k step: rings are `stages` consecutive slots of
+    a_smem, b_smem and the barriers. Each barrier is waited on at each of its uses by one warpgroup alone,
+    which keeps Mosaic's per-thread phase tracking in step."""
+    return consumer * stages + lax.rem(step, stages)
+
   def body(a_smem, b_smem, out_smem, bias_smem, a_loaded, b_loaded, consumed, bias_loaded):
-    # Rings: consumer c's stage s is a_smem[c * stages + s] (likewise b and the barriers). Each barrier is
-    # waited on at each of its uses by one warpgroup alone, which keeps Mosaic's phase tracking in step.
     wg_idx = lax.axis_index("wg")
     num_blocks = (num_tiles - lax.axis_index("sm") + num_ctas - 1) // num_ctas  # this CTA's
+
+    def blocks_of(consumer):  # blocks j = consumer, consumer + 2, ...
+      return lax.div(num_blocks - consumer + 1, 2)
 
     @pl.when(wg_idx == 2)
     def _producer():
@@ -212,53 +223,52 @@ def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, nu
 
         @pl.loop(0, k_iters)
         def _k_step(i):
-          step = lax.div(j, 2) * k_iters + i  # the consumer's step: its ring's position
-          ring = consumer * stages + lax.rem(step, stages)
+          step = lax.div(j, 2) * k_iters + i  # the consumer's step
+          slot = ring(consumer, step)
 
           @pl.when(step >= stages)
           def _wait_for_the_consumer():
-            plgpu.barrier_wait(consumed.at[ring])
+            plgpu.barrier_wait(consumed.at[slot])
 
           k_slice = pl.ds(i * tile_k, tile_k)
-          plgpu.copy_gmem_to_smem(a_gmem.at[m_slice, k_slice], a_smem.at[ring], a_loaded.at[ring])
-          plgpu.copy_gmem_to_smem(b_gmem.at[k_slice, n_slice], b_smem.at[ring], b_loaded.at[ring])
+          plgpu.copy_gmem_to_smem(a_gmem.at[m_slice, k_slice], a_smem.at[slot], a_loaded.at[slot])
+          plgpu.copy_gmem_to_smem(b_gmem.at[k_slice, n_slice], b_smem.at[slot], b_loaded.at[slot])
 
       # Wait for the hand-backs of each ring's last stages too, so that no barrier ends with a phase unseen.
       for consumer in range(2):
-        num_steps = lax.div(num_blocks - consumer + 1, 2) * k_iters
+        num_steps = blocks_of(consumer) * k_iters
 
         @pl.loop(jnp.maximum(num_steps - stages, 0), num_steps)
         def _drain(step, consumer=consumer):
-          plgpu.barrier_wait(consumed.at[consumer * stages + lax.rem(step, stages)])
+          plgpu.barrier_wait(consumed.at[ring(consumer, step)])
 
     @pl.when(wg_idx < 2)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
       consumer = wg_idx
 
-      @pl.loop(0, lax.div(num_blocks - consumer + 1, 2))
+      @pl.loop(0, blocks_of(consumer))
       def _block(jj):
         m_slice, n_slice = block_slices(consumer + 2 * jj)
-        # The bias's copy is issued before the k loop, so it arrives while the products run.
         plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem.at[consumer], bias_loaded.at[consumer])
 
         def products_and_epilogue(acc_ref):
-          def ring(i):
-            return consumer * stages + lax.rem(jj * k_iters + i, stages)
-
           @pl.loop(0, k_iters)
           def _k_step(i):
-            plgpu.barrier_wait(a_loaded.at[ring(i)])
-            plgpu.barrier_wait(b_loaded.at[ring(i)])
-            plgpu.wgmma(acc_ref, a_smem.at[ring(i)], b_smem.at[ring(i)])
-            plgpu.wgmma_wait(1)  # the step before has read its stage: hand it back
+            slot = ring(consumer, jj * k_iters + i)
+            plgpu.barrier_wait(a_loaded.at[slot])
+            plgpu.barrier_wait(b_loaded.at[slot])
+            plgpu.wgmma(acc_ref, a_smem.at[slot], b_smem.at[slot])
+            # One wgmma stays in flight: the one before has read its stage, which goes back to the
+            # producer. (The interpreter runs wgmmas synchronously: this rests on reasoning.)
+            plgpu.wgmma_wait(1)
 
             @pl.when(i > 0)
             def _release():
-              plgpu.barrier_arrive(consumed.at[ring(i - 1)])
+              plgpu.barrier_arrive(consumed.at[ring(consumer, jj * k_iters + i - 1)])
 
           plgpu.wgmma_wait(0)
-          plgpu.barrier_arrive(consumed.at[ring(k_iters - 1)])
+          plgpu.barrier_arrive(consumed.at[ring(consumer, jj * k_iters + k_iters - 1)])
           plgpu.barrier_wait(bias_loaded.at[consumer])
           _epilogue(acc_ref[...], bias_smem[consumer], out_smem.at[:, consumer], out_gmems, m_slice, n_slice)
 
@@ -268,20 +278,21 @@ def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, nu
 
   pl.run_scoped(
       body,
-      plgpu.SMEM((2 * stages, tile_m, tile_k), dtype, transforms=transforms),
-      plgpu.SMEM((2 * stages, tile_k, tile_n), dtype, transforms=transforms),
-      plgpu.SMEM((len(out_gmems), 2, num_out_slots, epi_tile_m, epi_tile_n), dtype, transforms=out_transforms),
-      plgpu.SMEM((2, tile_n), jnp.float32),
-      plgpu.Barrier(num_barriers=2 * stages),
-      plgpu.Barrier(num_barriers=2 * stages),
-      plgpu.Barrier(num_barriers=2 * stages),
-      plgpu.Barrier(num_barriers=2),
+      a_smem=plgpu.SMEM((2 * stages, tile_m, tile_k), dtype, transforms=transforms),
+      b_smem=plgpu.SMEM((2 * stages, tile_k, tile_n), dtype, transforms=transforms),
+      out_smem=plgpu.SMEM((len(out_gmems), 2, num_out_slots, config.epi_tile_m, config.epi_tile_n), dtype,
+                          transforms=out_transforms),
+      bias_smem=plgpu.SMEM((2, tile_n), jnp.float32),
+      a_loaded=plgpu.Barrier(num_barriers=2 * stages),
+      b_loaded=plgpu.Barrier(num_barriers=2 * stages),
+      consumed=plgpu.Barrier(num_barriers=2 * stages),
+      bias_loaded=plgpu.Barrier(num_barriers=2),
       collective_axes="wg",
   )
 
 
 def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_slots: int = 2,
-                     schedule: str = "cooperative", interpret=None):
+                     schedule: str = "cooperative", approx_math: bool = False, interpret=None):
   """`gelu(a @ b + bias)` `[m, n]` in a's dtype (and `a @ b + bias` with `with_preactivation`).
 
   a `[m, k]`, b `[k, n]` of one dtype, bias `[n]` (used in float32); `config` a `hopper_matmul_mgpu.
@@ -290,6 +301,7 @@ def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_s
   writes; 1 frees the shared memory that a fourth pipeline stage needs when both outputs are written.
   `schedule`: "cooperative" (`kernel`: both compute warpgroups on one `[tile_m, 2 tile_n]` block) or
   "pingpong" (`pingpong_kernel`: each on its own `[tile_m, tile_n]` blocks, in turns).
+  `approx_math`: Mosaic's fast approximate exp and division in the GELU (`CompilerParams`).
   `interpret`: parameters of Mosaic GPU's interpreter, which runs the kernel on a CPU (the tests').
   """
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -304,26 +316,25 @@ def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_s
   if schedule not in ("cooperative", "pingpong"):
     raise ValueError(f"schedule must be 'cooperative' or 'pingpong', got {schedule!r}")
   if config.cluster_dimension is not None or config.wg_dimension != mgpu.MatmulDimension.N:
-    raise ValueError("this kernel splits N between its two warpgroups and uses no cluster")
+    raise ValueError("these kernels use no cluster, and the cooperative one splits N between its two warpgroups "
+                     "(wg_dimension=N)")
+  if schedule == "pingpong" and config.max_concurrent_steps < 2:
+    raise ValueError("the ping-pong schedule needs max_concurrent_steps >= 2: each warpgroup's wgmma holds one "
+                     "stage while the next one loads")
   config = dataclasses.replace(config, epi_tile_m=config.epi_tile_m or config.tile_m,
                                epi_tile_n=config.epi_tile_n or config.tile_n)
   (m, _), (_, n) = a.shape, b.shape
   out = jax.ShapeDtypeStruct((m, n), a.dtype)
   num_sms = mgpu.get_num_sms()
-  if schedule == "cooperative":
-    body, grid = functools.partial(kernel, config=config, out_slots=out_slots), dict(
-        grid=(num_sms,), grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",))
+  if schedule == "cooperative":  # jax's kernel's grid: one cluster of one CTA per SM
+    body = functools.partial(kernel, config=config, out_slots=out_slots)
+    grid = dict(grid=(num_sms,), grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",))
   else:
     body = functools.partial(pingpong_kernel, config=config, out_slots=out_slots, num_ctas=num_sms)
     grid = dict(grid=(num_sms,), grid_names=("sm",))
-  call = plgpu.kernel(
-      body,
-      out_type=(out, out) if with_preactivation else (out,),
-      num_threads=3,
-      thread_name="wg",
-      interpret=interpret,
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      **grid,
-  )
+  compiler_params = plgpu.CompilerParams(approx_math=approx_math,
+                                         lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+  call = plgpu.kernel(body, out_type=(out, out) if with_preactivation else (out,), num_threads=3,
+                      thread_name="wg", interpret=interpret, compiler_params=compiler_params, **grid)
   results = call(a, b, bias.astype(jnp.float32))
   return results if with_preactivation else results[0]

@@ -178,10 +178,10 @@ def test_the_epilogue_kernel_s_gelu_is_the_exact_one_without_erf():
 def test_the_epilogue_kernel_computes_gelu_of_the_biased_product_in_mosaic_s_interpreter(
     monkeypatch, schedule, with_preactivation, out_slots, mkn, stages):
   # jax's Mosaic GPU interpreter runs the kernel on the CPU: its TMA copies, barriers, wgmmas and stores, with
-  # a happens-before race detector, and it fails a barrier freed with a phase some waiter never saw. 2 "SMs"
-  # each loop over several output blocks, so buffers and barriers are reused. The detector did not flag a
-  # store buffer rewritten before its store had read it (tried by waiting too little): the store waits rest
-  # on reasoning and the GPU run, not on this test.
+  # a happens-before race detector, and it fails a barrier freed with a phase some waiter never saw or
+  # completed twice unseen. 2 "SMs" each loop over several output blocks, so buffers and barriers are reused.
+  # It runs wgmmas and stores synchronously, so a stage handed back before its wgmma has read it, or a store
+  # buffer rewritten before its store has read it, pass here: those waits rest on reasoning and the GPU run.
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # pylint: disable=g-import-not-at-top
@@ -209,7 +209,7 @@ def test_the_epilogue_kernel_names_the_inputs_and_configs_it_cannot_run():
   a, b, bias = jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16), jnp.zeros(256)
   for bad_config in (dataclasses.replace(config, cluster_dimension=mgpu.MatmulDimension.M),
                      dataclasses.replace(config, wg_dimension=mgpu.MatmulDimension.M)):
-    with pytest.raises(ValueError, match="uses no cluster"):
+    with pytest.raises(ValueError, match="use no cluster"):
       matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, bias, bad_config)
   with pytest.raises(ValueError, match="must share a dtype"):
     matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b.astype(jnp.float32), bias, config)
@@ -221,6 +221,9 @@ def test_the_epilogue_kernel_names_the_inputs_and_configs_it_cannot_run():
     matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, bias, config, out_slots=0)
   with pytest.raises(ValueError, match="schedule must be 'cooperative' or 'pingpong'"):
     matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, bias, config, schedule="ping-pong")
+  with pytest.raises(ValueError, match="ping-pong schedule needs max_concurrent_steps >= 2"):  # else it deadlocks
+    matmul_bias_gelu_mgpu.matmul_bias_gelu(a, b, bias, dataclasses.replace(config, max_concurrent_steps=1),
+                                           schedule="pingpong")
 
 
 def test_flops_formula_counts_attention_and_the_mlm_head():
