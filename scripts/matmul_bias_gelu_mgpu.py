@@ -14,8 +14,9 @@ separate pass? That decides whether the model's feed-forward should get one (doc
 55% would take", "eleventh lease"). The model does not use it.
 - The cooperative kernel ran on an H200 (jax 0.11.2): 1.7e-3 from the float32 result at
   32,768 x 768 x 3072, against XLA's 2.6e-3. That run had `_gelu`'s earlier form `(x + |x| (1 - q)) / 2`
-  and read the bias through `plgpu.load` in lane semantics. `out_slots`, the ping-pong kernel and the
-  interpreter's tests came after it.
+  read the bias through `plgpu.load` in lane semantics, and applied the GELU to the whole block before
+  its stores. The epilogue by tiles, `out_slots`, the ping-pong kernel and the interpreter's tests came
+  after it.
 - Both lower for an H100 wherever jax's CUDA plugin is installed (the SM count given:
   `scripts/gpu_hlo.py`'s venv). Both run on a CPU in Mosaic GPU's interpreter, with its race detector
   (tests/test_benchmark.py).
@@ -51,30 +52,34 @@ def _gelu(x):
   return jnp.maximum(x, 0.0) - 0.5 * abs(x) * q
 
 
-def _epilogue(acc, bias, out_smem, out_gmems, m_slice, n_slice):
+def _epilogue(acc, bias_ref, out_smem, out_gmems, m_slice, n_slice):
   """Stores gelu(acc + bias) (and acc + bias) to `out_gmems` at `[m_slice, n_slice]` through `out_smem`.
 
-  acc `[tile_m, tile_n]` float32, bias `[tile_n]` float32, out_smem `[outputs, slots, epi_m, epi_n]`: one
-  warpgroup's store buffers, which its earlier stores may still be reading.
+  acc `[tile_m, tile_n]` float32, bias_ref `[tile_n]` float32 in shared memory, out_smem `[outputs, slots,
+  epi_m, epi_n]`: one warpgroup's store buffers, which its earlier stores may still be reading. The bias
+  and GELU are applied one `[epi_m, epi_n]` tile at a time, so that only one tile's results and
+  temporaries are live beside the accumulator (fewer registers than the whole block's).
   """
+  import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   num_outputs, num_slots, epi_tile_m, epi_tile_n = out_smem.shape
   (tile_m, tile_n), dtype = acc.shape, out_smem.dtype
-  preactivation = acc + lax.broadcast_in_dim(bias, (tile_m, tile_n), [1])
-  results = [_gelu(preactivation).astype(dtype)]
-  if num_outputs == 2:
-    results.append(preactivation.astype(dtype))
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block's stores, whatever slot they used
   for epi_mi in range(tile_m // epi_tile_m):
     for epi_ni in range(tile_n // epi_tile_n):
       epi_m_slice = slice(epi_mi * epi_tile_m, (epi_mi + 1) * epi_tile_m)
       epi_n_slice = slice(epi_ni * epi_tile_n, (epi_ni + 1) * epi_tile_n)
+      bias = bias_ref[pl.ds(epi_ni * epi_tile_n, epi_tile_n)]
+      preactivation = acc[epi_m_slice, epi_n_slice] + lax.broadcast_in_dim(bias, (epi_tile_m, epi_tile_n), [1])
+      results = [_gelu(preactivation).astype(dtype)]
+      if num_outputs == 2:
+        results.append(preactivation.astype(dtype))
       slot = (epi_mi * (tile_n // epi_tile_n) + epi_ni) % num_slots
       # This slot's last stores have read it; the other slots' may still be reading.
       plgpu.wait_smem_to_gmem(num_outputs * (num_slots - 1), wait_read_only=True)
       for i, result in enumerate(results):
-        out_smem[i, slot] = result[epi_m_slice, epi_n_slice]
+        out_smem[i, slot] = result
       plgpu.commit_smem()
       for i, out_gmem in enumerate(out_gmems):
         plgpu.copy_smem_to_gmem(out_smem.at[i, slot], out_gmem.at[m_slice, n_slice].at[epi_m_slice, epi_n_slice])
@@ -161,7 +166,7 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
           plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem.at[wg_idx], bias_barrier.at[wg_idx])
           eval_pipeline(acc_ref)
           plgpu.barrier_wait(bias_barrier.at[wg_idx])
-          _epilogue(acc_ref[...], bias_smem[wg_idx], out_smem.at[:, wg_idx], out_gmems, m_slice, n_slice)
+          _epilogue(acc_ref[...], bias_smem.at[wg_idx], out_smem.at[:, wg_idx], out_gmems, m_slice, n_slice)
 
       def mma_body(_, a_smem, b_smem, acc_ref):
         plgpu.wgmma(acc_ref, a_smem, b_smem.at[:, pl.ds(wg_idx * tile_n, tile_n)])
@@ -270,7 +275,7 @@ def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, nu
           plgpu.wgmma_wait(0)
           plgpu.barrier_arrive(consumed.at[ring(consumer, jj * k_iters + k_iters - 1)])
           plgpu.barrier_wait(bias_loaded.at[consumer])
-          _epilogue(acc_ref[...], bias_smem[consumer], out_smem.at[:, consumer], out_gmems, m_slice, n_slice)
+          _epilogue(acc_ref[...], bias_smem.at[consumer], out_smem.at[:, consumer], out_gmems, m_slice, n_slice)
 
         pl.run_scoped(products_and_epilogue, plgpu.ACC((tile_m, tile_n), jnp.float32))
 
