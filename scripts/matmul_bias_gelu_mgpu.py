@@ -93,17 +93,28 @@ def _iterations(a_shape, b_shape, block):
   return m // block[0], n // block[2], k // block[1]
 
 
-def _layouts(config, dtype, out_slots):
-  """The input stages' and the store buffers' shared-memory transforms (tiled and swizzled for TMA and
-  wgmma), and the store slots per output."""
+def _swizzled(minor_elements, dtype):
+  """Shared-memory transforms (tiled and swizzled for TMA and wgmma) of buffers whose rows hold
+  `minor_elements` of `dtype`."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
-  def transforms(minor_elements):
-    swizzle = plgpu.find_swizzle(minor_elements * jnp.dtype(dtype).itemsize * 8)
-    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+  swizzle = plgpu.find_swizzle(minor_elements * jnp.dtype(dtype).itemsize * 8)
+  return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
-  num_out_slots = min(out_slots, (config.tile_m * config.tile_n) // (config.epi_tile_m * config.epi_tile_n))
-  return transforms(config.tile_k), transforms(config.epi_tile_n), num_out_slots
+
+def _epilogue_buffers(config, dtype, out_slots, num_outputs):
+  """The epilogue's shared memory, for each of the two compute warpgroups: `out_slots` store buffers per
+  output (fewer if the block has fewer store tiles), the bias of its block's columns and the barrier its
+  copy arrives on. Keyword allocations for `pl.run_scoped`."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  num_slots = min(out_slots, (config.tile_m * config.tile_n) // (config.epi_tile_m * config.epi_tile_n))
+  return dict(
+      out_smem=plgpu.SMEM((num_outputs, 2, num_slots, config.epi_tile_m, config.epi_tile_n), dtype,
+                          transforms=_swizzled(config.epi_tile_n, dtype)),
+      bias_smem=plgpu.SMEM((2, config.tile_n), jnp.float32),
+      bias_loaded=plgpu.Barrier(num_barriers=2),
+  )
 
 
 def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
@@ -119,8 +130,7 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
   tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
   cta_tile_n = 2 * tile_n  # the two compute warpgroups split N
   m_iters, n_iters, k_iters = _iterations(a_gmem.shape, b_gmem.shape, (tile_m, tile_k, cta_tile_n))
-  transforms, out_transforms, num_out_slots = _layouts(config, dtype, out_slots)
-  epi_tile_m, epi_tile_n = config.epi_tile_m, config.epi_tile_n
+  transforms = _swizzled(tile_k, dtype)
 
   def get_pipeline(pipeline_body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -143,13 +153,10 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
   @functools.partial(
       pl.run_scoped,
       pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
-      out_smem=plgpu.SMEM((len(out_gmems), 2, num_out_slots, epi_tile_m, epi_tile_n), dtype,
-                          transforms=out_transforms),
-      bias_smem=plgpu.SMEM((2, tile_n), jnp.float32),
-      bias_barrier=plgpu.Barrier(num_barriers=2),
+      **_epilogue_buffers(config, dtype, out_slots, len(out_gmems)),
       collective_axes="wg",
   )
-  def _pipeline_scope(pipeline_allocs, out_smem, bias_smem, bias_barrier):
+  def _pipeline_scope(pipeline_allocs, out_smem, bias_smem, bias_loaded):
     wg_idx = lax.axis_index("wg")
 
     @plgpu.nd_loop((m_iters * n_iters,), collective_axes="cluster_grid")
@@ -163,9 +170,9 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
         def _acc_scope(acc_ref):
           # The bias's copy is issued before the k loop, so it arrives while the products run.
-          plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem.at[wg_idx], bias_barrier.at[wg_idx])
+          plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem.at[wg_idx], bias_loaded.at[wg_idx])
           eval_pipeline(acc_ref)
-          plgpu.barrier_wait(bias_barrier.at[wg_idx])
+          plgpu.barrier_wait(bias_loaded.at[wg_idx])
           _epilogue(acc_ref[...], bias_smem.at[wg_idx], out_smem.at[:, wg_idx], out_gmems, m_slice, n_slice)
 
       def mma_body(_, a_smem, b_smem, acc_ref):
@@ -195,7 +202,7 @@ def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, nu
   dtype = a_gmem.dtype
   tile_m, tile_n, tile_k, stages = config.tile_m, config.tile_n, config.tile_k, config.max_concurrent_steps
   m_iters, n_iters, k_iters = _iterations(a_gmem.shape, b_gmem.shape, (tile_m, tile_k, tile_n))
-  transforms, out_transforms, num_out_slots = _layouts(config, dtype, out_slots)
+  transforms = _swizzled(tile_k, dtype)
   num_tiles = m_iters * n_iters
 
   def block_slices(j):
@@ -285,13 +292,10 @@ def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, nu
       body,
       a_smem=plgpu.SMEM((2 * stages, tile_m, tile_k), dtype, transforms=transforms),
       b_smem=plgpu.SMEM((2 * stages, tile_k, tile_n), dtype, transforms=transforms),
-      out_smem=plgpu.SMEM((len(out_gmems), 2, num_out_slots, config.epi_tile_m, config.epi_tile_n), dtype,
-                          transforms=out_transforms),
-      bias_smem=plgpu.SMEM((2, tile_n), jnp.float32),
       a_loaded=plgpu.Barrier(num_barriers=2 * stages),
       b_loaded=plgpu.Barrier(num_barriers=2 * stages),
       consumed=plgpu.Barrier(num_barriers=2 * stages),
-      bias_loaded=plgpu.Barrier(num_barriers=2),
+      **_epilogue_buffers(config, dtype, out_slots, len(out_gmems)),
       collective_axes="wg",
   )
 
