@@ -17,7 +17,7 @@ its 2*T*(4*d^2 + 2*d*I) + 4*T^2*d become 4*T*d^2 + 2*R*(2*d^2 + 2*d*I) + 4*R*T*d
 hardware's use on the work done; examples/s shows what pruning saves.
 
 The model's speed switches come from `config.model` like every other BertConfig field
-(`--config.model.attention_impl=dot_product`, `layer_norm_impl`, `remat_policy`, `scan_layers`,
+(`--config.model.attention_impl=dot_product`, `layer_norm_impl`, `feed_forward_impl`, `remat_policy`, `scan_layers`,
 `stack_layers`, `prune_last_layer`; `--config.dtype`).
 The case `compile_depth` times tracing and compiling the train step (no step is run) at each depth
 of `config.compile_depths`, with the layers unrolled and scanned: one JSON line per model.
@@ -259,7 +259,7 @@ def model_fields(config: models.BertConfig) -> dict:
   """The model's size and speed switches for a JSON row, with the kernels that ran ('auto' decided)."""
   fields = {name: getattr(config, name) for name in (
       "hidden_size", "num_hidden_layers", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
-      "remat_policy", "scan_layers", "stack_layers", "prune_last_layer")}
+      "feed_forward_impl", "remat_policy", "scan_layers", "stack_layers", "prune_last_layer")}
   return fields | {"attention_impl": models.resolve_attention_impl(config),
                    "layer_norm_impl": models.resolve_layer_norm_impl(config)}
 

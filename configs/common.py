@@ -46,13 +46,14 @@ def model_overrides(**values) -> ml_collections.ConfigDict:
   """Every BertConfig field as a typed placeholder, so `--config.model.FIELD=...` works for all."""
   types = {"hidden_act": str, "dtype": str, "param_dtype": str, "hidden_dropout_prob": float,
            "attention_probs_dropout_prob": float, "classifier_dropout": float, "layer_norm_eps": float,
-           "initializer_range": float, "attention_impl": str, "layer_norm_impl": str, "remat_policy": str,
+           "initializer_range": float, "attention_impl": str, "layer_norm_impl": str, "feed_forward_impl": str,
+           "remat_policy": str,
            "scan_layers": bool, "stack_layers": bool, "prune_last_layer": bool}
   fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
             "type_vocab_size", "layer_norm_eps", "initializer_range", "pad_token_id", "num_labels",
-            "classifier_dropout", "dtype", "param_dtype", "attention_impl", "layer_norm_impl", "remat_policy",
-            "scan_layers", "stack_layers", "prune_last_layer")
+            "classifier_dropout", "dtype", "param_dtype", "attention_impl", "layer_norm_impl", "feed_forward_impl",
+            "remat_policy", "scan_layers", "stack_layers", "prune_last_layer")
   overrides = ml_collections.ConfigDict({
       name: ml_collections.config_dict.placeholder(types.get(name, int)) for name in fields})
   overrides.update(values)

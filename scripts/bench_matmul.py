@@ -1,10 +1,14 @@
 """Times BERT-base's matmuls at pretraining's 256 x 128 tokens: XLA's (cuBLAS on a GPU) and jax's Hopper
 matmul written in Pallas for Mosaic GPU (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`) at a few
 tilings, each with its distance from XLA's product. Then the feed-forward's first matmul with its bias and
-exact GELU: in XLA, and in our Mosaic kernels with both in the epilogue (scripts/matmul_bias_gelu_mgpu.py:
+exact GELU: in XLA, and in our Mosaic kernels with both in the epilogue (bert_jax/models/feed_forward.py:
 jax's cooperative schedule, and a ping-pong one that overlaps each epilogue with products), alone and also
 writing the pre-activation that training keeps for the backward; each with its distance from the float32
-result. One JSON line per (shape, variant).
+result. Then the GELU's backward, which meets the output layer's input gradient `d_y @ W_out^T` (the
+intermediate's shape): XLA's matmul and the model's pass (with the bias gradient the pass also sums, and
+without), against our kernels with `* gelu'(pre-activation)` in the epilogue. The XLA rows apply the model's
+own GELU (`bert.gelu`, erf); the eleventh lease's used `jax.nn.gelu` (erfc, a longer series). One JSON line
+per (shape, variant).
 
   python -m scripts.bench_matmul [--tokens=32768] [--sweep]
 
@@ -29,7 +33,10 @@ import jax.numpy as jnp
 from bert_jax import partitioning
 from configs import common
 from scripts.bench_fused_norm import rel_l2, timed
-from scripts.matmul_bias_gelu_mgpu import matmul_bias_gelu
+from bert_jax.models import bert
+from bert_jax.models.feed_forward import matmul_bias_gelu
+from bert_jax.models.feed_forward import matmul_gelu_grad
+from bert_jax.models.hopper_matmul import tuning_config
 
 HIDDEN, INTERMEDIATE = 768, 3072
 
@@ -99,13 +106,25 @@ def variant_name(with_preactivation: bool, schedule: str = "cooperative", approx
           + "_approx" * approx_math)
 
 
-def tuning_config(tiling: dict):
-  """`hopper_matmul_mgpu.TuningConfig` at `tiling`, and the fields it was given."""
-  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # needs a GPU jaxlib to lower
-  # Written against jax 0.10.2's kernel; a later jax may have renamed or dropped a field: those are left out.
-  fields = {field.name for field in dataclasses.fields(mgpu.TuningConfig)}
-  given = {name: value for name, value in tiling.items() if name in fields}
-  return mgpu.TuningConfig(**dict(given, grid_minor_dim=mgpu.MatmulDimension[given["grid_minor_dim"]])), given
+def gelu_grad_variants() -> list[dict]:
+  """The GELU-backward rows: keyword arguments of `mosaic_gelu_grad`. The pre-activation block read in the
+  epilogue takes 64 kB of shared memory, so the schedules get a stage less than the forward's: cooperative
+  at 2 stages with 2 store slots or 3 with 1 (3 with 2 need 245,824 bytes), ping-pong at 2. The last two
+  rows also sum the bias gradient, in XLA, from the kernel's output."""
+  block = dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="M", grid_tile_width=8)
+  tall = dict(block, tile_m=256, tile_n=64)
+  return [dict(tiling=dict(block, max_concurrent_steps=2)),
+          dict(tiling=dict(block, max_concurrent_steps=3), out_slots=1),
+          dict(tiling=dict(tall, max_concurrent_steps=3), out_slots=1),
+          dict(tiling=dict(block, max_concurrent_steps=2), schedule="pingpong"),
+          dict(tiling=dict(block, max_concurrent_steps=2), out_slots=1, schedule="pingpong"),
+          dict(tiling=dict(block, max_concurrent_steps=3), out_slots=1, with_bias_grad=True),
+          dict(tiling=dict(block, max_concurrent_steps=2), out_slots=1, schedule="pingpong", with_bias_grad=True)]
+
+
+def gelu_grad_variant_name(schedule: str = "cooperative", with_bias_grad: bool = False, **_) -> str:
+  """A GELU-backward row's name: mosaic_gelu_grad[_pingpong][_bias_grad]."""
+  return "mosaic_gelu_grad" + "_pingpong" * (schedule == "pingpong") + "_bias_grad" * with_bias_grad
 
 
 def mosaic_matmul(tiling: dict):
@@ -117,11 +136,20 @@ def mosaic_matmul(tiling: dict):
 
 def mosaic_bias_gelu(with_preactivation: bool, tiling: dict, out_slots: int = 2, schedule: str = "cooperative",
                      approx_math: bool = False):
-  """Our epilogue kernel (scripts/matmul_bias_gelu_mgpu.py) jitted at `tiling`, and the settings given."""
+  """Our epilogue kernel (`feed_forward.matmul_bias_gelu`) jitted at `tiling`, and the settings given."""
   config, given = tuning_config(tiling)
   kernel = functools.partial(matmul_bias_gelu, config=config, with_preactivation=with_preactivation,
                              out_slots=out_slots, schedule=schedule, approx_math=approx_math)
   return jax.jit(kernel), dict(given, out_slots=out_slots)
+
+
+def mosaic_gelu_grad(tiling: dict, out_slots: int = 2, schedule: str = "cooperative", with_bias_grad: bool = False):
+  """Our GELU-backward kernel jitted at `tiling` (with XLA's sum of the bias gradient after it), and the
+  settings given."""
+  config, given = tuning_config(tiling)
+  kernel = functools.partial(matmul_gelu_grad, config=config, out_slots=out_slots, schedule=schedule)
+  fn = (lambda a, b, pre: with_bias_gradient(kernel(a, b, pre))) if with_bias_grad else kernel
+  return jax.jit(fn), dict(given, out_slots=out_slots)
 
 
 def xla_matmul(a, b):
@@ -129,13 +157,33 @@ def xla_matmul(a, b):
 
 
 def xla_bias_gelu(a, b, bias):
-  return jax.nn.gelu(a @ b + bias, approximate=False)
+  return bert.gelu(a @ b + bias)
 
 
 def xla_bias_gelu_preactivation(a, b, bias):
   """What the model's forward keeps for training: the GELU and its input, which the backward reads."""
   preactivation = a @ b + bias
-  return jax.nn.gelu(preactivation, approximate=False), preactivation
+  return bert.gelu(preactivation), preactivation
+
+
+def xla_gelu_grad(a, b, preactivation):
+  """The model's backward through the GELU from its output's gradient `a @ b`."""
+  return jax.vjp(bert.gelu, preactivation)[1](a @ b)[0]
+
+
+def with_bias_gradient(d_preactivation):
+  """The gradient of the GELU's input and the bias gradient the model's backward sums from it."""
+  return d_preactivation, jnp.sum(d_preactivation.astype(jnp.float32), axis=0)
+
+
+def xla_gelu_grad_bias_grad(a, b, preactivation):
+  return with_bias_gradient(xla_gelu_grad(a, b, preactivation))
+
+
+def float32_gelu_grad(a, b, preactivation):
+  """The reference of the GELU-backward rows, in float32."""
+  d_gelu = jnp.dot(a, b, preferred_element_type=jnp.float32)
+  return jax.vjp(lambda x: jax.nn.gelu(x, approximate=False), preactivation.astype(jnp.float32))[1](d_gelu)[0]
 
 
 def float32_bias_gelu(a, b, bias):
@@ -157,7 +205,7 @@ def row(name, variant, mkn, make, args, reference) -> dict:
   except Exception as e:  # noqa: BLE001
     return dict(out, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
   out.update(ms=round(ms, 4), tflops=float(f"{2 * m * k * n / ms / 1e9:.4g}"))
-  if reference is not None:  # of the first output: the GELU rows' second is the pre-activation
+  if reference is not None:  # of the first output: the pre-activation or the bias gradient come second
     out["rel_l2"] = rel_l2(result[0] if isinstance(result, tuple) else result, reference)
   return out
 
@@ -190,6 +238,17 @@ def main():
           make = functools.partial(mosaic_bias_gelu, **variant)
           print(json.dumps(row(name, variant_name(**variant), (m, k, n), make, (a, b, bias), gelu_reference)),
                 flush=True)
+      # The backward: `a` stands for d_y, `b` for W_out^T, at the same shapes.
+      preactivation = jax.jit(xla_bias_gelu_preactivation)(a, b, bias)[1]
+      grad_reference = jax.jit(float32_gelu_grad)(a, b, preactivation)
+      for fn in (xla_gelu_grad, xla_gelu_grad_bias_grad):
+        print(json.dumps(row(name, fn.__name__, (m, k, n), lambda fn=fn: (jax.jit(fn), None), (a, b, preactivation),
+                             grad_reference)), flush=True)
+      if on_hopper:
+        for variant in gelu_grad_variants():
+          make = functools.partial(mosaic_gelu_grad, **variant)
+          print(json.dumps(row(name, gelu_grad_variant_name(**variant), (m, k, n), make, (a, b, preactivation),
+                               grad_reference)), flush=True)
     if on_hopper:
       for tiling in mosaic_tilings(args.sweep):
         print(json.dumps(row(name, "mosaic", (m, k, n), functools.partial(mosaic_matmul, tiling), (a, b), reference)),

@@ -160,7 +160,7 @@ PY
     b256|sweep)
       # BERT's pretraining batch (256 x 128 tokens); sweep: each speed variant, one process apiece.
       b256=(--config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 "--config.cases=('pretrain_train',)")
-      variants=${SWEEP:-default triton_gemm gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention pallas_attention einsum_dropout pallas_dropout xla_norm no_prune stack_layers wait_each}
+      variants=${SWEEP:-default triton_gemm gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention pallas_attention einsum_dropout pallas_dropout xla_norm no_prune stack_layers mosaic_ffn wait_each}
       [ "$stage" = b256 ] && variants=default
       for variant in $variants; do  # each adds an XLA flag (after config.xla_flags: it wins), a PRNG or a model flag
         xla_flag="" prng=${JAX_DEFAULT_PRNG_IMPL:-threefry2x32} flags=()
@@ -183,6 +183,7 @@ PY
           xla_norm) flags=(--config.model.layer_norm_impl=xla);;  # XLA's add & norm (the presets: one Pallas kernel)
           no_prune) flags=(--config.model.prune_last_layer=False);;  # the last layer computes every position
           stack_layers) flags=(--config.model.stack_layers=True);;  # the layers' parameters stacked: ~380 fewer optimizer kernels
+          mosaic_ffn) flags=(--config.model.feed_forward_impl=mosaic);;  # the GELU forward and backward in our matmul kernels
           wait_each) flags=(--config.steps_per_sample=1);;  # the timing before steps_per_sample
           baseline)  # the default from the code of BASELINE=REV bash scripts/prepare_gpu_carry.sh
             if [ ! -d .gpu/baseline ]; then
@@ -238,7 +239,7 @@ for line in open(sys.argv[1]):
         f"{row.get('attention_impl', '?'):>12}{row['examples_per_second']:>10.1f}{mfu:>7}{torch_ex:>11}{ratio:>7}"
         f"{row['compile_seconds']:>10.1f}  {row.get('hidden_act')} drop={row.get('hidden_dropout_prob')} "
         f"attn_drop={row.get('attention_probs_dropout_prob')} "
-        f"norm={row.get('layer_norm_impl')} prune={row.get('prune_last_layer')} "
+        f"norm={row.get('layer_norm_impl')} ffn={row.get('feed_forward_impl')} prune={row.get('prune_last_layer')} "
         f"stacked={row.get('stack_layers')} steps/sample={row.get('steps_per_sample')} "
         f"{row.get('prng_impl')} {row.get('xla_flags')}")
 PY

@@ -35,12 +35,14 @@ from jax.experimental import topologies
 from bert_jax import benchmark  # defines --config
 from bert_jax import partitioning
 from bert_jax import state as state_lib
+from bert_jax.models import feed_forward
 
 flags.DEFINE_enum("case", "pretrain_train", ["train", "pretrain_train"], "Which train step to compile.")
 flags.DEFINE_string("grep", "", "List the kernels whose name or op name matches this regex.")
 flags.DEFINE_string("hlo_out", "", "Write the compiled HLO here.")
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
+H100_SMS = 132
 # XLA's GpuTargetConfigProto for an H100 SXM (132 SMs, 228 KiB shared memory per SM, 50 MiB L2).
 H100_TARGET_CONFIG = """
 platform_name: "CUDA"
@@ -207,9 +209,13 @@ def main(argv):
   partitioning.add_xla_flags(config.get("xla_flags", ""))
   topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1")
   mesh = partitioning.make_mesh(config.mesh_shape, topology.devices)
-  # The model picks and checks its kernels ('auto', cuDNN, the Pallas add & norm's interpret mode) by
-  # the default backend, the CPU here: it is told it runs on the GPU it is compiled for.
-  with mock.patch.object(jax, "default_backend", return_value="gpu"):
+  # The model picks and checks its kernels ('auto', cuDNN, the Pallas add & norm's interpret mode, the
+  # feed-forward's Hopper kernels and their grid of one CTA per SM) by the default backend and device, the
+  # CPU's here: it is told it runs on the GPU it is compiled for.
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu  # pylint: disable=g-import-not-at-top
+  with (mock.patch.object(jax, "default_backend", return_value="gpu"),
+        mock.patch.object(feed_forward, "check_backend"),
+        mock.patch.object(hopper_matmul_mgpu, "get_num_sms", return_value=H100_SMS)):
     hlo_text = compile_step(config, flags.FLAGS.case, mesh)
   if flags.FLAGS.hlo_out:
     with open(flags.FLAGS.hlo_out, "w") as f:

@@ -1,7 +1,10 @@
-"""Helpers the model tests share: the equations of a traced program, and a gradient tree as one vector."""
+"""Helpers the model tests share: the equations of a traced program, a gradient tree as one vector, and
+the train step's classification loss with its gradients on a small padded batch."""
 
 import jax
 import numpy as np
+
+from bert_jax import steps
 
 
 def all_eqns(jaxpr):
@@ -18,3 +21,15 @@ def all_eqns(jaxpr):
 def flat(tree) -> np.ndarray:
   """The leaves of `tree` (gradients, say) raveled into one vector, in tree order."""
   return np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(tree)])
+
+
+def classification_loss_and_grads(module, params, deterministic: bool):
+  """The train step's classification loss (`steps.classification_loss`) and its gradients, jitted, on 3
+  sequences of 9 tokens padded after 9, 4 and 7 (vocabulary ids below 99)."""
+  rng = np.random.default_rng(0)
+  attention_mask = (np.arange(9)[None, :] < np.array([[9], [4], [7]])).astype(np.int32)
+  batch = {"input_ids": rng.integers(1, 99, (3, 9)).astype(np.int32), "attention_mask": attention_mask,
+           "token_type_ids": np.zeros((3, 9), np.int32), "labels": np.array([0, 1, 0], np.int32),
+           "weights": np.ones((3,), np.float32)}
+  loss = lambda p: steps.classification_loss(module, p, batch, jax.random.key(5), deterministic)[0]  # noqa: E731
+  return jax.jit(jax.value_and_grad(loss))(params)

@@ -12,9 +12,10 @@ import pytest
 
 from bert_jax import hf
 from bert_jax import models
-from bert_jax import steps
 from bert_jax.models import bert
 from bert_jax.models import fused_norm
+
+import program_parts
 
 RATE, EPS = 0.1, 1e-12
 
@@ -104,17 +105,6 @@ def _classifier(tiny_config, **overrides):
   return models.BertForSequenceClassification(tiny_config.replace(**overrides))
 
 
-def _loss_and_grads(module, params, deterministic):
-  """The train step's classification loss (`steps.classification_loss`) and its gradients."""
-  rng = np.random.default_rng(0)
-  attention_mask = (np.arange(9)[None, :] < np.array([[9], [4], [7]])).astype(np.int32)
-  batch = {"input_ids": rng.integers(1, 99, (3, 9)).astype(np.int32), "attention_mask": attention_mask,
-           "token_type_ids": np.zeros((3, 9), np.int32), "labels": np.array([0, 1, 0], np.int32),
-           "weights": np.ones((3,), np.float32)}
-  loss = lambda p: steps.classification_loss(module, p, batch, jax.random.key(5), deterministic)[0]  # noqa: E731
-  return jax.jit(jax.value_and_grad(loss))(params)
-
-
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("layers", [dict(), dict(scan_layers=True, remat_policy="dots")])
 def test_model_with_pallas_add_norm_computes_what_xla_computes(tiny_config, deterministic, layers):
@@ -128,8 +118,8 @@ def test_model_with_pallas_add_norm_computes_what_xla_computes(tiny_config, dete
   ids = np.ones((2, 5), np.int32)
   count = lambda module: str(jax.make_jaxpr(lambda p: module.apply({"params": p}, ids))(params)).count("pallas_call")  # noqa: E731
   assert count(pallas) >= 2 and count(xla) == 0
-  value, grads = _loss_and_grads(pallas, params, deterministic)
-  plain_value, plain_grads = _loss_and_grads(xla, params, deterministic)
+  value, grads = program_parts.classification_loss_and_grads(pallas, params, deterministic)
+  plain_value, plain_grads = program_parts.classification_loss_and_grads(xla, params, deterministic)
   np.testing.assert_allclose(value, plain_value, rtol=1e-5)
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(plain_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))

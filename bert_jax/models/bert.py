@@ -20,6 +20,7 @@ from bert_jax import partitioning
 from bert_jax.models import attention, axes
 from bert_jax.models import config as config_lib
 from bert_jax.models import dropout as dropout_lib
+from bert_jax.models import feed_forward
 from bert_jax.models import fused_norm
 from bert_jax.models import layer_stack
 from bert_jax.models.projection import add_bias, contract, dense, kernel_init, zeros_init
@@ -142,11 +143,13 @@ def resolve_layer_norm_impl(config: config_lib.BertConfig) -> str:
 def describe_kernels(config: config_lib.BertConfig) -> str:
   """What the speed switches resolve to here, for logs: "attention cpu_fused (attention_impl='auto'), ..."."""
   impls = attention.resolve_attention_impl(config), resolve_layer_norm_impl(config)
-  interpreted = "pallas" in impls and fused_norm.interprets()
+  interpreted = ("pallas" in impls and fused_norm.interprets()) or (
+      config.feed_forward_impl == "mosaic" and jax.default_backend() == "cpu")
   last_layer = (f"the positions the heads read, its attention by {attention.pruned_layer_attention_impl(config)}"
                 if config.prunes_last_layer else "every position")
   return (f"attention {impls[0]} (attention_impl={config.attention_impl!r}), "
           f"add & norm {impls[1]} (layer_norm_impl={config.layer_norm_impl!r}), "
+          f"feed-forward {config.feed_forward_impl}, "
           f"last layer computes {last_layer} (prune_last_layer={config.prune_last_layer!r}"
           + (", scan_layers=True" if config.prune_last_layer and config.scan_layers else "") + ")"
           + ("; the Pallas kernels run in Pallas's interpreter off a GPU: slow, meant for tests" if interpreted else ""))
@@ -178,11 +181,26 @@ class BertLayer(nn.Module):
     x = add_norm(c, dropout, x if query_rows is None else query_rows, *attended, "attention_output_LayerNorm",
                  deterministic)
     x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
-    h = dense(c, c.intermediate_size, (axes.EMBED,), (axes.MLP,), "intermediate")(x)  # [batch, seq, intermediate]
-    h = nn.with_logical_constraint(activation(c.hidden_act)(h), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
-    h = dense(c, c.hidden_size, (axes.MLP,), (axes.EMBED,), "output").unbiased(h)
-    x = add_norm(c, dropout, x, *h, "output_LayerNorm", deterministic)
+    intermediate = dense(c, c.intermediate_size, (axes.EMBED,), (axes.MLP,), "intermediate")
+    output = dense(c, c.hidden_size, (axes.MLP,), (axes.EMBED,), "output")
+    if c.feed_forward_impl == "mosaic":
+      y = mosaic_feed_forward(x, intermediate.weights(x.shape[-1:]), output.weights((c.intermediate_size,)))
+    else:
+      h = intermediate(x)  # [batch, seq, intermediate]
+      h = nn.with_logical_constraint(activation(c.hidden_act)(h), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
+      y = output.unbiased(h)
+    x = add_norm(c, dropout, x, *y, "output_LayerNorm", deterministic)
     return nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+
+
+def mosaic_feed_forward(x, intermediate_weights, output_weights) -> tuple[jax.Array, jax.Array]:
+  """(`gelu(x @ W_in + b_in) @ W_out` `[batch, seq, hidden]`, `b_out`) in the Hopper kernels of `feed_forward`,
+  for the add & norm to add the bias as it does `Projection.unbiased`'s. Each device runs them on its rows,
+  with the weights whole (gathered from a tensor or fsdp axis, as XLA gathers them for its matmuls)."""
+  (w_in, b_in), (w_out, b_out) = intermediate_weights, output_weights
+  rows = (axes.ACT_BATCH, axes.ACT_LENGTH, None)
+  y = partitioning.map_over_shards(feed_forward.feed_forward, (x, w_in, b_in, w_out), (rows, None, None, None), rows)
+  return y, b_out
 
 
 def add_norm(config: config_lib.BertConfig, dropout: dropout_lib.Dropout, residual, y, bias, name: str,

@@ -32,11 +32,17 @@ REMAT_POLICIES = ("none", "full", "dots")
 # Pallas's interpreter runs it, slowly, for tests). 'auto': 'pallas' on a GPU, else 'xla'
 # (`bert.resolve_layer_norm_impl`).
 LAYER_NORM_IMPLS = ("xla", "pallas", "auto")
+# How the feed-forward, `gelu(x @ W_in + b_in) @ W_out`, is computed: XLA's matmuls and passes, or with the
+# GELU forward and backward inside Mosaic GPU matmul kernels of ours (`feed_forward`: Hopper GPUs, H100 and
+# H200; on a CPU Mosaic GPU's interpreter runs them, slowly, for tests). 'mosaic' needs the exact GELU
+# (hidden_act='gelu'), dtype bfloat16, and sizes the kernels' blocks divide (`feed_forward.size_multiples`).
+FEED_FORWARD_IMPLS = ("xla", "mosaic")
 # Fields that say only how to compute: the same parameters give the same model under any of their
 # values, to rounding. evaluate/predict take them from the config, not the checkpoint (`state`), and
 # training resumes with the config's (with another prune_last_layer, the last layer draws its dropout
 # masks for other rows).
-COMPUTE_FIELDS = ("dtype", "attention_impl", "layer_norm_impl", "remat_policy", "prune_last_layer")
+COMPUTE_FIELDS = ("dtype", "attention_impl", "layer_norm_impl", "feed_forward_impl", "remat_policy",
+                  "prune_last_layer")
 # Fields that are not the model's in HF's sense: never read from or written to config.json. Beside
 # how to compute, how the parameters are stored: their dtype, and the layers stacked (scan_layers,
 # stack_layers).
@@ -68,6 +74,7 @@ class BertConfig:
   param_dtype: str = "float32"
   attention_impl: str = "einsum"  # one of ATTENTION_IMPLS
   layer_norm_impl: str = "xla"  # one of LAYER_NORM_IMPLS
+  feed_forward_impl: str = "xla"  # one of FEED_FORWARD_IMPLS
   remat_policy: str = "none"  # one of REMAT_POLICIES
   # One `nn.scan` over the layers: parameters stacked as `encoder/layers/...` with a leading
   # `layers` axis (compile time independent of depth), instead of `encoder/layer_{i}/...`.
@@ -119,6 +126,11 @@ class BertConfig:
     if self.layer_norm_impl not in LAYER_NORM_IMPLS:
       raise ValueError(f"BertConfig.layer_norm_impl={self.layer_norm_impl!r} is not supported; use one of "
                        f"{LAYER_NORM_IMPLS}.")
+    if self.feed_forward_impl not in FEED_FORWARD_IMPLS:
+      raise ValueError(f"BertConfig.feed_forward_impl={self.feed_forward_impl!r} is not supported; use one of "
+                       f"{FEED_FORWARD_IMPLS}.")
+    if self.feed_forward_impl == "mosaic":
+      self._check_mosaic_feed_forward()
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"BertConfig.remat_policy={self.remat_policy!r} is not supported; use one of "
                        f"{REMAT_POLICIES}.")
@@ -129,6 +141,21 @@ class BertConfig:
       raise ValueError("BertConfig.scan_layers=True and stack_layers=True: both store the layers stacked, one "
                        "runs them as a loop, the other unrolled. Set --config.model.scan_layers=False to run "
                        "them unrolled (the same checkpoints), or stack_layers=False for the loop.")
+
+  def _check_mosaic_feed_forward(self) -> None:
+    from bert_jax.models import feed_forward  # pylint: disable=g-import-not-at-top  # its kernels import lazily
+    fix = " or use --config.model.feed_forward_impl=xla"
+    if self.hidden_act != "gelu":
+      raise ValueError(f"BertConfig.feed_forward_impl='mosaic' computes the exact GELU (hidden_act='gelu'); got "
+                       f"hidden_act={self.hidden_act!r}. Set --config.model.hidden_act=gelu{fix}.")
+    if self.dtype != "bfloat16":
+      raise ValueError(f"BertConfig.feed_forward_impl='mosaic' runs bfloat16 matmul kernels; got dtype={self.dtype!r}. "
+                       f"Set --config.model.dtype=bfloat16{fix}.")
+    _, hidden, intermediate = feed_forward.size_multiples()
+    if self.hidden_size % hidden or self.intermediate_size % intermediate:
+      raise ValueError(f"BertConfig.feed_forward_impl='mosaic' needs hidden_size a multiple of {hidden} and "
+                       f"intermediate_size a multiple of {intermediate} (its kernels' blocks); got "
+                       f"{self.hidden_size} and {self.intermediate_size}. Use --config.model.feed_forward_impl=xla.")
 
   def check_trainable(self) -> None:
     """Raises if training (dropout on) cannot run with this config; call before compiling a train step."""

@@ -1,64 +1,66 @@
-"""`gelu(a @ b + bias)` in one Hopper kernel: a Mosaic GPU matmul with the bias and exact GELU applied
-to the float32 accumulator in its epilogue, before the one bf16 write. With `with_preactivation`, the
-epilogue also writes `a @ b + bias`, which the GELU's backward reads. Two schedules:
+"""Matmuls for Hopper GPUs (sm_90: H100, H200) written in Pallas for Mosaic GPU, whose epilogue does more
+than round and store the float32 accumulator: an `Epilogue` reads one operand per output block and gives
+the results to store (`feed_forward`'s GELU forward and backward). Two schedules:
 
 - `kernel` ("cooperative"): jax's warp-specialised Hopper matmul
-  (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`, Apache 2.0, The JAX Authors) with this
+  (`jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`, Apache 2.0, The JAX Authors) with such an
   epilogue. Kept: the tiling (`TuningConfig`), the TMA/wgmma pipeline with two compute warpgroups side
   by side along N, the planar-snake grid. Dropped: the accumulate-into-C input, clusters, collective hooks.
 - `pingpong_kernel`: the two compute warpgroups take turns over their own output blocks, so that one's
   epilogue runs while the other's products do, as CUTLASS's ping-pong Hopper kernels do.
 
-A prototype for scripts/bench_matmul.py, which times both: can an epilogue kernel beat cuBLAS plus XLA's
-separate pass? That decides whether the model's feed-forward should get one (docs/performance.md, "What
-55% would take", "eleventh lease"). The model does not use it.
-- The cooperative kernel ran on an H200 (jax 0.11.2): 1.7e-3 from the float32 result at
-  32,768 x 768 x 3072, against XLA's 2.6e-3. That run had `_gelu`'s earlier form `(x + |x| (1 - q)) / 2`
-  read the bias through `plgpu.load` in lane semantics, and applied the GELU to the whole block before
-  its stores. The epilogue by tiles, `out_slots`, the ping-pong kernel and the interpreter's tests came
-  after it.
+Owns: the kernels and `call`. Does not own: what an epilogue computes (`feed_forward`), or the choice of
+tiling (`feed_forward`'s constants, `scripts/bench_matmul.py`'s rows).
 - Both lower for an H100 wherever jax's CUDA plugin is installed (the SM count given:
   `scripts/gpu_hlo.py`'s venv). Both run on a CPU in Mosaic GPU's interpreter, with its race detector
-  (tests/test_benchmark.py).
+  (tests/test_feed_forward.py).
+- Mosaic GPU is imported where a kernel is built, so importing the model does not need it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 
-# Abramowitz & Stegun 7.1.26: erf(z) = 1 - t (a1 + t (a2 + ... + t a5)) exp(-z^2), t = 1 / (1 + p z), z >= 0,
-# within 1.5e-7 of erf. Mosaic GPU's layout inference has no rule for erf (jax 0.10.2 and 0.11.2).
-_ERF_P = 0.3275911
-_ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+def tuning_config(tiling: dict):
+  """`hopper_matmul_mgpu.TuningConfig` at `tiling` (`grid_minor_dim` as "M" or "N"), and the fields it was
+  given: written against jax 0.10.2's kernel, a later jax may have renamed or dropped a field, which is then
+  left out."""
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # pylint: disable=g-import-not-at-top
+  fields = {field.name for field in dataclasses.fields(mgpu.TuningConfig)}
+  given = {name: value for name, value in tiling.items() if name in fields}
+  return mgpu.TuningConfig(**dict(given, grid_minor_dim=mgpu.MatmulDimension[given["grid_minor_dim"]])), given
 
 
-def _gelu(x):
-  """Exact GELU, x Phi(x), from abs, max, exp and arithmetic alone: with z = |x| / sqrt(2) and
-  erf(z) = 1 - q, x Phi(x) = (x + |x| (1 - q)) / 2 = max(x, 0) - |x| q / 2 for either sign of x. The last
-  form keeps the negative tail's relative accuracy, which `1 - q` would round away."""
-  z = abs(x) * np.float32(np.sqrt(0.5))
-  t = 1.0 / (1.0 + _ERF_P * z)
-  poly = _ERF_A[4]
-  for a in reversed(_ERF_A[:4]):
-    poly = poly * t + a
-  q = poly * t * jnp.exp(-z * z)
-  return jnp.maximum(x, 0.0) - 0.5 * abs(x) * q
+@dataclasses.dataclass(frozen=True)
+class Epilogue:
+  """What a kernel does with a block's float32 accumulator `[tile_m, tile_n]`, besides rounding and storing.
+
+  One operand is read per block: its part of the block, `operand_block(gmem, m_slice, n_slice)`, is copied
+  into shared memory (`operand_shape(tile_m, tile_n)`, `operand_dtype`) while the block's products run.
+  `results(acc_tile, operand_ref, epi_m_slice, epi_n_slice)` gives the `num_outputs` float32 tiles stored
+  for one `[epi_m, epi_n]` tile of the block.
+  """
+  num_outputs: int
+  operand_block: Callable
+  operand_shape: Callable
+  operand_dtype: Any
+  results: Callable
 
 
-def _epilogue(acc, bias_ref, out_smem, out_gmems, m_slice, n_slice):
-  """Stores gelu(acc + bias) (and acc + bias) to `out_gmems` at `[m_slice, n_slice]` through `out_smem`.
+def _epilogue(acc, epilogue, operand_ref, out_smem, out_gmems, m_slice, n_slice):
+  """Stores `epilogue.results` of `acc` to `out_gmems` at `[m_slice, n_slice]` through `out_smem`.
 
-  acc `[tile_m, tile_n]` float32, bias_ref `[tile_n]` float32 in shared memory, out_smem `[outputs, slots,
-  epi_m, epi_n]`: one warpgroup's store buffers, which its earlier stores may still be reading. The bias
-  and GELU are applied one `[epi_m, epi_n]` tile at a time, so that only one tile's results and
-  temporaries are live beside the accumulator (fewer registers than the whole block's).
+  acc `[tile_m, tile_n]` float32; operand_ref: the block's operand in shared memory; out_smem `[outputs,
+  slots, epi_m, epi_n]`: one warpgroup's store buffers, which its earlier stores may still be reading. The
+  results are computed one `[epi_m, epi_n]` tile at a time, so that only one tile's results and temporaries
+  are live beside the accumulator (fewer registers than the whole block's).
   """
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -68,13 +70,10 @@ def _epilogue(acc, bias_ref, out_smem, out_gmems, m_slice, n_slice):
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block's stores, whatever slot they used
   for epi_mi in range(tile_m // epi_tile_m):
     for epi_ni in range(tile_n // epi_tile_n):
-      epi_m_slice = slice(epi_mi * epi_tile_m, (epi_mi + 1) * epi_tile_m)
-      epi_n_slice = slice(epi_ni * epi_tile_n, (epi_ni + 1) * epi_tile_n)
-      bias = bias_ref[pl.ds(epi_ni * epi_tile_n, epi_tile_n)]
-      preactivation = acc[epi_m_slice, epi_n_slice] + lax.broadcast_in_dim(bias, (epi_tile_m, epi_tile_n), [1])
-      results = [_gelu(preactivation).astype(dtype)]
-      if num_outputs == 2:
-        results.append(preactivation.astype(dtype))
+      epi_m_slice = pl.ds(epi_mi * epi_tile_m, epi_tile_m)
+      epi_n_slice = pl.ds(epi_ni * epi_tile_n, epi_tile_n)
+      acc_tile = acc[epi_mi * epi_tile_m:(epi_mi + 1) * epi_tile_m, epi_ni * epi_tile_n:(epi_ni + 1) * epi_tile_n]
+      results = [r.astype(dtype) for r in epilogue.results(acc_tile, operand_ref, epi_m_slice, epi_n_slice)]
       slot = (epi_mi * (tile_n // epi_tile_n) + epi_ni) % num_slots
       # This slot's last stores have read it; the other slots' may still be reading.
       plgpu.wait_smem_to_gmem(num_outputs * (num_slots - 1), wait_read_only=True)
@@ -102,26 +101,29 @@ def _swizzled(minor_elements, dtype):
   return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _epilogue_buffers(config, dtype, out_slots, num_outputs):
+def _epilogue_buffers(config, dtype, out_slots, epilogue):
   """The epilogue's shared memory, for each of the two compute warpgroups: `out_slots` store buffers per
-  output (fewer if the block has fewer store tiles), the bias of its block's columns and the barrier its
-  copy arrives on. Keyword allocations for `pl.run_scoped`."""
+  output (fewer if the block has fewer store tiles), the operand of its block and the barrier its copy
+  arrives on. Keyword allocations for `pl.run_scoped`."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   num_slots = min(out_slots, (config.tile_m * config.tile_n) // (config.epi_tile_m * config.epi_tile_n))
+  operand_shape = epilogue.operand_shape(config.tile_m, config.tile_n)
+  # A 2-D operand is read by the tile in the accumulator's layout: tiled and swizzled as TMA and wgmma want.
+  operand_transforms = _swizzled(operand_shape[-1], epilogue.operand_dtype) if len(operand_shape) == 2 else ()
   return dict(
-      out_smem=plgpu.SMEM((num_outputs, 2, num_slots, config.epi_tile_m, config.epi_tile_n), dtype,
+      out_smem=plgpu.SMEM((epilogue.num_outputs, 2, num_slots, config.epi_tile_m, config.epi_tile_n), dtype,
                           transforms=_swizzled(config.epi_tile_n, dtype)),
-      bias_smem=plgpu.SMEM((2, config.tile_n), jnp.float32),
-      bias_loaded=plgpu.Barrier(num_barriers=2),
+      operand_smem=plgpu.SMEM((2, *operand_shape), epilogue.operand_dtype, transforms=operand_transforms),
+      operand_loaded=plgpu.Barrier(num_barriers=2),
   )
 
 
-def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
+def kernel(a_gmem, b_gmem, operand_gmem, *out_gmems, config, out_slots, epilogue):
   """One persistent CTA per SM: loops over `[tile_m, 2 tile_n]` output blocks.
 
-  a `[m, k]`, b `[k, n]` (bf16), bias `[n]` float32; out_gmems: gelu `[m, n]` and, optionally, the
-  pre-activation `[m, n]`, both in a's dtype.
+  a `[m, k]`, b `[k, n]` (bf16), the epilogue's operand; out_gmems: its `num_outputs` results `[m, n]` in
+  a's dtype.
   """
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -153,10 +155,10 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
   @functools.partial(
       pl.run_scoped,
       pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
-      **_epilogue_buffers(config, dtype, out_slots, len(out_gmems)),
+      **_epilogue_buffers(config, dtype, out_slots, epilogue),
       collective_axes="wg",
   )
-  def _pipeline_scope(pipeline_allocs, out_smem, bias_smem, bias_loaded):
+  def _pipeline_scope(pipeline_allocs, out_smem, operand_smem, operand_loaded):
     wg_idx = lax.axis_index("wg")
 
     @plgpu.nd_loop((m_iters * n_iters,), collective_axes="cluster_grid")
@@ -169,11 +171,14 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
       def compute_context(eval_pipeline):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
         def _acc_scope(acc_ref):
-          # The bias's copy is issued before the k loop, so it arrives while the products run.
-          plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem.at[wg_idx], bias_loaded.at[wg_idx])
+          # The operand's copy is issued before the k loop, so it arrives while the products run. The last
+          # block's epilogue read its copy before its last commit_smem, a warpgroup barrier.
+          plgpu.copy_gmem_to_smem(epilogue.operand_block(operand_gmem, m_slice, n_slice), operand_smem.at[wg_idx],
+                                  operand_loaded.at[wg_idx])
           eval_pipeline(acc_ref)
-          plgpu.barrier_wait(bias_loaded.at[wg_idx])
-          _epilogue(acc_ref[...], bias_smem.at[wg_idx], out_smem.at[:, wg_idx], out_gmems, m_slice, n_slice)
+          plgpu.barrier_wait(operand_loaded.at[wg_idx])
+          _epilogue(acc_ref[...], epilogue, operand_smem.at[wg_idx], out_smem.at[:, wg_idx], out_gmems, m_slice,
+                    n_slice)
 
       def mma_body(_, a_smem, b_smem, acc_ref):
         plgpu.wgmma(acc_ref, a_smem, b_smem.at[:, pl.ds(wg_idx * tile_n, tile_n)])
@@ -187,14 +192,14 @@ def kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots):
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every store done before the kernel exits
 
 
-def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, num_ctas):
+def pingpong_kernel(a_gmem, b_gmem, operand_gmem, *out_gmems, config, out_slots, num_ctas, epilogue):
   """One persistent CTA per SM, three warpgroups. The CTA's `[tile_m, tile_n]` output blocks alternate
   between two consumer warpgroups, each with its own ring of `max_concurrent_steps` stages; the third
   warpgroup loads the rings in the order the blocks are consumed. One consumer's epilogue then runs while
   the other's products do (the "ping-pong" schedule of CUTLASS's Hopper kernels), where `kernel`'s two
   warpgroups stop their products together for theirs.
 
-  a `[m, k]`, b `[k, n]` (bf16), bias `[n]` float32; out_gmems as `kernel`'s.
+  a `[m, k]`, b `[k, n]` (bf16), the epilogue's operand; out_gmems as `kernel`'s.
   """
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -217,7 +222,7 @@ def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, nu
     which keeps Mosaic's per-thread phase tracking in step."""
     return consumer * stages + lax.rem(step, stages)
 
-  def body(a_smem, b_smem, out_smem, bias_smem, a_loaded, b_loaded, consumed, bias_loaded):
+  def body(a_smem, b_smem, out_smem, operand_smem, a_loaded, b_loaded, consumed, operand_loaded):
     wg_idx = lax.axis_index("wg")
     num_blocks = (num_tiles - lax.axis_index("sm") + num_ctas - 1) // num_ctas  # this CTA's
 
@@ -262,7 +267,8 @@ def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, nu
       @pl.loop(0, blocks_of(consumer))
       def _block(jj):
         m_slice, n_slice = block_slices(consumer + 2 * jj)
-        plgpu.copy_gmem_to_smem(bias_gmem.at[n_slice], bias_smem.at[consumer], bias_loaded.at[consumer])
+        plgpu.copy_gmem_to_smem(epilogue.operand_block(operand_gmem, m_slice, n_slice), operand_smem.at[consumer],
+                                operand_loaded.at[consumer])
 
         def products_and_epilogue(acc_ref):
           @pl.loop(0, k_iters)
@@ -281,8 +287,9 @@ def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, nu
 
           plgpu.wgmma_wait(0)
           plgpu.barrier_arrive(consumed.at[ring(consumer, jj * k_iters + k_iters - 1)])
-          plgpu.barrier_wait(bias_loaded.at[consumer])
-          _epilogue(acc_ref[...], bias_smem.at[consumer], out_smem.at[:, consumer], out_gmems, m_slice, n_slice)
+          plgpu.barrier_wait(operand_loaded.at[consumer])
+          _epilogue(acc_ref[...], epilogue, operand_smem.at[consumer], out_smem.at[:, consumer], out_gmems, m_slice,
+                    n_slice)
 
         pl.run_scoped(products_and_epilogue, plgpu.ACC((tile_m, tile_n), jnp.float32))
 
@@ -295,31 +302,23 @@ def pingpong_kernel(a_gmem, b_gmem, bias_gmem, *out_gmems, config, out_slots, nu
       a_loaded=plgpu.Barrier(num_barriers=2 * stages),
       b_loaded=plgpu.Barrier(num_barriers=2 * stages),
       consumed=plgpu.Barrier(num_barriers=2 * stages),
-      **_epilogue_buffers(config, dtype, out_slots, len(out_gmems)),
+      **_epilogue_buffers(config, dtype, out_slots, epilogue),
       collective_axes="wg",
   )
 
 
-def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_slots: int = 2,
-                     schedule: str = "cooperative", approx_math: bool = False, interpret=None):
-  """`gelu(a @ b + bias)` `[m, n]` in a's dtype (and `a @ b + bias` with `with_preactivation`).
+def check_operands(a, b):
+  if a.dtype != b.dtype:
+    raise ValueError(f"a and b must share a dtype, got {a.dtype} and {b.dtype}")
+  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+    raise ValueError(f"need a [m, k] and b [k, n]; got {a.shape} and {b.shape}")
 
-  a `[m, k]`, b `[k, n]` of one dtype, bias `[n]` (used in float32); `config` a `hopper_matmul_mgpu.
-  TuningConfig` without a cluster. GELU is the exact one (erf), as BERT's `hidden_act='gelu'`.
-  `out_slots` store buffers per output: with 2, one epilogue tile's stores overlap the next tile's
-  writes; 1 frees the shared memory that a fourth pipeline stage needs when both outputs are written.
-  `schedule`: "cooperative" (`kernel`: both compute warpgroups on one `[tile_m, 2 tile_n]` block) or
-  "pingpong" (`pingpong_kernel`: each on its own `[tile_m, tile_n]` blocks, in turns).
-  `approx_math`: Mosaic's fast approximate exp and division in the GELU (`CompilerParams`).
-  `interpret`: parameters of Mosaic GPU's interpreter, which runs the kernel on a CPU (the tests').
-  """
+
+def call(a, b, operand, epilogue, config, out_slots, schedule, approx_math, interpret):
+  """The kernel of `schedule` with `epilogue` over `a @ b`: a tuple of its `num_outputs` results."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu
 
-  if a.dtype != b.dtype:
-    raise ValueError(f"a and b must share a dtype, got {a.dtype} and {b.dtype}")
-  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or bias.shape != (b.shape[1],):
-    raise ValueError(f"need a [m, k], b [k, n] and bias [n]; got {a.shape}, {b.shape} and {bias.shape}")
   if out_slots < 1:
     raise ValueError(f"out_slots must be at least 1, got {out_slots}")
   if schedule not in ("cooperative", "pingpong"):
@@ -336,14 +335,14 @@ def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_s
   out = jax.ShapeDtypeStruct((m, n), a.dtype)
   num_sms = mgpu.get_num_sms()
   if schedule == "cooperative":  # jax's kernel's grid: one cluster of one CTA per SM
-    body = functools.partial(kernel, config=config, out_slots=out_slots)
+    body = functools.partial(kernel, config=config, out_slots=out_slots, epilogue=epilogue)
     grid = dict(grid=(num_sms,), grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",))
   else:
-    body = functools.partial(pingpong_kernel, config=config, out_slots=out_slots, num_ctas=num_sms)
+    body = functools.partial(pingpong_kernel, config=config, out_slots=out_slots, num_ctas=num_sms,
+                             epilogue=epilogue)
     grid = dict(grid=(num_sms,), grid_names=("sm",))
   compiler_params = plgpu.CompilerParams(approx_math=approx_math,
                                          lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-  call = plgpu.kernel(body, out_type=(out, out) if with_preactivation else (out,), num_threads=3,
-                      thread_name="wg", interpret=interpret, compiler_params=compiler_params, **grid)
-  results = call(a, b, bias.astype(jnp.float32))
-  return results if with_preactivation else results[0]
+  call = plgpu.kernel(body, out_type=(out,) * epilogue.num_outputs, num_threads=3, thread_name="wg",
+                      interpret=interpret, compiler_params=compiler_params, **grid)
+  return call(a, b, operand)
