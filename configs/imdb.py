@@ -26,9 +26,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # attention_impl 'auto': our fused C++ attention kernel on a CPU (computing in float32), our Pallas
   # flash attention on a GPU in bf16 (--config.model.dtype=bfloat16), else einsums; all with dropout;
   # layer_norm_impl 'auto': the add & norm in one Pallas kernel on a GPU, else XLA's;
+  # feed_forward_impl 'xla' (a checkpoint trained with 'mosaic' evaluates anywhere; not yet timed);
   # prune_last_layer: the last layer computes [CLS] only, all the classifier reads (configs/common.py).
   config.model = common.model_overrides(num_labels=2, attention_impl="auto", layer_norm_impl="auto",
-                                        prune_last_layer=common.PRUNE_LAST_LAYER)
+                                        feed_forward_impl="xla", prune_last_layer=common.PRUNE_LAST_LAYER)
 
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = common.IMDB  # aclImdb .tar.gz or folder; '' = tfds imdb_reviews

@@ -3,9 +3,12 @@ the plain float32 path.
 
 On this CPU jax's Mosaic GPU interpreter runs the kernels' own code: their TMA copies, barriers, wgmmas
 and stores, with a happens-before race detector, and it fails a barrier freed with a phase some waiter
-never saw or completed twice unseen. It runs wgmmas and stores synchronously, so a stage handed back
-before its wgmma has read it, or a store buffer rewritten before its store has read it, pass here: those
-waits rest on reasoning and the GPU runs (`scripts/bench_matmul.py` compares each kernel with float32 there).
+never saw or completed twice unseen. It simulates 2 SMs (`hopper_matmul.INTERPRETED_SMS`), so each CTA
+loops over several blocks and reuses its buffers and barriers. It runs wgmmas and stores synchronously,
+and a warpgroup as one thread, so a stage handed back before its wgmma has read it, a store buffer
+rewritten before its store has read it, or an operand refilled before every thread of the warpgroup has
+read it, pass here: those waits rest on reasoning and the GPU runs (`scripts/bench_matmul.py` compares
+each kernel with float32 there).
 """
 
 import dataclasses
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bert_jax import config_checks
 from bert_jax import hf
 from bert_jax import models
 from bert_jax.models import feed_forward
@@ -23,12 +27,10 @@ from bert_jax.models import feed_forward
 import program_parts
 
 
-@pytest.fixture
-def two_sms(monkeypatch):
-  """2 "SMs" in the interpreter: each loops over several output blocks, so buffers and barriers are reused."""
+def _tuning(stages: int):
+  """jax's Hopper matmul's tiling at 128 x 128 blocks (per warpgroup), 64-wide k steps and `stages` stages."""
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(mgpu, "get_num_sms", lambda: 2)
-  return mgpu
+  return mgpu.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=stages)
 
 
 def _races_found() -> bool:
@@ -69,13 +71,13 @@ def test_the_kernels_gelu_derivative_is_the_exact_one_without_erf():
     ("pingpong", False, 1, (640, 128, 128), 3),  # 5 blocks: 3 and 2 per SM; rings deeper than the k steps
 ])
 def test_the_forward_kernel_computes_gelu_of_the_biased_product_in_mosaic_s_interpreter(
-    two_sms, schedule, with_preactivation, out_slots, mkn, stages):
+    schedule, with_preactivation, out_slots, mkn, stages):
   m, k, n = mkn  # blocks of 128 x 2*128 (cooperative) or 128 x 128 (pingpong), k steps of 64
   keys = jax.random.split(jax.random.key(0), 3)
   a = jax.random.normal(keys[0], (m, k), jnp.float32).astype(jnp.bfloat16)
   b = (jax.random.normal(keys[1], (k, n), jnp.float32) / k**0.5).astype(jnp.bfloat16)
   bias = jax.random.normal(keys[2], (n,), jnp.float32)
-  config = two_sms.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=stages)
+  config = _tuning(stages)
   outputs = feed_forward.matmul_bias_gelu(a, b, bias, config, with_preactivation, out_slots, schedule,
                                           interpret=_detect_races())
   preactivation = jnp.dot(a, b, preferred_element_type=jnp.float32) + bias
@@ -92,14 +94,14 @@ def test_the_forward_kernel_computes_gelu_of_the_biased_product_in_mosaic_s_inte
     ("pingpong", 2, (384, 192, 256), 2),  # 6 blocks: 2 for one consumer and 1 for the other on each SM
 ])
 def test_the_backward_kernel_multiplies_the_product_by_gelu_s_derivative_in_mosaic_s_interpreter(
-    two_sms, schedule, out_slots, mkn, stages):
+    schedule, out_slots, mkn, stages):
   # The pre-activation block is the operand the epilogue reads tile by tile.
   m, k, n = mkn
   keys = jax.random.split(jax.random.key(1), 3)
   d_y = jax.random.normal(keys[0], (m, k), jnp.float32).astype(jnp.bfloat16)
   kernel_t = (jax.random.normal(keys[1], (k, n), jnp.float32) / k**0.5).astype(jnp.bfloat16)
   preactivation = (2 * jax.random.normal(keys[2], (m, n), jnp.float32)).astype(jnp.bfloat16)
-  config = two_sms.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=stages)
+  config = _tuning(stages)
   output = feed_forward.matmul_gelu_grad(d_y, kernel_t, preactivation, config, out_slots, schedule,
                                          interpret=_detect_races())
   d_gelu = jnp.dot(d_y, kernel_t, preferred_element_type=jnp.float32)
@@ -111,8 +113,7 @@ def test_the_backward_kernel_multiplies_the_product_by_gelu_s_derivative_in_mosa
 
 
 def test_the_backward_kernel_names_a_pre_activation_it_cannot_read():
-  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # pylint: disable=g-import-not-at-top
-  config = mgpu.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=3)
+  config = _tuning(3)
   d_y, kernel_t = jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16)
   with pytest.raises(ValueError, match=r"need a pre-activation \[m, n\] = \[128, 256\] in bfloat16"):
     feed_forward.matmul_gelu_grad(d_y, kernel_t, jnp.zeros((128, 128), jnp.bfloat16), config)
@@ -159,7 +160,7 @@ def _plain_float32(x, w_in, b_in, w_out):
   return jax.nn.gelu(f32(x) @ f32(w_in) + f32(b_in), approximate=False) @ f32(w_out)
 
 
-def test_feed_forward_and_its_gradients_match_the_float32_path_with_padded_rows(two_sms):
+def test_feed_forward_and_its_gradients_match_the_float32_path_with_padded_rows():
   # 150 rows: padded to 256 for the kernels' 128-row blocks; the padding adds nothing to any gradient.
   operands = _feed_forward_operands()
   weights = jax.random.normal(jax.random.key(7), (3, 50, 64))  # a loss that weighs every output differently
@@ -167,6 +168,10 @@ def test_feed_forward_and_its_gradients_match_the_float32_path_with_padded_rows(
   def loss(fn):
     return lambda *args: jnp.sum(fn(*args).astype(jnp.float32) * weights)
 
+  kernels = lambda fn: str(jax.make_jaxpr(fn)(*operands)).count("mpmd_map[")  # noqa: E731  # plgpu.kernel calls
+  # Forward: one kernel; with the gradients, the forward's (also writing the pre-activation) and the backward's.
+  assert kernels(feed_forward.feed_forward) == 1
+  assert kernels(jax.grad(loss(feed_forward.feed_forward), argnums=range(4))) == 2
   output = jax.jit(feed_forward.feed_forward)(*operands)
   assert output.shape == (3, 50, 64) and output.dtype == jnp.bfloat16
   assert _rel_l2(output, _plain_float32(*operands)) < 1e-2
@@ -185,7 +190,7 @@ def _classifier(**overrides):
   return models.BertForSequenceClassification(config)
 
 
-def test_model_with_mosaic_feed_forward_trains_as_the_float32_xla_path(two_sms):
+def test_model_with_mosaic_feed_forward_trains_as_the_float32_xla_path():
   mosaic = _classifier(dtype="bfloat16", feed_forward_impl="mosaic")
   plain = _classifier()  # float32, XLA's feed-forward: the reference path
   params = hf.init_params(plain)
@@ -204,7 +209,7 @@ def test_model_with_mosaic_feed_forward_trains_as_the_float32_xla_path(two_sms):
     assert float(jnp.linalg.norm(got - want)) <= 5e-2 * float(jnp.linalg.norm(want)) + 1e-6, jax.tree_util.keystr(path)
 
 
-def test_mosaic_feed_forward_matches_xla_s_in_bf16(two_sms):
+def test_mosaic_feed_forward_matches_xla_s_in_bf16():
   # The same model in bf16 with XLA's feed-forward: the kernels are at least as close to float32 as XLA's
   # bf16 matmuls and passes are (they add the bias and apply the GELU to float32 sums).
   params = hf.init_params(_classifier())
@@ -257,3 +262,15 @@ def test_the_kernels_tile_what_the_model_s_sizes_must_divide():
   rows, hidden, intermediate = feed_forward.size_multiples()
   assert (rows, hidden, intermediate) == (128, 64, 256)  # 128 x 2*128 blocks, 64-wide k steps
   assert dataclasses.replace(models.BertConfig(dtype="bfloat16"), feed_forward_impl="mosaic")  # BERT-base fits
+
+
+@pytest.mark.parametrize("preset", ["imdb", "pretrain"])
+def test_a_checkpoint_trained_with_the_kernels_is_evaluated_by_xla_under_the_train_presets(preset):
+  # evaluate/predict take the compute fields the config sets over the checkpoint's (`state`): the presets set
+  # 'xla', so a model trained with 'mosaic' on an H100 evaluates on any machine.
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{preset}").get_config()
+  compute = {name: value for name, value in config_checks.model_overrides(config).items()
+             if name in models.COMPUTE_FIELDS}
+  trained = models.BertConfig(dtype="bfloat16", feed_forward_impl="mosaic")
+  assert trained.replace(**compute).feed_forward_impl == "xla"

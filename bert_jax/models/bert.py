@@ -152,7 +152,7 @@ def describe_kernels(config: config_lib.BertConfig) -> str:
           f"feed-forward {config.feed_forward_impl}, "
           f"last layer computes {last_layer} (prune_last_layer={config.prune_last_layer!r}"
           + (", scan_layers=True" if config.prune_last_layer and config.scan_layers else "") + ")"
-          + ("; the Pallas kernels run in Pallas's interpreter off a GPU: slow, meant for tests" if interpreted else ""))
+          + ("; the Pallas kernels run in an interpreter off a GPU: slow, meant for tests" if interpreted else ""))
 
 
 def take_rows(x: jax.Array, output_positions: jax.Array) -> jax.Array:
@@ -199,7 +199,8 @@ def mosaic_feed_forward(x, intermediate_weights, output_weights) -> tuple[jax.Ar
   with the weights whole (gathered from a tensor or fsdp axis, as XLA gathers them for its matmuls)."""
   (w_in, b_in), (w_out, b_out) = intermediate_weights, output_weights
   rows = (axes.ACT_BATCH, axes.ACT_LENGTH, None)
-  y = partitioning.map_over_shards(feed_forward.feed_forward, (x, w_in, b_in, w_out), (rows, None, None, None), rows)
+  inputs = (x.astype(w_in.dtype), w_in, b_in, w_out)  # the compute dtype, as `Projection.unbiased` casts
+  y = partitioning.map_over_shards(feed_forward.feed_forward, inputs, (rows, None, None, None), rows)
   return y, b_out
 
 

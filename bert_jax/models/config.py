@@ -36,6 +36,8 @@ LAYER_NORM_IMPLS = ("xla", "pallas", "auto")
 # GELU forward and backward inside Mosaic GPU matmul kernels of ours (`feed_forward`: Hopper GPUs, H100 and
 # H200; on a CPU Mosaic GPU's interpreter runs them, slowly, for tests). 'mosaic' needs the exact GELU
 # (hidden_act='gelu'), dtype bfloat16, and sizes the kernels' blocks divide (`feed_forward.size_multiples`).
+# Under a `remat_policy` the whole forward kernel runs again in the backward pass (its outputs are a custom
+# VJP's residuals, which no policy names), where XLA's 'dots' keeps the matmul's output.
 FEED_FORWARD_IMPLS = ("xla", "mosaic")
 # Fields that say only how to compute: the same parameters give the same model under any of their
 # values, to rounding. evaluate/predict take them from the config, not the checkpoint (`state`), and

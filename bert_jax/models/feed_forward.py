@@ -147,8 +147,10 @@ def bias_gelu_epilogue(with_preactivation: bool) -> hopper_matmul.Epilogue:
     preactivation = acc_tile + lax.broadcast_in_dim(bias, acc_tile.shape, [1])
     return [_gelu(preactivation)] + [preactivation] * with_preactivation
 
-  return hopper_matmul.Epilogue(num_outputs=1 + with_preactivation, operand_block=lambda gmem, m_slice, n_slice: gmem.at[n_slice],
-                  operand_shape=lambda tile_m, tile_n: (tile_n,), operand_dtype=jnp.float32, results=results)
+  return hopper_matmul.Epilogue(num_outputs=1 + with_preactivation,
+                                operand_block=lambda gmem, m_slice, n_slice: gmem.at[n_slice],
+                                operand_shape=lambda tile_m, tile_n: (tile_n,), operand_dtype=jnp.float32,
+                                results=results)
 
 
 def gelu_grad_epilogue(dtype) -> hopper_matmul.Epilogue:
@@ -159,8 +161,8 @@ def gelu_grad_epilogue(dtype) -> hopper_matmul.Epilogue:
     return [acc_tile * _gelu_grad(preactivation_ref[epi_m_slice, epi_n_slice].astype(jnp.float32))]
 
   return hopper_matmul.Epilogue(num_outputs=1, operand_block=lambda gmem, m_slice, n_slice: gmem.at[m_slice, n_slice],
-                  operand_shape=lambda tile_m, tile_n: (tile_m, tile_n), operand_dtype=jnp.dtype(dtype),
-                  results=results)
+                                operand_shape=lambda tile_m, tile_n: (tile_m, tile_n), operand_dtype=jnp.dtype(dtype),
+                                results=results)
 
 
 def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_slots: int = 2,
@@ -180,8 +182,8 @@ def matmul_bias_gelu(a, b, bias, config, with_preactivation: bool = False, out_s
   hopper_matmul.check_operands(a, b)
   if bias.shape != (b.shape[1],):
     raise ValueError(f"need a bias [n] = [{b.shape[1]}]; got {bias.shape}")
-  results = hopper_matmul.call(a, b, bias.astype(jnp.float32), bias_gelu_epilogue(with_preactivation), config, out_slots,
-                  schedule, approx_math, interpret)
+  results = hopper_matmul.call(a, b, bias.astype(jnp.float32), bias_gelu_epilogue(with_preactivation), config,
+                               out_slots, schedule, approx_math, interpret)
   return results if with_preactivation else results[0]
 
 
@@ -189,7 +191,7 @@ def matmul_gelu_grad(a, b, preactivation, config, out_slots: int = 2, schedule: 
                      approx_math: bool = False, interpret=None):
   """`(a @ b) * gelu'(preactivation)` `[m, n]` in a's dtype: the feed-forward's backward from the output
   layer's gradient `a` `[m, k]` and its kernel transposed `b` `[k, n]` to the gradient of the GELU's input,
-  which XLA computes as a matmul and a separate pass over `[m, n]` twice the size of its output.
+  where XLA runs the matmul and then a pass that reads its output and the pre-activation.
 
   preactivation `[m, n]` in a's dtype (what `matmul_bias_gelu(..., with_preactivation=True)` keeps); the
   other arguments as `matmul_bias_gelu`'s.
@@ -198,6 +200,6 @@ def matmul_gelu_grad(a, b, preactivation, config, out_slots: int = 2, schedule: 
   if preactivation.shape != (a.shape[0], b.shape[1]) or preactivation.dtype != a.dtype:
     raise ValueError(f"need a pre-activation [m, n] = {[a.shape[0], b.shape[1]]} in {a.dtype}; got "
                      f"{list(preactivation.shape)} in {preactivation.dtype}")
-  (result,) = hopper_matmul.call(a, b, preactivation, gelu_grad_epilogue(a.dtype), config, out_slots, schedule, approx_math,
-                    interpret)
+  (result,) = hopper_matmul.call(a, b, preactivation, gelu_grad_epilogue(a.dtype), config, out_slots, schedule,
+                                 approx_math, interpret)
   return result

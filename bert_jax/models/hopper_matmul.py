@@ -28,6 +28,9 @@ import jax.numpy as jnp
 from jax import lax
 
 
+INTERPRETED_SMS = 2
+
+
 def tuning_config(tiling: dict):
   """`hopper_matmul_mgpu.TuningConfig` at `tiling` (`grid_minor_dim` as "M" or "N"), and the fields it was
   given: written against jax 0.10.2's kernel, a later jax may have renamed or dropped a field, which is then
@@ -61,6 +64,8 @@ def _epilogue(acc, epilogue, operand_ref, out_smem, out_gmems, m_slice, n_slice)
   slots, epi_m, epi_n]`: one warpgroup's store buffers, which its earlier stores may still be reading. The
   results are computed one `[epi_m, epi_n]` tile at a time, so that only one tile's results and temporaries
   are live beside the accumulator (fewer registers than the whole block's).
+  Every read of `operand_ref` comes before the last `commit_smem` (a warpgroup barrier): the kernels refill
+  it for the next block right after this returns.
   """
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -267,6 +272,7 @@ def pingpong_kernel(a_gmem, b_gmem, operand_gmem, *out_gmems, config, out_slots,
       @pl.loop(0, blocks_of(consumer))
       def _block(jj):
         m_slice, n_slice = block_slices(consumer + 2 * jj)
+        # As in `kernel`: issued before the k loop; the last block's epilogue read it before its last commit.
         plgpu.copy_gmem_to_smem(epilogue.operand_block(operand_gmem, m_slice, n_slice), operand_smem.at[consumer],
                                 operand_loaded.at[consumer])
 
@@ -308,6 +314,7 @@ def pingpong_kernel(a_gmem, b_gmem, operand_gmem, *out_gmems, config, out_slots,
 
 
 def check_operands(a, b):
+  """Raises unless a `[m, k]` and b `[k, n]` share a dtype."""
   if a.dtype != b.dtype:
     raise ValueError(f"a and b must share a dtype, got {a.dtype} and {b.dtype}")
   if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
@@ -333,7 +340,8 @@ def call(a, b, operand, epilogue, config, out_slots, schedule, approx_math, inte
                                epi_tile_n=config.epi_tile_n or config.tile_n)
   (m, _), (_, n) = a.shape, b.shape
   out = jax.ShapeDtypeStruct((m, n), a.dtype)
-  num_sms = mgpu.get_num_sms()
+  # In the interpreter, 2 "SMs": each CTA loops over several blocks, as on a GPU, at a fraction of the cost.
+  num_sms = mgpu.get_num_sms() if interpret is None else INTERPRETED_SMS
   if schedule == "cooperative":  # jax's kernel's grid: one cluster of one CTA per SM
     body = functools.partial(kernel, config=config, out_slots=out_slots, epilogue=epilogue)
     grid = dict(grid=(num_sms,), grid_names=("cluster_grid",), cluster=(1,), cluster_names=("cluster",))
