@@ -14,7 +14,7 @@ attention in float32 with 'highest' matmul precision (no TF32). Compared: the cl
 (summed cross-entropy), every parameter's gradient (relative L2 over all of them), and the
 encoder output at real positions (relative L2), in deterministic mode (no dropout masks to match).
 The tanh GELU variant (`hidden_act=gelu_new`, its forward in cuBLASLt's epilogue) is compared with
-the float32 einsum path of that model; `ffn=mosaic`, the feed-forward's Hopper kernels
+the float32 einsum path of that model; `ffn=mosaic*`, the feed-forward's Hopper kernels
 (`feed_forward_impl`), with the plain one; the stacked variants (`stack_layers`) take the same parameters
 stacked, their gradients compared unstacked.
 Tolerances: float32 variants 1e-4 (TF32 off, only summation order differs); bfloat16 variants
@@ -183,8 +183,8 @@ def main() -> int:
   # layer computes [CLS] only (its attention by the einsums or dot_product); the encoder output compared
   # is BertModel's without output_positions, every row. gelu_new: the tanh GELU, whose forward XLA runs
   # in the matmul's cuBLASLt epilogue, against its own float32 reference. Stacked: the layers'
-  # parameters stacked (stack_layers), given the same values and compared unstacked. mosaic: the
-  # feed-forward's GELU in our Hopper matmul kernels (bf16 only; on a Hopper GPU only).
+  # parameters stacked (stack_layers), given the same values and compared unstacked. mosaic*: the
+  # feed-forward's GELU in our Hopper matmul kernels, either schedule (bf16 only; on a Hopper GPU only).
   variants = [dict(zip(("attention_impl", "dtype", "layer_norm_impl", "prune_last_layer", "hidden_act",
                         "stack_layers", "feed_forward_impl"), values)) for values in (
       ("dot_product", "float32", "xla", False, "gelu", False, "xla"),
@@ -201,7 +201,8 @@ def main() -> int:
       ("cudnn", "bfloat16", "pallas", True, "gelu", True, "xla"),
       ("dot_product", "float32", "xla", True, "gelu", True, "xla"),
       ("einsum", "bfloat16", "xla", False, "gelu", False, "mosaic"),
-      ("pallas", "bfloat16", "pallas", True, "gelu", False, "mosaic"))]
+      ("pallas", "bfloat16", "pallas", True, "gelu", False, "mosaic"),
+      ("pallas", "bfloat16", "pallas", True, "gelu", False, "mosaic_pingpong"))]
   hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
   for variant in variants:
     config = base.replace(**variant)
@@ -209,7 +210,7 @@ def main() -> int:
     name = (f"{attention_impl:>11} {dtype:>8} {layer_norm_impl:>6}" + (" pruned" if pruned else "")
             + (f" {hidden_act}" if hidden_act != "gelu" else "") + (" stacked" if stacked else "")
             + (f" ffn={feed_forward_impl}" if feed_forward_impl != "xla" else ""))
-    if feed_forward_impl == "mosaic" and not hopper:
+    if feed_forward_impl != "xla" and not hopper:
       print(f"{name}: not run, its kernels need a Hopper GPU (sm_90); this is {jax.devices()[0].device_kind}")
       continue
     ref_loss, ref_flat, ref_real = references[hidden_act]

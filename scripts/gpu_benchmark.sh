@@ -160,7 +160,7 @@ PY
     b256|sweep)
       # BERT's pretraining batch (256 x 128 tokens); sweep: each speed variant, one process apiece.
       b256=(--config=configs/benchmark.py:base_gpu "${fast[@]}" --config.batch_size=256 "--config.cases=('pretrain_train',)")
-      variants=${SWEEP:-default triton_gemm gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention pallas_attention einsum_dropout pallas_dropout xla_norm no_prune stack_layers mosaic_ffn wait_each}
+      variants=${SWEEP:-default triton_gemm gelu_tanh no_hidden_dropout cudnn_layer_norm cublaslt cublaslt_gelu_tanh b512 scan_remat xla_attention pallas_attention einsum_dropout pallas_dropout xla_norm no_prune stack_layers mosaic_ffn mosaic_ffn_pingpong wait_each}
       [ "$stage" = b256 ] && variants=default
       for variant in $variants; do  # each adds an XLA flag (after config.xla_flags: it wins), a PRNG or a model flag
         xla_flag="" prng=${JAX_DEFAULT_PRNG_IMPL:-threefry2x32} flags=()
@@ -184,6 +184,7 @@ PY
           no_prune) flags=(--config.model.prune_last_layer=False);;  # the last layer computes every position
           stack_layers) flags=(--config.model.stack_layers=True);;  # the layers' parameters stacked: ~380 fewer optimizer kernels
           mosaic_ffn) flags=(--config.model.feed_forward_impl=mosaic);;  # the GELU forward and backward in our matmul kernels
+          mosaic_ffn_pingpong) flags=(--config.model.feed_forward_impl=mosaic_pingpong);;  # the same, ping-pong schedule
           wait_each) flags=(--config.steps_per_sample=1);;  # the timing before steps_per_sample
           baseline)  # the default from the code of BASELINE=REV bash scripts/prepare_gpu_carry.sh
             if [ ! -d .gpu/baseline ]; then

@@ -12,6 +12,7 @@ each kernel with float32 there).
 """
 
 import dataclasses
+import functools
 import types
 
 import jax
@@ -160,7 +161,8 @@ def _plain_float32(x, w_in, b_in, w_out):
   return jax.nn.gelu(f32(x) @ f32(w_in) + f32(b_in), approximate=False) @ f32(w_out)
 
 
-def test_feed_forward_and_its_gradients_match_the_float32_path_with_padded_rows():
+@pytest.mark.parametrize("impl", ["mosaic", "mosaic_pingpong"])
+def test_feed_forward_and_its_gradients_match_the_float32_path_with_padded_rows(impl):
   # 150 rows: padded to 256 for the kernels' 128-row blocks; the padding adds nothing to any gradient.
   operands = _feed_forward_operands()
   weights = jax.random.normal(jax.random.key(7), (3, 50, 64))  # a loss that weighs every output differently
@@ -168,14 +170,15 @@ def test_feed_forward_and_its_gradients_match_the_float32_path_with_padded_rows(
   def loss(fn):
     return lambda *args: jnp.sum(fn(*args).astype(jnp.float32) * weights)
 
+  ff = functools.partial(feed_forward.feed_forward, impl=impl)
   kernels = lambda fn: str(jax.make_jaxpr(fn)(*operands)).count("mpmd_map[")  # noqa: E731  # plgpu.kernel calls
   # Forward: one kernel; with the gradients, the forward's (also writing the pre-activation) and the backward's.
-  assert kernels(feed_forward.feed_forward) == 1
-  assert kernels(jax.grad(loss(feed_forward.feed_forward), argnums=range(4))) == 2
-  output = jax.jit(feed_forward.feed_forward)(*operands)
+  assert kernels(ff) == 1
+  assert kernels(jax.grad(loss(ff), argnums=range(4))) == 2
+  output = jax.jit(ff)(*operands)
   assert output.shape == (3, 50, 64) and output.dtype == jnp.bfloat16
   assert _rel_l2(output, _plain_float32(*operands)) < 1e-2
-  grads = jax.jit(jax.grad(loss(feed_forward.feed_forward), argnums=range(4)))(*operands)
+  grads = jax.jit(jax.grad(loss(ff), argnums=range(4)))(*operands)
   plain_grads = jax.grad(loss(_plain_float32), argnums=range(4))(*operands)
   for name, got, want in zip(("x", "w_in", "b_in", "w_out"), grads, plain_grads):
     assert got.dtype == jnp.bfloat16, name
@@ -190,8 +193,9 @@ def _classifier(**overrides):
   return models.BertForSequenceClassification(config)
 
 
-def test_model_with_mosaic_feed_forward_trains_as_the_float32_xla_path():
-  mosaic = _classifier(dtype="bfloat16", feed_forward_impl="mosaic")
+@pytest.mark.parametrize("impl", ["mosaic", "mosaic_pingpong"])
+def test_model_with_mosaic_feed_forward_trains_as_the_float32_xla_path(impl):
+  mosaic = _classifier(dtype="bfloat16", feed_forward_impl=impl)
   plain = _classifier()  # float32, XLA's feed-forward: the reference path
   params = hf.init_params(plain)
   # The same parameters under the same names: checkpoints and HF export do not see the switch.
@@ -240,6 +244,8 @@ def test_a_model_the_kernels_cannot_run_is_refused_with_the_fix(overrides, messa
 def test_an_unknown_feed_forward_impl_is_refused():
   with pytest.raises(ValueError, match="feed_forward_impl='triton' is not supported"):
     _classifier(feed_forward_impl="triton")
+  with pytest.raises(ValueError, match="impl='triton' is not one of"):
+    feed_forward.feed_forward(*_feed_forward_operands(), impl="triton")
 
 
 @pytest.mark.parametrize("backend, compute_capability", [("tpu", None), ("gpu", "8.0")])

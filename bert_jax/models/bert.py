@@ -144,7 +144,7 @@ def describe_kernels(config: config_lib.BertConfig) -> str:
   """What the speed switches resolve to here, for logs: "attention cpu_fused (attention_impl='auto'), ..."."""
   impls = attention.resolve_attention_impl(config), resolve_layer_norm_impl(config)
   interpreted = ("pallas" in impls and fused_norm.interprets()) or (
-      config.feed_forward_impl == "mosaic" and jax.default_backend() == "cpu")
+      config.feed_forward_impl != "xla" and jax.default_backend() == "cpu")
   last_layer = (f"the positions the heads read, its attention by {attention.pruned_layer_attention_impl(config)}"
                 if config.prunes_last_layer else "every position")
   return (f"attention {impls[0]} (attention_impl={config.attention_impl!r}), "
@@ -183,8 +183,9 @@ class BertLayer(nn.Module):
     x = nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     intermediate = dense(c, c.intermediate_size, (axes.EMBED,), (axes.MLP,), "intermediate")
     output = dense(c, c.hidden_size, (axes.MLP,), (axes.EMBED,), "output")
-    if c.feed_forward_impl == "mosaic":
-      y = mosaic_feed_forward(x, intermediate.weights(x.shape[-1:]), output.weights((c.intermediate_size,)))
+    if c.feed_forward_impl != "xla":
+      y = mosaic_feed_forward(x, intermediate.weights(x.shape[-1:]), output.weights((c.intermediate_size,)),
+                              c.feed_forward_impl)
     else:
       h = intermediate(x)  # [batch, seq, intermediate]
       h = nn.with_logical_constraint(activation(c.hidden_act)(h), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
@@ -193,14 +194,15 @@ class BertLayer(nn.Module):
     return nn.with_logical_constraint(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
 
-def mosaic_feed_forward(x, intermediate_weights, output_weights) -> tuple[jax.Array, jax.Array]:
+def mosaic_feed_forward(x, intermediate_weights, output_weights, impl: str) -> tuple[jax.Array, jax.Array]:
   """(`gelu(x @ W_in + b_in) @ W_out` `[batch, seq, hidden]`, `b_out`) in the Hopper kernels of `feed_forward`,
   for the add & norm to add the bias as it does `Projection.unbiased`'s. Each device runs them on its rows,
   with the weights whole (gathered from a tensor or fsdp axis, as XLA gathers them for its matmuls)."""
   (w_in, b_in), (w_out, b_out) = intermediate_weights, output_weights
   rows = (axes.ACT_BATCH, axes.ACT_LENGTH, None)
   inputs = (x.astype(w_in.dtype), w_in, b_in, w_out)  # the compute dtype, as `Projection.unbiased` casts
-  y = partitioning.map_over_shards(feed_forward.feed_forward, inputs, (rows, None, None, None), rows)
+  y = partitioning.map_over_shards(functools.partial(feed_forward.feed_forward, impl=impl), inputs,
+                                   (rows, None, None, None), rows)
   return y, b_out
 
 

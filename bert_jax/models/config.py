@@ -34,11 +34,12 @@ REMAT_POLICIES = ("none", "full", "dots")
 LAYER_NORM_IMPLS = ("xla", "pallas", "auto")
 # How the feed-forward, `gelu(x @ W_in + b_in) @ W_out`, is computed: XLA's matmuls and passes, or with the
 # GELU forward and backward inside Mosaic GPU matmul kernels of ours (`feed_forward`: Hopper GPUs, H100 and
-# H200; on a CPU Mosaic GPU's interpreter runs them, slowly, for tests). 'mosaic' needs the exact GELU
+# H200; on a CPU Mosaic GPU's interpreter runs them, slowly, for tests), jax's cooperative schedule
+# ('mosaic') or our ping-pong one ('mosaic_pingpong'; `feed_forward.KERNELS`). Both need the exact GELU
 # (hidden_act='gelu'), dtype bfloat16, and sizes the kernels' blocks divide (`feed_forward.size_multiples`).
 # Under a `remat_policy` the whole forward kernel runs again in the backward pass (its outputs are a custom
 # VJP's residuals, which no policy names), where XLA's 'dots' keeps the matmul's output.
-FEED_FORWARD_IMPLS = ("xla", "mosaic")
+FEED_FORWARD_IMPLS = ("xla", "mosaic", "mosaic_pingpong")
 # Fields that say only how to compute: the same parameters give the same model under any of their
 # values, to rounding. evaluate/predict take them from the config, not the checkpoint (`state`), and
 # training resumes with the config's (with another prune_last_layer, the last layer draws its dropout
@@ -131,7 +132,7 @@ class BertConfig:
     if self.feed_forward_impl not in FEED_FORWARD_IMPLS:
       raise ValueError(f"BertConfig.feed_forward_impl={self.feed_forward_impl!r} is not supported; use one of "
                        f"{FEED_FORWARD_IMPLS}.")
-    if self.feed_forward_impl == "mosaic":
+    if self.feed_forward_impl != "xla":
       self._check_mosaic_feed_forward()
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"BertConfig.remat_policy={self.remat_policy!r} is not supported; use one of "
@@ -148,14 +149,14 @@ class BertConfig:
     from bert_jax.models import feed_forward  # pylint: disable=g-import-not-at-top  # its kernels import lazily
     fix = " or use --config.model.feed_forward_impl=xla"
     if self.hidden_act != "gelu":
-      raise ValueError(f"BertConfig.feed_forward_impl='mosaic' computes the exact GELU (hidden_act='gelu'); got "
+      raise ValueError(f"BertConfig.feed_forward_impl={self.feed_forward_impl!r} computes the exact GELU (hidden_act='gelu'); got "
                        f"hidden_act={self.hidden_act!r}. Set --config.model.hidden_act=gelu{fix}.")
     if self.dtype != "bfloat16":
-      raise ValueError(f"BertConfig.feed_forward_impl='mosaic' runs bfloat16 matmul kernels; got dtype={self.dtype!r}. "
+      raise ValueError(f"BertConfig.feed_forward_impl={self.feed_forward_impl!r} runs bfloat16 matmul kernels; got dtype={self.dtype!r}. "
                        f"Set --config.model.dtype=bfloat16{fix}.")
     _, hidden, intermediate = feed_forward.size_multiples()
     if self.hidden_size % hidden or self.intermediate_size % intermediate:
-      raise ValueError(f"BertConfig.feed_forward_impl='mosaic' needs hidden_size a multiple of {hidden} and "
+      raise ValueError(f"BertConfig.feed_forward_impl={self.feed_forward_impl!r} needs hidden_size a multiple of {hidden} and "
                        f"intermediate_size a multiple of {intermediate} (its kernels' blocks); got "
                        f"{self.hidden_size} and {self.intermediate_size}. Use --config.model.feed_forward_impl=xla.")
 

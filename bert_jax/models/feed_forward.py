@@ -1,5 +1,5 @@
 """BERT's feed-forward, `gelu(x @ W_in + b_in) @ W_out`, with the GELU forward and backward inside matmul
-kernels for Hopper GPUs (`hopper_matmul`): `config.model.feed_forward_impl='mosaic'`.
+kernels for Hopper GPUs (`hopper_matmul`): `config.model.feed_forward_impl='mosaic'` (or 'mosaic_pingpong').
 
 XLA runs the feed-forward as cuBLAS matmuls with separate passes over `[tokens, intermediate]`, the largest
 tensors of a layer: the GELU forward, and its backward with the bias gradient (on an H200 at batch 768,
@@ -26,25 +26,29 @@ from jax import lax
 
 from bert_jax.models import hopper_matmul
 
-# The kernels' settings in the model (`hopper_matmul.call`): jax's kernel's 128 x 2*128 blocks, 64-wide k
-# steps, a grid ordered along M in bands of 8 blocks. The forward writes two outputs, which fit beside 3
-# pipeline stages with 2 store slots each; the backward's pre-activation block (64 kB) leaves room for 3
-# stages with 1. To be revisited with the next GPU's bench_matmul rows (ping-pong against cooperative).
-FORWARD_KERNEL = dict(schedule="cooperative", out_slots=2,
-                      tiling=dict(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=3, grid_minor_dim="M",
-                                  grid_tile_width=8))
-BACKWARD_KERNEL = dict(schedule="cooperative", out_slots=1,
-                       tiling=dict(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=3, grid_minor_dim="M",
-                                   grid_tile_width=8))
+# The kernels' settings in the model (`hopper_matmul.call`), forward and backward, by `feed_forward_impl`.
+# 'mosaic': jax's cooperative kernel, 128 x 2*128 blocks, 64-wide k steps, a grid ordered along M in bands
+# of 8 blocks. The forward writes two outputs, which fit beside 3 pipeline stages with 2 store slots each;
+# the backward's pre-activation block (64 kB) leaves room for 3 stages with 1.
+# 'mosaic_pingpong': our ping-pong kernel, 128 x 128 blocks per warpgroup, which overlaps one warpgroup's
+# epilogue with the other's products: 3 stages with 1 slot forward, 2 with 2 backward (what fits).
+# No spills in any of the four (scripts/mosaic_ptxas.py); which is faster waits for a GPU's bench_matmul rows.
+_BLOCKS = dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="M", grid_tile_width=8)
+KERNELS = {
+    "mosaic": (dict(schedule="cooperative", out_slots=2, tiling=dict(_BLOCKS, max_concurrent_steps=3)),
+               dict(schedule="cooperative", out_slots=1, tiling=dict(_BLOCKS, max_concurrent_steps=3))),
+    "mosaic_pingpong": (dict(schedule="pingpong", out_slots=1, tiling=dict(_BLOCKS, max_concurrent_steps=3)),
+                        dict(schedule="pingpong", out_slots=2, tiling=dict(_BLOCKS, max_concurrent_steps=2))),
+}
 
 
 def size_multiples() -> tuple[int, int, int]:
-  """(tokens, hidden, intermediate): what the kernels' blocks divide. `feed_forward` pads the tokens; the
+  """(tokens, hidden, intermediate): what every setting's blocks divide. `feed_forward` pads the tokens; the
   model sizes must be multiples (BERT-base's and MiniLM's are)."""
-  kernels = (FORWARD_KERNEL, BACKWARD_KERNEL)
-  rows = math.lcm(*(k["tiling"]["tile_m"] for k in kernels))
-  hidden = math.lcm(*(k["tiling"]["tile_k"] for k in kernels))
-  intermediate = math.lcm(*(k["tiling"]["tile_n"] * (2 if k["schedule"] == "cooperative" else 1) for k in kernels))
+  settings = [kernel for kernels in KERNELS.values() for kernel in kernels]
+  rows = math.lcm(*(k["tiling"]["tile_m"] for k in settings))
+  hidden = math.lcm(*(k["tiling"]["tile_k"] for k in settings))
+  intermediate = math.lcm(*(k["tiling"]["tile_n"] * (2 if k["schedule"] == "cooperative" else 1) for k in settings))
   return rows, hidden, intermediate
 
 
@@ -55,37 +59,40 @@ def check_backend() -> None:
     return
   device = jax.devices()[0]
   if backend != "gpu" or not str(getattr(device, "compute_capability", "")).startswith("9."):
-    raise ValueError(f"BertConfig.feed_forward_impl='mosaic' runs Hopper GPU kernels (sm_90: H100, H200; wgmma and "
+    raise ValueError(f"BertConfig.feed_forward_impl='mosaic*' runs Hopper GPU kernels (sm_90: H100, H200; wgmma and "
                      f"TMA); this is {backend!r} ({device.device_kind}). Use --config.model.feed_forward_impl=xla.")
 
 
-def feed_forward(x: jax.Array, w_in: jax.Array, b_in: jax.Array, w_out: jax.Array) -> jax.Array:
+def feed_forward(x: jax.Array, w_in: jax.Array, b_in: jax.Array, w_out: jax.Array, impl: str = "mosaic") -> jax.Array:
   """`gelu(x @ w_in + b_in) @ w_out` `[..., hidden]`, exact GELU, the output layer's bias left to the add & norm.
 
   x `[..., hidden]`, w_in `[hidden, intermediate]`, b_in `[intermediate]`, w_out `[intermediate, hidden]`,
-  all in one dtype (bfloat16). The rows are padded to the kernels' block; the padding's gradients are zero.
+  all in one dtype (bfloat16); `impl` names the kernels' settings (`KERNELS`). The rows are padded to the
+  kernels' block; the padding's gradients are zero.
   """
   check_backend()
+  if impl not in KERNELS:
+    raise ValueError(f"feed_forward impl={impl!r} is not one of {tuple(KERNELS)}")
   rows_multiple = size_multiples()[0]
   rows = x.reshape(-1, x.shape[-1])
   padding = -rows.shape[0] % rows_multiple
-  y = _feed_forward(jnp.pad(rows, ((0, padding), (0, 0))), w_in, b_in, w_out)
+  y = _feed_forward(jnp.pad(rows, ((0, padding), (0, 0))), w_in, b_in, w_out, impl)
   return y[:rows.shape[0]].reshape(x.shape[:-1] + w_out.shape[-1:])
 
 
-@jax.custom_vjp
-def _feed_forward(x, w_in, b_in, w_out):
-  return jnp.dot(_kernel(matmul_bias_gelu, FORWARD_KERNEL)(x, w_in, b_in), w_out)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _feed_forward(x, w_in, b_in, w_out, impl):
+  return jnp.dot(_kernel(matmul_bias_gelu, KERNELS[impl][0])(x, w_in, b_in), w_out)
 
 
-def _feed_forward_forward(x, w_in, b_in, w_out):
-  h, preactivation = _kernel(matmul_bias_gelu, FORWARD_KERNEL)(x, w_in, b_in, with_preactivation=True)
+def _feed_forward_forward(x, w_in, b_in, w_out, impl):
+  h, preactivation = _kernel(matmul_bias_gelu, KERNELS[impl][0])(x, w_in, b_in, with_preactivation=True)
   return jnp.dot(h, w_out), (x, w_in, b_in, w_out, h, preactivation)
 
 
-def _feed_forward_backward(residuals, d_y):
+def _feed_forward_backward(impl, residuals, d_y):
   x, w_in, b_in, w_out, h, preactivation = residuals
-  d_preactivation = _kernel(matmul_gelu_grad, BACKWARD_KERNEL)(d_y, w_out.T, preactivation)
+  d_preactivation = _kernel(matmul_gelu_grad, KERNELS[impl][1])(d_y, w_out.T, preactivation)
   d_b_in = jnp.sum(d_preactivation.astype(jnp.float32), axis=0).astype(b_in.dtype)
   return (jnp.dot(d_preactivation, w_in.T), jnp.dot(x.T, d_preactivation), d_b_in, jnp.dot(h.T, d_y))
 
@@ -94,7 +101,7 @@ _feed_forward.defvjp(_feed_forward_forward, _feed_forward_backward)
 
 
 def _kernel(fn, settings):
-  """`fn` at `settings` (FORWARD_KERNEL or BACKWARD_KERNEL); in Mosaic GPU's interpreter on a CPU."""
+  """`fn` at `settings` (one of `KERNELS`' entries); in Mosaic GPU's interpreter on a CPU."""
   config, _ = hopper_matmul.tuning_config(settings["tiling"])
   return functools.partial(fn, config=config, out_slots=settings["out_slots"], schedule=settings["schedule"],
                            interpret=_interpret_params() if jax.default_backend() == "cpu" else None)
