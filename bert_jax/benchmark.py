@@ -113,14 +113,16 @@ def _median_step_seconds(step: Callable[[], Any], wait: Callable[[Any], Any], nu
 
 def _batch(config: models.BertConfig, batch_size: int, seq_len: int, num_predictions: int, seed: int = 0):
   rng = np.random.default_rng(seed)
-  input_ids = rng.integers(1000, config.vocab_size, size=(batch_size, seq_len), dtype=np.int32)
+  # Word ids past BERT's [PAD]/[unused]/special block (the first 1000 of its vocab); a small test vocab from 1.
+  first_word = 1000 if config.vocab_size > 2000 else 1
+  input_ids = rng.integers(first_word, config.vocab_size, size=(batch_size, seq_len), dtype=np.int32)
   batch = {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids),
            "attention_mask": np.ones_like(input_ids), "labels": rng.integers(0, 2, batch_size, dtype=np.int32),
            "weights": np.ones(batch_size, np.float32)}
   if num_predictions:
     batch.update(
         masked_lm_positions=np.sort(rng.choice(seq_len, (batch_size, num_predictions)), axis=1).astype(np.int32),
-        masked_lm_ids=rng.integers(1000, config.vocab_size, (batch_size, num_predictions), dtype=np.int32),
+        masked_lm_ids=rng.integers(first_word, config.vocab_size, (batch_size, num_predictions), dtype=np.int32),
         masked_lm_weights=np.ones((batch_size, num_predictions), np.float32),
         next_sentence_label=rng.integers(0, 2, batch_size, dtype=np.int32))
   return batch
