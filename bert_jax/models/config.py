@@ -149,15 +149,16 @@ class BertConfig:
     from bert_jax.models import feed_forward  # pylint: disable=g-import-not-at-top  # its kernels import lazily
     fix = " or use --config.model.feed_forward_impl=xla"
     if self.hidden_act != "gelu":
-      raise ValueError(f"BertConfig.feed_forward_impl={self.feed_forward_impl!r} computes the exact GELU (hidden_act='gelu'); got "
-                       f"hidden_act={self.hidden_act!r}. Set --config.model.hidden_act=gelu{fix}.")
+      raise ValueError(f"BertConfig.feed_forward_impl={self.feed_forward_impl!r} computes the exact GELU "
+                       f"(hidden_act='gelu'); got hidden_act={self.hidden_act!r}. Set "
+                       f"--config.model.hidden_act=gelu{fix}.")
     if self.dtype != "bfloat16":
-      raise ValueError(f"BertConfig.feed_forward_impl={self.feed_forward_impl!r} runs bfloat16 matmul kernels; got dtype={self.dtype!r}. "
-                       f"Set --config.model.dtype=bfloat16{fix}.")
+      raise ValueError(f"BertConfig.feed_forward_impl={self.feed_forward_impl!r} runs bfloat16 matmul kernels; got "
+                       f"dtype={self.dtype!r}. Set --config.model.dtype=bfloat16{fix}.")
     _, hidden, intermediate = feed_forward.size_multiples()
     if self.hidden_size % hidden or self.intermediate_size % intermediate:
-      raise ValueError(f"BertConfig.feed_forward_impl={self.feed_forward_impl!r} needs hidden_size a multiple of {hidden} and "
-                       f"intermediate_size a multiple of {intermediate} (its kernels' blocks); got "
+      raise ValueError(f"BertConfig.feed_forward_impl={self.feed_forward_impl!r} needs hidden_size a multiple of "
+                       f"{hidden} and intermediate_size a multiple of {intermediate} (its kernels' blocks); got "
                        f"{self.hidden_size} and {self.intermediate_size}. Use --config.model.feed_forward_impl=xla.")
 
   def check_trainable(self) -> None:
