@@ -36,6 +36,7 @@ from scripts.bench_fused_norm import rel_l2, timed
 from bert_jax.models import bert
 from bert_jax.models.feed_forward import matmul_bias_gelu
 from bert_jax.models.feed_forward import matmul_gelu_grad
+from bert_jax.models import hopper_matmul
 from bert_jax.models.hopper_matmul import tuning_config
 
 HIDDEN, INTERMEDIATE = 768, 3072
@@ -218,7 +219,7 @@ def main():
   args = parser.parse_args()
   partitioning.add_xla_flags(common.XLA_FLAGS)  # as training compiles: before JAX starts a backend
   dtype = jnp.dtype(args.dtype)
-  on_hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")  # wgmma: sm_90
+  on_hopper = hopper_matmul.is_hopper(jax.devices()[0])
   keys = iter(jax.random.split(jax.random.key(0), 16))
   for name, (m, k, n) in shapes(args.tokens).items():
     a = jax.random.normal(next(keys), (m, k), dtype)

@@ -34,6 +34,7 @@ from bert_jax import partitioning
 from bert_jax import steps
 from bert_jax.models import dropout
 from bert_jax.models import flash_attention
+from bert_jax.models import hopper_matmul
 from configs import common
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -203,7 +204,7 @@ def main() -> int:
       ("einsum", "bfloat16", "xla", False, "gelu", False, "mosaic"),
       ("pallas", "bfloat16", "pallas", True, "gelu", False, "mosaic"),
       ("pallas", "bfloat16", "pallas", True, "gelu", False, "mosaic_pingpong"))]
-  hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+  hopper = hopper_matmul.is_hopper(jax.devices()[0])
   for variant in variants:
     config = base.replace(**variant)
     attention_impl, dtype, layer_norm_impl, pruned, hidden_act, stacked, feed_forward_impl = variant.values()

@@ -22,6 +22,7 @@ Then, from the repo root, with the benchmark's config flags:
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import re
 from unittest import mock
@@ -200,6 +201,23 @@ def compile_step(config, case: str, mesh) -> str:
     return train_step.lower(abstract_state, batch).compile().as_text()
 
 
+def h100_devices():
+  """The devices of one H100 described by `H100_TARGET_CONFIG`, for XLA to compile for without a GPU."""
+  return topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1").devices
+
+
+@contextlib.contextmanager
+def compiling_for_h100():
+  """The model picks and checks its kernels ('auto', cuDNN, the Pallas add & norm's interpret mode, the
+  feed-forward's Hopper kernels and their grid of one CTA per SM) by the default backend and device, the
+  CPU's here: inside, it is told it runs on the H100 it is compiled for."""
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu  # pylint: disable=g-import-not-at-top
+  with (mock.patch.object(jax, "default_backend", return_value="gpu"),
+        mock.patch.object(feed_forward, "check_backend"),
+        mock.patch.object(hopper_matmul_mgpu, "get_num_sms", return_value=H100_SMS)):
+    yield
+
+
 def main(argv):
   del argv
   config = flags.FLAGS.config
@@ -207,15 +225,8 @@ def main(argv):
   # still compiles for the target config.
   jax.config.update("jax_platforms", "cpu")
   partitioning.add_xla_flags(config.get("xla_flags", ""))
-  topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1")
-  mesh = partitioning.make_mesh(config.mesh_shape, topology.devices)
-  # The model picks and checks its kernels ('auto', cuDNN, the Pallas add & norm's interpret mode, the
-  # feed-forward's Hopper kernels and their grid of one CTA per SM) by the default backend and device, the
-  # CPU's here: it is told it runs on the GPU it is compiled for.
-  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu  # pylint: disable=g-import-not-at-top
-  with (mock.patch.object(jax, "default_backend", return_value="gpu"),
-        mock.patch.object(feed_forward, "check_backend"),
-        mock.patch.object(hopper_matmul_mgpu, "get_num_sms", return_value=H100_SMS)):
+  mesh = partitioning.make_mesh(config.mesh_shape, h100_devices())
+  with compiling_for_h100():
     hlo_text = compile_step(config, flags.FLAGS.case, mesh)
   if flags.FLAGS.hlo_out:
     with open(flags.FLAGS.hlo_out, "w") as f:

@@ -44,16 +44,10 @@ def main():
   # Read by jax's CUDA plugin when it compiles a Mosaic GPU kernel: ptxas's report (-v) beside the PTX, there.
   os.environ.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=str(dump))
   jax.config.update("jax_platforms", "cpu")  # before a backend starts: no CUDA driver needed
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu  # pylint: disable=g-import-not-at-top
-
   from scripts import bench_matmul  # pylint: disable=g-import-not-at-top
   from scripts import gpu_hlo  # pylint: disable=g-import-not-at-top
 
-  hopper_matmul_mgpu.get_num_sms = lambda: gpu_hlo.H100_SMS  # the kernels' grid: one CTA per SM
-  topology = topologies.get_topology_desc(platform="cuda", target_config=gpu_hlo.H100_TARGET_CONFIG,
-                                          topology="1x1x1")
-  sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
+  sharding = jax.sharding.SingleDeviceSharding(gpu_hlo.h100_devices()[0])
   m, k, n = bench_matmul.shapes(args.tokens)["intermediate"]
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)  # noqa: E731
   rows = [("mosaic", lambda t=t: bench_matmul.mosaic_matmul(t), (spec(m, k), spec(k, n)))
@@ -65,8 +59,9 @@ def main():
             (spec(m, k), spec(k, n), spec(m, n)))
            for v in bench_matmul.gelu_grad_variants() if not v.get("with_bias_grad")]  # the same kernel as another
   try:
-    for variant, make, operands in rows:
-      print(json.dumps(_compiled_row(variant, make, operands, dump, (m, k, n))), flush=True)
+    with gpu_hlo.compiling_for_h100():  # the kernels' grid: one CTA per SM of an H100
+      for variant, make, operands in rows:
+        print(json.dumps(_compiled_row(variant, make, operands, dump, (m, k, n))), flush=True)
   finally:
     shutil.rmtree(dump)
 
@@ -84,6 +79,7 @@ def _compiled_row(variant, make, operands, dump: pathlib.Path, mkn) -> dict:
   for log in dump.glob("*.mlir-passes.log"):  # tens of MB a kernel
     log.unlink()
   return row
+
 
 if __name__ == "__main__":
   main()

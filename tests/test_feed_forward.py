@@ -126,7 +126,7 @@ def test_the_backward_kernel_names_a_pre_activation_it_cannot_read():
 
 def test_the_forward_kernel_names_the_inputs_and_configs_it_cannot_run():
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # pylint: disable=g-import-not-at-top
-  config = mgpu.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4)
+  config = _tuning(4)
   a, b, bias = jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16), jnp.zeros(256)
   for bad_config in (dataclasses.replace(config, cluster_dimension=mgpu.MatmulDimension.M),
                      dataclasses.replace(config, wg_dimension=mgpu.MatmulDimension.M)):

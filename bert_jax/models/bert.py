@@ -144,7 +144,7 @@ def describe_kernels(config: config_lib.BertConfig) -> str:
   """What the speed switches resolve to here, for logs: "attention cpu_fused (attention_impl='auto'), ..."."""
   impls = attention.resolve_attention_impl(config), resolve_layer_norm_impl(config)
   interpreted = ("pallas" in impls and fused_norm.interprets()) or (
-      config.feed_forward_impl != "xla" and jax.default_backend() == "cpu")
+      config.feed_forward_impl != "xla" and feed_forward.interprets())
   last_layer = (f"the positions the heads read, its attention by {attention.pruned_layer_attention_impl(config)}"
                 if config.prunes_last_layer else "every position")
   return (f"attention {impls[0]} (attention_impl={config.attention_impl!r}), "

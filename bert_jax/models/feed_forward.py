@@ -52,13 +52,17 @@ def size_multiples() -> tuple[int, int, int]:
   return rows, hidden, intermediate
 
 
+def interprets() -> bool:
+  """Whether the kernels run in Mosaic GPU's interpreter: on a CPU backend (for tests)."""
+  return jax.default_backend() == "cpu"
+
+
 def check_backend() -> None:
   """Raises unless the kernels can run here: a Hopper GPU (sm_90), or a CPU (in the interpreter)."""
-  backend = jax.default_backend()
-  if backend == "cpu":
+  if interprets():
     return
-  device = jax.devices()[0]
-  if backend != "gpu" or not str(getattr(device, "compute_capability", "")).startswith("9."):
+  backend, device = jax.default_backend(), jax.devices()[0]
+  if backend != "gpu" or not hopper_matmul.is_hopper(device):
     raise ValueError(f"BertConfig.feed_forward_impl='mosaic*' runs Hopper GPU kernels (sm_90: H100, H200; wgmma and "
                      f"TMA); this is {backend!r} ({device.device_kind}). Use --config.model.feed_forward_impl=xla.")
 
@@ -104,7 +108,7 @@ def _kernel(fn, settings):
   """`fn` at `settings` (one of `KERNELS`' entries); in Mosaic GPU's interpreter on a CPU."""
   config, _ = hopper_matmul.tuning_config(settings["tiling"])
   return functools.partial(fn, config=config, out_slots=settings["out_slots"], schedule=settings["schedule"],
-                           interpret=_interpret_params() if jax.default_backend() == "cpu" else None)
+                           interpret=_interpret_params() if interprets() else None)
 
 
 def _interpret_params():

@@ -31,6 +31,11 @@ from jax import lax
 INTERPRETED_SMS = 2
 
 
+def is_hopper(device) -> bool:
+  """Whether `device` is a Hopper GPU (sm_90), which these kernels' wgmma and TMA need."""
+  return str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
 def tuning_config(tiling: dict):
   """`hopper_matmul_mgpu.TuningConfig` at `tiling` (`grid_minor_dim` as "M" or "N"), and the fields it was
   given: written against jax 0.10.2's kernel, a later jax may have renamed or dropped a field, which is then
