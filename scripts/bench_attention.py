@@ -6,6 +6,11 @@ einsums with the model's `Dropout` (the mask written out and read back) and the 
 draw the same hashed mask tile by tile; their distance is from float32 einsums given that mask
 (`dropout.keep_mask`). One JSON line per variant.
 
+Each variant takes what the model hands the attention: the Q/K/V projection's one output, stacked
+`[batch, seq, 3, heads, head_dim]`. XLA's and cuDNN's slice q, k and v out of it and stack their
+gradients back, as the model's step does for them; ours reads it in place (`flash_attention_qkv`).
+Before the nineteenth stop every variant took q, k and v apart, and ours too.
+
   python -m scripts.bench_attention [--batch=256] [--seq=128] [--heads=12] [--head-dim=64] [--sweep]
 
 Half the rows are full, the rest hold between half and all of `seq` real tokens. `--sweep` also
@@ -32,30 +37,38 @@ RATE = 0.1  # BERT's attention dropout
 WORDS = jax.random.randint(jax.random.key(1), (1, 1, 2), -2**31, 2**31 - 1, jnp.int32)  # broadcast per batch, head
 
 
+def apart(attention):
+  """`attention(q, k, v, key_valid)` as a variant of `qkv` `[batch, seq, 3, heads, head_dim]`: sliced."""
+  return lambda qkv, key_valid: attention(*jnp.unstack(qkv, axis=2), key_valid)
+
+
+@apart
 def einsum(q, k, v, key_valid):
   return jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :], implementation="xla")
 
 
+@apart
 def cudnn(q, k, v, key_valid):
   lengths = jnp.sum(key_valid, axis=-1, dtype=jnp.int32)
   return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
 
 
 def pallas(tiling: flash.AttentionTiling):
-  return lambda q, k, v, key_valid: flash.flash_attention(q, k, v, key_valid, tiling=tiling)
+  return lambda qkv, key_valid: flash.flash_attention_qkv(qkv, key_valid, tiling=tiling)
 
 
-def _words(q):
-  return jnp.broadcast_to(WORDS, (q.shape[0], q.shape[2], 2))
+def _words(qkv):
+  return jnp.broadcast_to(WORDS, (qkv.shape[0], qkv.shape[3], 2))
 
 
-def pallas_dropout(q, k, v, key_valid):
-  return flash.flash_attention(q, k, v, key_valid, _words(q), dropout_rate=RATE)
+def pallas_dropout(qkv, key_valid):
+  return flash.flash_attention_qkv(qkv, key_valid, _words(qkv), dropout_rate=RATE)
 
 
-def _probs_shape(q, k):
+def _probs_shape(qkv):
   """The attention probabilities' shape `[batch, heads, queries, keys]`, the masks' shape."""
-  return (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+  batch, seq, _, heads, _ = qkv.shape
+  return (batch, heads, seq, seq)
 
 
 def masked_einsums(q, k, v, key_valid, keep):
@@ -67,16 +80,16 @@ def masked_einsums(q, k, v, key_valid, keep):
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def einsum_dropout(q, k, v, key_valid):
+def einsum_dropout(qkv, key_valid):
   """The einsum path as the model runs it: its `Dropout` draws the mask, written out and read back."""
-  keep = dropout_lib.Dropout(RATE).apply({}, _probs_shape(q, k), method="keep_mask", rngs={"dropout": jax.random.key(2)})
-  return masked_einsums(q, k, v, key_valid, keep)
+  keep = dropout_lib.Dropout(RATE).apply({}, _probs_shape(qkv), method="keep_mask", rngs={"dropout": jax.random.key(2)})
+  return masked_einsums(*jnp.unstack(qkv, axis=2), key_valid, keep)
 
 
-def einsum_with_pallas_mask(q, k, v, key_valid):
+def einsum_with_pallas_mask(qkv, key_valid):
   """The reference of `pallas_dropout`: float32 einsums with the kernels' mask."""
-  keep = dropout_lib.keep_mask(_words(q), _probs_shape(q, k), RATE)
-  return masked_einsums(*(t.astype(jnp.float32) for t in (q, k, v)), key_valid, keep)
+  keep = dropout_lib.keep_mask(_words(qkv), _probs_shape(qkv), RATE)
+  return masked_einsums(*jnp.unstack(qkv.astype(jnp.float32), axis=2), key_valid, keep)
 
 
 REFERENCES = ("einsum", "einsum_with_pallas_mask")
@@ -91,11 +104,11 @@ def reference_for(variant: str) -> str | None:
   return "einsum_with_pallas_mask" if variant == "pallas_dropout" else "einsum"
 
 
-def _gradients(fn, d_out, q, k, v, key_valid):
-  """`fn`'s gradients with respect to q, k, v for the cotangent `d_out`, cast to `fn`'s output dtype (the
+def _gradients(fn, d_out, qkv, key_valid):
+  """`fn`'s gradient with respect to `qkv` for the cotangent `d_out`, cast to `fn`'s output dtype (the
   float32 reference's output is float32 for inputs of any dtype)."""
-  out, vjp = jax.vjp(lambda *qkv: fn(*qkv, key_valid), q, k, v)
-  return vjp(d_out.astype(out.dtype))
+  out, vjp = jax.vjp(lambda qkv: fn(qkv, key_valid), qkv)
+  return vjp(d_out.astype(out.dtype))[0]
 
 
 def main():
@@ -109,13 +122,14 @@ def main():
   args = parser.parse_args()
   shape = (args.batch, args.seq, args.heads, args.head_dim)
   keys = jax.random.split(jax.random.key(0), 5)
-  q, k, v, d_out = (jax.random.normal(key, shape, jnp.float32).astype(args.dtype) for key in keys[:4])
+  qkv = jax.random.normal(keys[0], shape[:2] + (3,) + shape[2:], jnp.float32).astype(args.dtype)
+  d_out = jax.random.normal(keys[3], shape, jnp.float32).astype(args.dtype)
   lengths = jax.random.randint(keys[4], (args.batch,), args.seq // 2, args.seq + 1)
   lengths = jnp.where(jnp.arange(args.batch) % 2 == 0, args.seq, lengths)
   key_valid = jnp.arange(args.seq)[None, :] < lengths[:, None]  # [batch, seq]
   real_rows = key_valid[:, :, None, None]
   d_out = jnp.where(real_rows, d_out, 0)  # padded rows are never read: their gradient is zero
-  inputs = (q, k, v, key_valid)
+  inputs = (qkv, key_valid)
   common = {"shape": list(shape), "dtype": args.dtype, "device": jax.devices()[0].device_kind}
 
   variants = [("einsum", einsum, None)]
@@ -147,7 +161,7 @@ def main():
     reference = references.get(reference_for(name))
     if reference is not None:  # None also when the reference's own row reported an error
       row["output_rel_l2"] = rel_l2(out, reference[0])
-      row["grads_rel_l2"] = {g: rel_l2(a, b) for g, a, b in zip("qkv", grads, reference[1])}
+      row["grads_rel_l2"] = {g: rel_l2(grads[:, :, i], reference[1][:, :, i]) for i, g in enumerate("qkv")}
     print(json.dumps(row), flush=True)
 
 

@@ -13,6 +13,7 @@ batch 8 of 128 tokens, each row padded after a random length in [16, 128]. Refer
 attention in float32 with 'highest' matmul precision (no TF32). Compared: the classification loss
 (summed cross-entropy), every parameter's gradient (relative L2 over all of them), and the
 encoder output at real positions (relative L2), in deterministic mode (no dropout masks to match).
+The parameters are the initialiser's with every bias drawn non-zero (the kernels add some themselves).
 The tanh GELU variant (`hidden_act=gelu_new`, its forward in cuBLASLt's epilogue) is compared with
 the float32 einsum path of that model; `ffn=mosaic*`, the feed-forward's Hopper kernels
 (`feed_forward_impl`), with the plain one; the stacked variants (`stack_layers`) take the same parameters
@@ -166,6 +167,16 @@ def _check_add_norm_dropout(base: models.BertConfig, params, inputs) -> int:
   return int(not ok)
 
 
+def _with_random_biases(params):
+  """`params` with every bias (initialised at zero) drawn from N(0, 0.02^2): the Pallas attention adds the
+  query's, key's and value's in its kernels, and the add & norm kernel the projections'."""
+  paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  is_bias = lambda path: jax.tree_util.keystr(path).endswith("['bias']")  # noqa: E731
+  return jax.tree_util.tree_unflatten(treedef, [
+      x + 0.02 * jax.random.normal(jax.random.key(i), x.shape, x.dtype) if is_bias(path) else x
+      for i, (path, x) in enumerate(paths_and_leaves)])
+
+
 def main() -> int:
   partitioning.add_xla_flags(common.XLA_FLAGS)  # the numerics training runs with (cuBLAS, not Triton, GEMMs)
   print(f"devices: {jax.devices()}")
@@ -173,7 +184,7 @@ def main() -> int:
   base = models.BertConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   inputs = _inputs(base)
-  params = hf.init_params(models.BertForSequenceClassification(base))
+  params = _with_random_biases(hf.init_params(models.BertForSequenceClassification(base)))
   real = inputs[1].astype(bool)  # [batch, seq]: compare the encoder output at real tokens only
   references = {}  # hidden_act -> the float32 einsum path's loss, flat gradients, output at real tokens
   for hidden_act in ("gelu", "gelu_new"):

@@ -143,7 +143,8 @@ def fused_parameter_reads(hlo_text: str) -> dict[str, list[int | None]]:
 def entry_kernels(hlo_text: str) -> list[dict]:
   """The ENTRY computation's instructions that run as kernels: name, group, op name, bytes read and written.
 
-  A fusion's operand counts whole, unless the fusion only slices it: then what the slices take."""
+  A fusion's operand counts whole, unless the fusion only slices it: then what the slices take. An
+  operand given twice counts once."""
   entry = hlo_text[hlo_text.index("\nENTRY"):].split("\n")[1:]
   parameter_reads = fused_parameter_reads(hlo_text)
   sizes, kernels = {}, []
@@ -160,8 +161,10 @@ def entry_kernels(hlo_text: str) -> list[dict]:
     op_name = re.search(r'op_name="([^"]*)"', rest)
     called = re.search(r"calls=%([\w.\-]+)", rest)
     sliced = parameter_reads.get(called.group(1), []) if opcode == "fusion" and called else []
+    # An array passed to one kernel several times counts once: our flash attention takes the stacked
+    # Q/K/V projection as its query, key and value, each a third of it.
     read = sum(sliced[i] if i < len(sliced) and sliced[i] is not None else sizes.get(o, 0)
-               for i, o in enumerate(operands))
+               for i, o in enumerate(operands) if o not in operands[:i])
     # A fusion's group is its name without the number (`loop_select_fusion.12` -> `loop_select_fusion`).
     group = target.group(1) if target else f"{opcode}: {re.sub(r'[.0-9]+$', '', name)}"
     kernels.append(dict(name=name, group=group, op_name=op_name.group(1) if op_name else "",

@@ -52,6 +52,19 @@ def test_a_fusion_that_converts_an_operand_whole_is_charged_all_of_it():
   assert (kernel["read"], kernel["written"]) == (12 * 256 * 128 * 4, 12 * 256 * 128 * 2)
 
 
+def test_an_array_a_kernel_takes_several_times_is_charged_once():
+  # The flash attention's query, key and value: three views of the stacked Q/K/V projection.
+  text = """HloModule m
+
+ENTRY %main (p: bf16[4,3,8]) -> bf16[4,8] {
+  %p = bf16[4,3,8]{2,1,0} parameter(0)
+  ROOT %attention = bf16[4,8]{1,0} custom-call(%p, %p, %p), custom_call_target="__gpu$xla.gpu.triton"
+}
+"""
+  (kernel,) = gpu_hlo.entry_kernels(text)
+  assert (kernel["group"], kernel["read"], kernel["written"]) == ("__gpu$xla.gpu.triton", 4 * 3 * 8 * 2, 4 * 8 * 2)
+
+
 def test_ptxas_report_gives_registers_spills_and_notes():
   assert mosaic_ptxas.parse_ptxas(PTXAS_REPORT) == {"registers": 168, "spill_store_bytes": 32, "spill_load_bytes": 36,
                                                     "ptxas_notes": ["(C7519)"]}

@@ -6,6 +6,7 @@ On the CPU the kernels run in Pallas's interpreter: the same kernel code, float3
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 import numpy as np
 import pytest
 
@@ -57,6 +58,56 @@ def test_flash_attention_dropout_is_the_einsums_with_its_keep_mask(seq, head_dim
   keep = dropout.keep_mask(words, (2, 2, seq, seq), 0.3)
   _assert_matches(lambda *qkv: flash.flash_attention(*qkv, key_valid, words, dropout_rate=0.3, tiling=tiling),
                   lambda *qkv: einsum_attention(*qkv, key_valid, keep, 0.3), qkv, d_out)
+
+
+@pytest.mark.parametrize("seq, head_dim, tiling", TILINGS[1:])
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_the_kernels_read_the_stacked_projection_and_add_its_biases(seq, head_dim, tiling, rate):
+  # `flash_attention_qkv`, as the model calls it: q, k, v where the one Q/K/V matmul left them, and
+  # their biases added in the kernels. Values and the gradients of both inputs are the einsums' of
+  # `qkv + bias`; the biases' gradient is summed inside the backward kernel, tile by tile.
+  (q, k, v), key_valid, words, d_out = _inputs(seq, head_dim)
+  qkv = jnp.stack((q, k, v), axis=2)  # [batch, seq, 3, heads, head_dim]
+  bias = jax.random.normal(jax.random.key(7), (3, 2, head_dim))
+  keep = dropout.keep_mask(words, (2, 2, seq, seq), rate) if rate else None
+  out, grads = jax.vjp(lambda qkv, bias: flash.flash_attention_qkv(qkv, key_valid, words, bias=bias, dropout_rate=rate,
+                                                                   tiling=tiling), qkv, bias)
+  reference = lambda qkv, bias: einsum_attention(*jnp.unstack(qkv + bias, axis=2), key_valid, keep, rate)  # noqa: E731
+  want, want_grads = jax.vjp(reference, qkv, bias)
+  np.testing.assert_allclose(out, want, atol=F32_ATOL, rtol=0)
+  (d_qkv, d_bias), (want_d_qkv, want_d_bias) = grads(d_out), want_grads(d_out)
+  np.testing.assert_allclose(d_qkv, want_d_qkv, atol=F32_ATOL, rtol=0)
+  # A sum over 2 x seq rows of gradients each within F32_ATOL.
+  np.testing.assert_allclose(d_bias, want_d_bias, atol=F32_ATOL * 2 * seq, rtol=0)
+  assert float(jnp.abs(want_d_bias).max()) > 0.1  # a gradient that a dropped bias would miss
+
+
+def test_the_model_hands_the_kernel_its_qkv_projection_uncopied(tiny_config):
+  # No slice copies q, k and v out of the Q/K/V matmul's output: the forward kernel's query, key and
+  # value operands are that output itself, three views of one array.
+  module = models.BertModel(tiny_config.replace(attention_impl="pallas"))
+  params = hf.init_params(module)
+  jaxpr = jax.make_jaxpr(lambda p: module.apply({"params": p}, jnp.ones((2, 11), jnp.int32)))(params)
+
+  def forward_calls(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call" and eqn.params["name"] == "bert_flash_attention_forward":
+        yield eqn
+      for sub in jax_core.jaxprs_in_params(eqn.params):
+        yield from forward_calls(sub)
+
+  calls = list(forward_calls(jaxpr.jaxpr))
+  assert len(calls) == tiny_config.num_hidden_layers
+  for eqn in calls:
+    qkv = eqn.invars[:3]
+    assert qkv[0] is qkv[1] is qkv[2] and qkv[0].aval.shape[2] == 3, qkv
+
+
+def test_flash_attention_qkv_names_the_shapes_it_takes():
+  with pytest.raises(ValueError, match=r"stacked \[batch, seq, 3, heads, head_dim\].*got \(2, 16, 2, 2, 16\)"):
+    flash.flash_attention_qkv(jnp.zeros((2, 16, 2, 2, 16)), jnp.ones((2, 16), bool))
+  with pytest.raises(ValueError, match=r"biases \[3, heads, head_dim\].*and \(2, 16\)"):
+    flash.flash_attention_qkv(jnp.zeros((2, 16, 3, 2, 16)), jnp.ones((2, 16), bool), bias=jnp.zeros((2, 16)))
 
 
 def test_flash_attention_refuses_dropout_without_words_and_rates_outside_0_1():
@@ -112,6 +163,10 @@ def test_the_model_with_pallas_attention_dropout_trains_as_with_the_einsums(tiny
   input_ids = jnp.arange(22, dtype=jnp.int32).reshape(2, 11) % 50 + 3
   attention_mask = jnp.arange(11)[None, :] < jnp.array([[11], [6]])
   params = hf.init_params(models.BertModel(config))
+  # Non-zero biases (initialised at zero): the kernels add the query's, key's and value's themselves.
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  params = jax.tree_util.tree_unflatten(treedef, [
+      x + 0.1 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
   weights = jnp.where(attention_mask[..., None], jax.random.normal(jax.random.key(1), (2, 11, 32)), 0)
 
   def loss_and_grads(config):

@@ -3,15 +3,14 @@
 Owns: `BertSelfAttention` (Q/K/V projections, the attention core, the output projection) and
 `config.attention_impl`: 'einsum' (ours: float32 softmax, attention dropout), 'dot_product'
 (`jax.nn.dot_product_attention`: XLA), 'cudnn' (the same, forced onto cuDNN's fused kernel),
-'pallas' (our Pallas flash attention for GPUs with the dropout in the kernel, `flash_attention`),
+'pallas' (our Pallas flash attention for GPUs with the dropout in the kernel, `flash_attention`; it
+reads the stacked Q/K/V projection in place and adds its biases),
 'cpu_fused' (the einsum path's function in one C++ kernel for XLA:CPU, `cpu_attention`) or 'auto'
 (`resolve_attention_impl`). 'einsum', 'pallas' and 'cpu_fused' apply attention dropout; the others
 refuse to train with it.
 """
 
 from __future__ import annotations
-
-import functools
 
 import flax.linen as nn
 import jax
@@ -23,7 +22,7 @@ from bert_jax.models import config as config_lib
 from bert_jax.models import cpu_attention
 from bert_jax.models import dropout as dropout_lib
 from bert_jax.models import flash_attention
-from bert_jax.models.projection import dense, project_qkv
+from bert_jax.models.projection import dense, project_qkv, project_qkv_stacked
 
 
 # The kernels that run on some backends only, and the fix their refusal names.
@@ -33,6 +32,8 @@ _BACKENDS = {
     "pallas": (("gpu", "cpu"), "needs a GPU", "dot_product (or einsum)"),
     "cpu_fused": (("cpu",), "is a kernel for XLA:CPU", "einsum (or cudnn on a GPU)"),
 }
+
+_PER_HEAD = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.HEADS, axes.KV)  # the query, key, value and context
 
 
 def resolve_attention_impl(config: config_lib.BertConfig) -> str:
@@ -90,6 +91,10 @@ class BertSelfAttention(nn.Module):
                             for name in ("query", "key", "value")))
     query_rows = None if query_rows is None else query_rows.astype(c.compute_dtype)
     impl = pruned_layer_attention_impl(c) if query_rows is not None else resolve_attention_impl(c)
+    output = dense(c, c.hidden_size, (axes.HEADS, axes.KV), (axes.EMBED,), "output")
+    if impl == "pallas":  # the kernels read the projection's one output and add its biases
+      qkv, bias = project_qkv_stacked(x.astype(c.compute_dtype), kernels, biases)
+      return output.unbiased(self._flash_attention(qkv, bias, attention_mask, deterministic))
     # [batch, seq or n, heads, head_dim] (the query), [batch, seq, heads, head_dim] (key, value)
     query, key, value = project_qkv(x.astype(c.compute_dtype), kernels, biases, query_rows,
                                     bias_in_slices=impl != "einsum")
@@ -97,8 +102,6 @@ class BertSelfAttention(nn.Module):
       context = self._einsum_attention(query, key, value, attention_mask, deterministic)
     elif impl == "cpu_fused":
       context = self._cpu_fused_attention(query, key, value, attention_mask, deterministic)
-    elif impl == "pallas":
-      context = self._flash_attention(query, key, value, attention_mask, deterministic)
     else:
       if not deterministic:
         c.check_trainable()  # dropout on: refuse to silently drop the attention dropout
@@ -110,30 +113,34 @@ class BertSelfAttention(nn.Module):
             implementation="cudnn")  # [batch, seq, heads, head_dim]
       else:
         context = jax.nn.dot_product_attention(query, key, value, mask=attention_mask)
-    return dense(c, c.hidden_size, (axes.HEADS, axes.KV), (axes.EMBED,), "output").unbiased(context)
+    return output.unbiased(context)
 
   @staticmethod
-  def _on_shards(kernel, query, key, value, attention_mask, extra=None, extra_axes=()):
-    """`kernel(q, k, v, key_valid[, extra])` on each device's rows (heads) of a mesh: XLA cannot split a
-    custom call. `extra` (a dropout mask or the words of one) is split by its logical `extra_axes`."""
-    qkv = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.HEADS, axes.KV)
-    inputs = (query, key, value, attention_mask[:, 0, 0, :])
-    in_axes = (qkv, qkv, qkv, (axes.ACT_BATCH, axes.ACT_LENGTH))
+  def _on_shards(kernel, projected, projected_axes, attention_mask, extra=None, extra_axes=()):
+    """`kernel(*projected, key_valid[, extra])` on each device's rows (heads) of a mesh: XLA cannot split
+    a custom call. `projected` (the query, key and value, or their stacked form and biases) is split by
+    `projected_axes`, `extra` (a dropout mask or the words of one) by its logical `extra_axes`."""
+    inputs = (*projected, attention_mask[:, 0, 0, :])
+    in_axes = (*projected_axes, (axes.ACT_BATCH, axes.ACT_LENGTH))
     if extra is not None:
       inputs, in_axes = inputs + (extra,), in_axes + (extra_axes,)
-    return partitioning.map_over_shards(kernel, inputs, in_axes, qkv)
+    return partitioning.map_over_shards(kernel, inputs, in_axes, _PER_HEAD)
 
-  def _flash_attention(self, query, key, value, attention_mask, deterministic: bool):
+  def _flash_attention(self, qkv, bias, attention_mask, deterministic: bool):
+    """`qkv` `[batch, seq, 3, heads, head_dim]` and `bias` `[3, heads, head_dim]` (`project_qkv_stacked`)."""
     c = self.config
     rate = 0.0 if deterministic else c.attention_probs_dropout_prob
-    attend = functools.partial(flash_attention.flash_attention, dropout_rate=rate)
+    attend = lambda qkv, bias, key_valid, words=None: flash_attention.flash_attention_qkv(  # noqa: E731
+        qkv, key_valid, words, bias=bias, dropout_rate=rate)
+    stacked_axes = (axes.ACT_BATCH, axes.ACT_LENGTH, None, axes.HEADS, axes.KV)
+    projected = ((qkv, bias), (stacked_axes, (None, axes.HEADS, axes.KV)))
     if not rate:
-      return self._on_shards(attend, query, key, value, attention_mask)
+      return self._on_shards(attend, *projected, attention_mask)
     # Each (sequence, head) keys the kernels' dropout hash with two words, the words the einsum path's
     # `Dropout` draws (the same submodule name and shape): the same mask. Split with the heads, the
     # mask does not depend on the mesh either.
-    words = dropout_lib.Dropout(rate).words((query.shape[0], c.num_attention_heads))
-    return self._on_shards(attend, query, key, value, attention_mask, words, (axes.ACT_BATCH, axes.HEADS, None))
+    words = dropout_lib.Dropout(rate).words((qkv.shape[0], c.num_attention_heads))
+    return self._on_shards(attend, *projected, attention_mask, words, (axes.ACT_BATCH, axes.HEADS, None))
 
   def _cpu_fused_attention(self, query, key, value, attention_mask, deterministic: bool):
     c = self.config
@@ -145,7 +152,8 @@ class BertSelfAttention(nn.Module):
     # The kernel computes in float32; bf16 query, key and value are widened, and its context rounded back.
     query, key, value = (t.astype(jnp.float32) for t in (query, key, value))
     keep_axes = (axes.ACT_BATCH, axes.HEADS, axes.ACT_LENGTH, None)
-    return self._on_shards(attend, query, key, value, attention_mask, keep, keep_axes).astype(c.compute_dtype)
+    return self._on_shards(attend, (query, key, value), (_PER_HEAD,) * 3, attention_mask, keep,
+                           keep_axes).astype(c.compute_dtype)
 
   def _einsum_attention(self, query, key, value, attention_mask, deterministic: bool):
     c = self.config

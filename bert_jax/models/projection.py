@@ -155,15 +155,24 @@ def _project_stacked(x, kernels, biases, query_rows=None, *, bias_in_slices: boo
   if query_rows is not None:  # the query apart, the key and value stacked
     return (add_bias(contract(query_rows, kernels[0], 1), biases[0]),
             *_project_stacked(x, kernels[1:], biases[1:], bias_in_slices=bias_in_slices))
-  stacked = contract(x, jnp.stack(kernels, axis=1), 1)  # [batch, seq, 3, heads, head_dim]
+  stacked, bias = project_qkv_stacked(x, kernels, biases)
   if bias_in_slices:
     # XLA:GPU folds a bias added to a matmul's output into cuBLAS's `C` operand, which it first writes
     # out broadcast to [batch, seq, 3, heads, head_dim] (151 MB per BERT-base layer at 256 x 128) for
     # cuBLAS to read back. Behind the barrier the add happens in the copy that slices out q, k and v,
     # and the bias gradient stays in the pass that stacks theirs (docs/performance.md, "fourteenth").
     stacked = jax.lax.optimization_barrier(stacked)
-  stacked = add_bias(stacked, jnp.stack(biases))
+  stacked = add_bias(stacked, bias)
   return tuple(stacked[:, :, i] for i in range(len(kernels)))
+
+
+def project_qkv_stacked(x: jax.Array, kernels, biases) -> tuple[jax.Array, jax.Array]:
+  """`x` `[batch, seq, hidden]` times the query's, key's and value's kernels in one matmul, without their
+  biases: `[batch, seq, 3, heads, head_dim]`, and the biases stacked `[3, heads, head_dim]`, for a
+  consumer that reads the three where the matmul leaves them and adds the biases itself
+  (`flash_attention.flash_attention_qkv`). `kernels` and `biases` as `project_qkv` takes them (or the
+  key's and value's only: `[batch, seq, 2, heads, head_dim]`)."""
+  return contract(x, jnp.stack(kernels, axis=1), 1), jnp.stack(biases)
 
 
 def project_qkv(x: jax.Array, kernels, biases, query_rows: jax.Array | None = None, *, bias_in_slices: bool = False
@@ -180,8 +189,8 @@ def project_qkv(x: jax.Array, kernels, biases, query_rows: jax.Array | None = No
   `bias_in_slices` (GPUs only): the biases are added where q, k and v are sliced out of the stacked
   matmul, not to its output. In the compiled H100 program that is 3.3-3.4 GB less memory traffic per
   BERT-base step at 256 x 128 when the attention reads [batch, seq, heads, head_dim] as it is (cuDNN,
-  Pallas, XLA's dot_product_attention), and 5.3 GB more before the einsum attention's transposes
-  (docs/performance.md, "fourteenth").
+  XLA's dot_product_attention), and 5.3 GB more before the einsum attention's transposes
+  (docs/performance.md, "fourteenth"). Our Pallas attention slices nothing: `project_qkv_stacked`.
   """
   gpu = functools.partial(_project_stacked, bias_in_slices=bias_in_slices)
   return jax.lax.platform_dependent(x, kernels, biases, query_rows, cpu=_project_each, cuda=gpu, rocm=gpu,
