@@ -5,8 +5,10 @@ distance from XLA's values and gradients. One JSON line per variant.
   python -m scripts.bench_fused_norm [--rows=32768] [--hidden=768] [--dtype=bfloat16] [--sweep]
 
 Rows are tokens (BERT-base pretraining at 256 x 128: 32,768). The dropout mask (rate 0.1) is drawn
-inside each timed function as the model draws it (`Dropout.keep_mask`'s bits), so both sides pay for
-it; `xla_no_dropout` shows what the mask costs XLA. `--sweep` also times the kernel at each tiling
+inside each timed function as the model draws it, so both sides pay for it: XLA's from
+`Dropout.keep_mask`, the kernel's inside it from the same `Dropout.words` (the same mask, "nineteenth"
+in docs/performance.md; before it the kernel read XLA's mask). `xla_no_dropout` shows what the mask
+costs XLA. `--sweep` also times the kernel at each tiling
 (rows per block, warps, backward blocks per program); the default `Tiling` came from that sweep.
 Meant for a GPU: elsewhere the kernel runs in Pallas's interpreter, which says nothing about speed.
 """
@@ -43,9 +45,14 @@ def xla(h, bias, residual, scale, offset, key, with_dropout=True):
   return norm.apply({"params": {"scale": scale, "bias": offset}}, residual + dropped)
 
 
+def words(key, shape):
+  """The words that key `keep_mask(key, shape)` (`Dropout.words`)."""
+  return dropout.Dropout(RATE).apply({}, tuple(shape[:-2]), rngs={"dropout": key}, method=dropout.Dropout.words)
+
+
 def pallas(tiling: fused_norm.Tiling):
   def add_norm(h, bias, residual, scale, offset, key):
-    return fused_norm.add_dropout_layer_norm(h, bias, keep_mask(key, h.shape), residual, scale, offset, rate=RATE,
+    return fused_norm.add_dropout_layer_norm(h, bias, words(key, h.shape), residual, scale, offset, rate=RATE,
                                              eps=EPS, tiling=tiling)
   return add_norm
 

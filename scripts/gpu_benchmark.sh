@@ -23,7 +23,8 @@
 # skips what would start with under 30 s left, so a long STAGES list still ends with its summary.
 # STAGES=recipe128 times the base_gpu preset as it is at 256 x 128 (BERT's attention dropout in our Pallas
 # kernel, which 'auto' picks in bf16; the other stages' `fast` flags run cuDNN without attention dropout).
-# STAGES=attention times the attention core alone (scripts/bench_attention.py); STAGES=matmul the layer's
+# STAGES=attention times the attention core alone (scripts/bench_attention.py), STAGES=fused_norm the add & norm
+# (scripts/bench_fused_norm.py); STAGES=matmul the layer's
 # matmuls, XLA's against jax's Pallas matmul for Hopper (scripts/bench_matmul.py; MATMUL_ARGS, default
 # --sweep, MATMUL_ARGS= for the default tiling alone); STAGES=main runs the
 # main job (configs/imdb.py:minilm) on all the labelled reviews within MAIN_SECONDS (default 400),
@@ -129,6 +130,19 @@ import json, sys
 for line in open(sys.argv[1]):
   r = json.loads(line)
   print(r["shape"], r["variant"], r["tiling"], r.get("error") or
+        f"fwd {r['forward_ms']:.3f} ms, fwd+bwd {r['forward_backward_ms']:.3f} ms, "
+        f"out {r.get('output_rel_l2', 0):.1e}, grads {max((r.get('grads_rel_l2') or {'-': 0}).values()):.1e}")
+PY
+      ;;
+    fused_norm)  # the add & norm alone: XLA's passes against the Pallas kernel, both drawing the dropout mask
+      echo "== add & norm"
+      limited 120 python3 -m scripts.bench_fused_norm > "$out/fused_norm.jsonl" 2>> "$out/stderr.log"
+      explain fused_norm 120 $?
+      python3 - "$out/fused_norm.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+  r = json.loads(line)
+  print(r["rows"], r["hidden"], r["variant"], r["tiling"], r.get("error") or
         f"fwd {r['forward_ms']:.3f} ms, fwd+bwd {r['forward_backward_ms']:.3f} ms, "
         f"out {r.get('output_rel_l2', 0):.1e}, grads {max((r.get('grads_rel_l2') or {'-': 0}).values()):.1e}")
 PY

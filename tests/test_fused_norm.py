@@ -7,12 +7,14 @@ the GPU compiles); `scripts/check_gpu.py` runs the same comparison compiled on a
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 import numpy as np
 import pytest
 
 from bert_jax import hf
 from bert_jax import models
 from bert_jax.models import bert
+from bert_jax.models import dropout as dropout_lib
 from bert_jax.models import fused_norm
 
 import program_parts
@@ -20,10 +22,12 @@ import program_parts
 RATE, EPS = 0.1, 1e-12
 
 
-def plain_add_norm(h, bias, keep, residual, scale, offset):
-  """`LayerNorm(residual + dropout(h + bias))` as the model's XLA path computes it."""
+def plain_add_norm(h, bias, words, residual, scale, offset):
+  """`LayerNorm(residual + dropout(h + bias))` as the model's XLA path computes it: the mask from `words`
+  by `dropout.keep_mask`, as the model's `Dropout` draws it."""
   dropped = h + bias
-  if keep is not None:
+  if words is not None:
+    keep = dropout_lib.keep_mask(words, h.shape, RATE)
     dropped = jnp.where(keep, dropped / jnp.asarray(1.0 - RATE, h.dtype), jnp.zeros((), h.dtype))
   norm = nn.LayerNorm(epsilon=EPS, dtype=h.dtype)
   return norm.apply({"params": {"scale": scale, "bias": offset}}, residual + dropped)
@@ -35,16 +39,16 @@ def _operands(shape, dtype=jnp.float32, dropout=True, seed=0):
   bias = (0.5 * jax.random.normal(keys[2], shape[-1:])).astype(dtype)
   scale = 1.0 + 0.1 * jax.random.normal(keys[3], shape[-1:])
   offset = 0.1 * jax.random.normal(keys[4], shape[-1:])
-  keep = jax.random.bernoulli(keys[5], 1.0 - RATE, shape) if dropout else None
-  return h, bias, keep, residual, scale, offset
+  words = jax.random.randint(keys[5], shape[:-2] + (2,), -2**31, 2**31 - 1, jnp.int32) if dropout else None
+  return h, bias, words, residual, scale, offset
 
 
 def _value_and_grads(fn, operands):
-  h, bias, keep, residual, scale, offset = operands
+  h, bias, words, residual, scale, offset = operands
   weights = jax.random.normal(jax.random.key(9), h.shape)  # a loss that weighs every output differently
 
   def loss(h, bias, residual, scale, offset):
-    return jnp.sum(fn(h, bias, keep, residual, scale, offset).astype(jnp.float32) * weights)
+    return jnp.sum(fn(h, bias, words, residual, scale, offset).astype(jnp.float32) * weights)
 
   return jax.value_and_grad(loss, argnums=range(5))(h, bias, residual, scale, offset)
 
@@ -56,6 +60,7 @@ def _fused(tiling=fused_norm.Tiling()):
 @pytest.mark.parametrize("dropout", [True, False])
 @pytest.mark.parametrize("shape, tiling", [
     ((2, 5, 48), fused_norm.Tiling()),  # hidden as 3 chunks of 16
+    ((3, 5, 32), fused_norm.Tiling(block_rows=4, backward_blocks=2)),  # blocks that span two sequences' rows
     ((37, 96), fused_norm.Tiling(block_rows=4, num_warps=4, backward_blocks=3)),  # rows not a multiple of a block
     ((13, 50), fused_norm.Tiling(block_rows=2, num_warps=1, backward_blocks=2)),  # an odd width: one masked block
 ])
@@ -86,18 +91,20 @@ def test_bfloat16_rounds_as_the_plain_path_does():
 
 
 def test_operands_of_the_wrong_dtype_or_shape_are_refused():
-  h, bias, keep, residual, scale, offset = _operands((3, 16))
+  h, bias, words, residual, scale, offset = _operands((2, 3, 16))
   with pytest.raises(ValueError, match="one dtype"):
-    fused_norm.add_dropout_layer_norm(h.astype(jnp.bfloat16), bias.astype(jnp.bfloat16), keep, residual, scale,
+    fused_norm.add_dropout_layer_norm(h.astype(jnp.bfloat16), bias.astype(jnp.bfloat16), words, residual, scale,
                                       offset, rate=RATE, eps=EPS)
   with pytest.raises(ValueError, match=r"\[hidden\] = \[16\]"):
-    fused_norm.add_dropout_layer_norm(h, bias, keep, residual, scale[:8], offset, rate=RATE, eps=EPS)
+    fused_norm.add_dropout_layer_norm(h, bias, words, residual, scale[:8], offset, rate=RATE, eps=EPS)
+  with pytest.raises(ValueError, match=r"words are int32 \[\*h.shape\[:-2\], 2\] = \[2, 2\].*got \[2\]"):
+    fused_norm.add_dropout_layer_norm(h, bias, words[0], residual, scale, offset, rate=RATE, eps=EPS)
 
 
 def test_parameter_gradients_keep_their_dtypes():
-  h, bias, keep, residual, scale, offset = _operands((3, 16), jnp.bfloat16)
+  h, bias, words, residual, scale, offset = _operands((3, 16), jnp.bfloat16)
   grads = jax.grad(lambda *a: jnp.sum(fused_norm.add_dropout_layer_norm(*a, rate=RATE, eps=EPS).astype(jnp.float32)),
-                   argnums=(0, 1, 3, 4, 5))(h, bias, keep, residual, scale, offset)
+                   argnums=(0, 1, 3, 4, 5))(h, bias, words, residual, scale, offset)
   assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32]
 
 
@@ -123,6 +130,32 @@ def test_model_with_pallas_add_norm_computes_what_xla_computes(tiny_config, dete
   np.testing.assert_allclose(value, plain_value, rtol=1e-5)
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(plain_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_the_model_hands_the_kernels_dropout_words_not_masks(tiny_config):
+  # The kernels hash their masks (the XLA path's, as above): no [batch, seq, hidden] mask is computed
+  # to be read by them, forward or backward, only a pair of words per sequence.
+  module = _classifier(tiny_config, layer_norm_impl="pallas", hidden_dropout_prob=0.1)
+  params = hf.init_params(module)
+  ids = jnp.ones((2, 5), jnp.int32)
+  loss = lambda p: jnp.sum(module.apply({"params": p}, ids, deterministic=False,  # noqa: E731
+                                        rngs={"dropout": jax.random.key(0)}))
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+
+  def add_norm_operands(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call" and eqn.params["name"].startswith("add_dropout_layer_norm"):
+        yield eqn.params["name"], [v.aval for v in eqn.invars]
+      for sub in jax_core.jaxprs_in_params(eqn.params):
+        yield from add_norm_operands(sub)
+
+  calls = list(add_norm_operands(jaxpr.jaxpr))
+  layers = tiny_config.num_hidden_layers
+  assert sorted(name for name, _ in calls) == (["add_dropout_layer_norm"] * 2 * layers
+                                               + ["add_dropout_layer_norm_backward"] * 2 * layers)
+  for name, avals in calls:
+    assert [a.shape for a in avals if a.dtype == jnp.int32] == [(2 * 2,)], name  # [sequences x 2] words, flat
+    assert not any(a.dtype in (jnp.bool_, jnp.uint8) for a in avals), name
 
 
 def test_auto_takes_the_kernel_on_a_gpu_only(tiny_config, monkeypatch):

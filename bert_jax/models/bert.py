@@ -216,8 +216,9 @@ def add_norm(config: config_lib.BertConfig, dropout: dropout_lib.Dropout, residu
   if resolve_layer_norm_impl(config) == "xla":
     return layer_norm(config, name)(residual + dropout(add_bias(y, bias), deterministic=deterministic))
   rate = 0.0 if deterministic else dropout.rate
-  keep = dropout.keep_mask(y.shape) if rate else None
-  return FusedAddNorm(config, name=name)(y, bias, keep, residual, rate)
+  # The kernels hash the mask from the words that `dropout.keep_mask(y.shape)` would: the same mask.
+  words = dropout.words(y.shape[:-2]) if rate else None
+  return FusedAddNorm(config, name=name)(y, bias, words, residual, rate)
 
 
 class FusedAddNorm(nn.Module):
@@ -225,19 +226,21 @@ class FusedAddNorm(nn.Module):
   config: config_lib.BertConfig
 
   @nn.compact
-  def __call__(self, y, bias, keep, residual, rate: float):
-    """`y`, `residual` `[batch, seq, hidden]`, `bias` `[hidden]`, `keep` bool `[batch, seq, hidden]` or None."""
+  def __call__(self, y, bias, words, residual, rate: float):
+    """`y`, `residual` `[batch, seq, hidden]`, `bias` `[hidden]`, `words` int32 `[batch, 2]` (the dropout's,
+    `Dropout.words`) or None."""
     c = self.config
     scale = self.param("scale", _norm_scale_init(), y.shape[-1:], c.parameter_dtype)
     offset = self.param("bias", zeros_init(axes.EMBED), y.shape[-1:], c.parameter_dtype)
 
-    def norm(y, residual, bias, scale, offset, keep=None):
-      return fused_norm.add_dropout_layer_norm(y, bias, keep, residual, scale, offset, rate=rate, eps=c.layer_norm_eps)
+    def norm(y, residual, bias, scale, offset, words=None):
+      return fused_norm.add_dropout_layer_norm(y, bias, words, residual, scale, offset, rate=rate,
+                                               eps=c.layer_norm_eps)
 
     rows = (axes.ACT_BATCH, axes.ACT_LENGTH, None)  # whole rows on each device: a layer norm reduces over hidden
-    with_keep = keep is not None
-    inputs = (y, residual, bias, scale, offset) + ((keep,) if with_keep else ())
-    in_axes = (rows, rows, None, None, None) + ((rows,) if with_keep else ())
+    inputs, in_axes = (y, residual, bias, scale, offset), (rows, rows, None, None, None)
+    if words is not None:  # one pair per sequence: split with the batch
+      inputs, in_axes = inputs + (words,), in_axes + ((axes.ACT_BATCH, None),)
     return partitioning.map_over_shards(norm, inputs, in_axes, rows)
 
 
