@@ -15,7 +15,10 @@ Before the nineteenth stop every variant took q, k and v apart, and ours too.
 
 Half the rows are full, the rest hold between half and all of `seq` real tokens. `--sweep` also
 times the Pallas kernel at each tiling (forward query block, backward block, warps, stages); the default
-`AttentionTiling` came from that sweep. Meant for a GPU: elsewhere only the einsums run.
+`AttentionTiling` came from that sweep. With dropout it adds two tilings: compiled for an H100, the
+default's forward with dropout spills 172 bytes a thread since the kernels add the biases (255 registers;
+without the biases it fit in 255), 8 warps or 64-row query blocks spill none (docs/performance.md,
+"nineteenth"). Meant for a GPU: elsewhere only the einsums run.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ def _words(qkv):
   return jnp.broadcast_to(WORDS, (qkv.shape[0], qkv.shape[3], 2))
 
 
-def pallas_dropout(qkv, key_valid):
-  return flash.flash_attention_qkv(qkv, key_valid, _words(qkv), dropout_rate=RATE)
+def pallas_dropout(tiling: flash.AttentionTiling):
+  return lambda qkv, key_valid: flash.flash_attention_qkv(qkv, key_valid, _words(qkv), dropout_rate=RATE,
+                                                          tiling=tiling)
 
 
 def _probs_shape(qkv):
@@ -143,7 +147,10 @@ def main():
     variants += [("pallas", pallas(t), t) for t in tilings]
   variants += [("einsum_dropout", einsum_dropout, None), ("einsum_with_pallas_mask", einsum_with_pallas_mask, None)]
   if jax.default_backend() == "gpu":
-    variants.append(("pallas_dropout", pallas_dropout, None))
+    variants.append(("pallas_dropout", pallas_dropout(flash.AttentionTiling()), flash.AttentionTiling()))
+    if args.sweep:  # the two tilings whose forward with dropout ptxas compiles without spills (the default's spills)
+      variants += [("pallas_dropout", pallas_dropout(t), t)
+                   for t in (flash.AttentionTiling(num_warps=8), flash.AttentionTiling(block_q=64))]
   references = {}  # each reference variant's (output, gradients)
   for name, fn, tiling in variants:
     row = dict(common, variant=name, tiling=list(tiling) if tiling else None)

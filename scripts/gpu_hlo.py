@@ -162,7 +162,8 @@ def entry_kernels(hlo_text: str) -> list[dict]:
     called = re.search(r"calls=%([\w.\-]+)", rest)
     sliced = parameter_reads.get(called.group(1), []) if opcode == "fusion" and called else []
     # An array passed to one kernel several times counts once: our flash attention takes the stacked
-    # Q/K/V projection as its query, key and value, each a third of it.
+    # Q/K/V projection as its query, key and value, each a third of it. (A fusion that slices one
+    # operand twice, differently, would be charged its first slice only; none does here.)
     read = sum(sliced[i] if i < len(sliced) and sliced[i] is not None else sizes.get(o, 0)
                for i, o in enumerate(operands) if o not in operands[:i])
     # A fusion's group is its name without the number (`loop_select_fusion.12` -> `loop_select_fusion`).

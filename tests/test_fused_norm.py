@@ -54,7 +54,10 @@ def _value_and_grads(fn, operands):
 
 
 def _fused(tiling=fused_norm.Tiling()):
-  return lambda *args: fused_norm.add_dropout_layer_norm(*args, rate=RATE, eps=EPS, tiling=tiling)
+  def add_norm(h, bias, words, *rest):  # without words, without dropout
+    return fused_norm.add_dropout_layer_norm(h, bias, words, *rest, rate=0.0 if words is None else RATE, eps=EPS,
+                                             tiling=tiling)
+  return add_norm
 
 
 @pytest.mark.parametrize("dropout", [True, False])
@@ -99,6 +102,8 @@ def test_operands_of_the_wrong_dtype_or_shape_are_refused():
     fused_norm.add_dropout_layer_norm(h, bias, words, residual, scale[:8], offset, rate=RATE, eps=EPS)
   with pytest.raises(ValueError, match=r"words are int32 \[\*h.shape\[:-2\], 2\] = \[2, 2\].*got \[2\]"):
     fused_norm.add_dropout_layer_norm(h, bias, words[0], residual, scale, offset, rate=RATE, eps=EPS)
+  with pytest.raises(ValueError, match=r"rate=0.1 needs the dropout's words, int32 \[2, 2\].*rate=0 for no dropout"):
+    fused_norm.add_dropout_layer_norm(h, bias, None, residual, scale, offset, rate=RATE, eps=EPS)
 
 
 def test_parameter_gradients_keep_their_dtypes():

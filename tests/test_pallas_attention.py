@@ -65,7 +65,8 @@ def test_flash_attention_dropout_is_the_einsums_with_its_keep_mask(seq, head_dim
 def test_the_kernels_read_the_stacked_projection_and_add_its_biases(seq, head_dim, tiling, rate):
   # `flash_attention_qkv`, as the model calls it: q, k, v where the one Q/K/V matmul left them, and
   # their biases added in the kernels. Values and the gradients of both inputs are the einsums' of
-  # `qkv + bias`; the biases' gradient is summed inside the backward kernel, tile by tile.
+  # `qkv + bias`; the biases' gradient is summed inside the backward kernel, tile by tile. The key's
+  # bias shifts each query's scores by a constant: no effect, and a gradient of exactly zero.
   (q, k, v), key_valid, words, d_out = _inputs(seq, head_dim)
   qkv = jnp.stack((q, k, v), axis=2)  # [batch, seq, 3, heads, head_dim]
   bias = jax.random.normal(jax.random.key(7), (3, 2, head_dim))
@@ -79,28 +80,39 @@ def test_the_kernels_read_the_stacked_projection_and_add_its_biases(seq, head_di
   np.testing.assert_allclose(d_qkv, want_d_qkv, atol=F32_ATOL, rtol=0)
   # A sum over 2 x seq rows of gradients each within F32_ATOL.
   np.testing.assert_allclose(d_bias, want_d_bias, atol=F32_ATOL * 2 * seq, rtol=0)
-  assert float(jnp.abs(want_d_bias).max()) > 0.1  # a gradient that a dropped bias would miss
+  assert not np.any(d_bias[1])  # the key's
+  for part in (0, 2):  # gradients that a dropped query or value bias would miss
+    assert float(jnp.abs(want_d_bias[part]).max()) > 0.1, part
 
 
 def test_the_model_hands_the_kernel_its_qkv_projection_uncopied(tiny_config):
-  # No slice copies q, k and v out of the Q/K/V matmul's output: the forward kernel's query, key and
-  # value operands are that output itself, three views of one array.
+  # No copy of q, k and v out of the Q/K/V matmul's output `[batch, seq, 3, heads, head_dim]`, nor of
+  # their gradients back into one: nothing slices or stacks along its third axis, forward or backward.
+  # The forward kernel takes that one array as its query, key and value.
   module = models.BertModel(tiny_config.replace(attention_impl="pallas"))
   params = hf.init_params(module)
-  jaxpr = jax.make_jaxpr(lambda p: module.apply({"params": p}, jnp.ones((2, 11), jnp.int32)))(params)
+  loss = lambda p: jnp.sum(module.apply({"params": p}, jnp.ones((2, 11), jnp.int32)).sequence_output)  # noqa: E731
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
 
-  def forward_calls(jaxpr):
+  def equations(jaxpr):
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call" and eqn.params["name"] == "bert_flash_attention_forward":
-        yield eqn
+      yield eqn
       for sub in jax_core.jaxprs_in_params(eqn.params):
-        yield from forward_calls(sub)
+        yield from equations(sub)
 
-  calls = list(forward_calls(jaxpr.jaxpr))
+  stacked = lambda v: v.aval.ndim == 5 and v.aval.shape[2] == 3  # noqa: E731
+  eqns = list(equations(jaxpr.jaxpr))
+  # A copy along the stacked axis makes or unmakes it; the kernels' padding of the sequence and the head
+  # (11 tokens to 16, heads of 8 to 16) and its gradient's slice keep it.
+  copies = [e.primitive.name for e in eqns if e.primitive.name in ("slice", "concatenate", "split", "gather",
+                                                                   "dynamic_slice")
+            and any(map(stacked, e.invars)) != any(map(stacked, e.outvars))]
+  assert not copies, copies
+  calls = [e for e in eqns if e.primitive.name == "pallas_call" and e.params["name"] == "bert_flash_attention_forward"]
   assert len(calls) == tiny_config.num_hidden_layers
   for eqn in calls:
     qkv = eqn.invars[:3]
-    assert qkv[0] is qkv[1] is qkv[2] and qkv[0].aval.shape[2] == 3, qkv
+    assert qkv[0] is qkv[1] is qkv[2] and stacked(qkv[0]), qkv
 
 
 def test_flash_attention_qkv_names_the_shapes_it_takes():

@@ -20,8 +20,8 @@ The kernels read the query, key and value where the Q/K/V projection's one matmu
 stacked `[batch, seq, 3, heads, head_dim]`, and add their biases themselves; the backward kernel writes
 their gradients stacked, with the biases' gradient summed over its tile. XLA otherwise copies q, k and
 v out of the matmul's output (adding the biases) and stacks their gradients back (summing the biases'):
-each pass reads and writes the `[batch, seq, 3, hidden]` array, 0.6 GB per BERT-base layer at 256 x 128
-(docs/performance.md, "nineteenth").
+each pass reads and writes the `[batch, seq, 3, hidden]` array, 0.3 GB, so 0.6 GB a BERT-base layer at
+256 x 128 for the two (docs/performance.md, "nineteenth").
 
 Off a GPU, Pallas's interpreter runs the kernels in float32: correct, slow, for tests.
 """
@@ -43,7 +43,9 @@ from bert_jax.models import dropout
 from bert_jax.models import fused_norm
 
 # A padded key's score: finite, so a row with no real key gets a uniform softmax (the einsum path's
-# float32-min gives the same), and far below any real score.
+# float32-min gives the same, over the real length; here over the length padded to a block, whose
+# padded values are the value's bias), and far below any real score. Only rows of all-padding
+# sequences have no real key, and no loss reads them.
 _MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)
 _LOG2_E = math.log2(math.e)  # the kernels use exp2: e^x = 2^(x log2 e)
 
@@ -89,6 +91,9 @@ class _Settings(NamedTuple):
 # `bias` `[3, head_dim]` (the query's, key's and value's), `key_valid` `[seq]` int32, `words` `[2]` int32,
 # `lse` (log2-sum-exp2 of each query's scaled scores) and `delta` (rowsum(out * d_out)) `[seq]` float32.
 # `seq` here is padded to a multiple of the blocks.
+#
+# The key's bias is not added: it adds `q . b_k` to all of a query's scores, which the softmax ignores,
+# so the output does not depend on it and its gradient is zero (the einsums get both to rounding).
 
 _QUERY, _KEY, _VALUE = range(3)  # their index on the stacked axis
 
@@ -132,7 +137,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, valid_ref, words_ref, out_ref
   def over_key_blocks(i, carry):
     out, running_max, running_sum = carry
     keys = pl.ds(i * block_k, block_k)
-    k, v = _load(k_ref, bias_ref, _KEY, keys), _load(v_ref, bias_ref, _VALUE, keys)
+    k, v = k_ref[keys, :], _load(v_ref, bias_ref, _VALUE, keys)
     scores = _scores(q, k, valid_ref[keys] != 0, settings)
     new_max = jnp.maximum(running_max, scores.max(axis=-1))
     correction = jnp.exp2(running_max - new_max)
@@ -173,7 +178,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, valid_ref, words_ref, d_out_
       d_p = d_p * scale
     return p * (d_p - delta[:, None]) * settings.sm_scale
 
-  k, v, valid = _load(k_ref, bias_ref, _KEY, own), _load(v_ref, bias_ref, _VALUE, own), valid_ref[own] != 0
+  k, v, valid = k_ref[own, :], _load(v_ref, bias_ref, _VALUE, own), valid_ref[own] != 0
 
   def dk_dv_over_query_blocks(i, carry):
     dk, dv = carry
@@ -188,14 +193,14 @@ def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, valid_ref, words_ref, d_out_
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, n_blocks, dk_dv_over_query_blocks, (zeros, zeros))
-  _store_gradient(d_qkv_ref, d_bias_ref, _KEY, dk)
+  _store_gradient(d_qkv_ref, d_bias_ref, _KEY, dk, bias_gradient=False)
   _store_gradient(d_qkv_ref, d_bias_ref, _VALUE, dv)
 
   q, d_out, lse, delta = _load(q_ref, bias_ref, _QUERY, own), d_out_ref[own, :], lse_ref[own], delta_ref[own]
 
   def dq_over_key_blocks(i, dq):
     keys = pl.ds(i * block, block)
-    k, v = _load(k_ref, bias_ref, _KEY, keys), _load(v_ref, bias_ref, _VALUE, keys)
+    k, v = k_ref[keys, :], _load(v_ref, bias_ref, _VALUE, keys)
     p = _probabilities(q, k, valid_ref[keys] != 0, lse, settings)
     scale = _dropout_scale(words_ref, own_positions, i * block + jnp.arange(block), settings)
     return dq + plgpu.dot(score_gradient(p, d_out, v, delta, scale).astype(k.dtype), k)
@@ -204,10 +209,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, valid_ref, words_ref, d_out_
   _store_gradient(d_qkv_ref, d_bias_ref, _QUERY, dq)
 
 
-def _store_gradient(d_qkv_ref, d_bias_ref, part: int, gradient):
-  """The block's gradient of the query, key or value (`part`) `[block, head_dim]` float32, and of its bias."""
+def _store_gradient(d_qkv_ref, d_bias_ref, part: int, gradient, bias_gradient: bool = True):
+  """The block's gradient of the query, key or value (`part`) `[block, head_dim]` float32, and of its bias
+  (the column sums; zero for the key's, whose bias the kernels do not add)."""
   d_qkv_ref[:, part, :] = gradient.astype(d_qkv_ref.dtype)
-  d_bias_ref[part, :] = gradient.sum(axis=0)
+  d_bias_ref[part, :] = gradient.sum(axis=0) if bias_gradient else jnp.zeros(gradient.shape[1:], jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -242,8 +242,8 @@ def add_dropout_layer_norm(h: jax.Array, bias: jax.Array, words: jax.Array | Non
 
   `h` and `residual` `[..., rows, hidden]` in the compute dtype, `bias` `[hidden]` in the same; `words`
   int32 `[..., 2]` (`h.shape[:-2]`: `Dropout.words`), which key the dropout's mask
-  `dropout.keep_mask(words, h.shape, rate)` (kept elements scaled by `1 / (1 - rate)`), or None for
-  no dropout (so is `rate` 0); `scale` and `offset` `[hidden]`, the norm's parameters in their own
+  `dropout.keep_mask(words, h.shape, rate)` (kept elements scaled by `1 / (1 - rate)`); with `rate`
+  0 there is no dropout and `words` may be None; `scale` and `offset` `[hidden]`, the norm's parameters in their own
   dtype. `interpret`: see `interprets`.
   """
   hidden = h.shape[-1:]
@@ -255,7 +255,10 @@ def add_dropout_layer_norm(h: jax.Array, bias: jax.Array, words: jax.Array | Non
     raise ValueError(f"add_dropout_layer_norm's bias, scale and offset are [hidden] = {list(hidden)}; got "
                      f"{list(bias.shape)}, {list(scale.shape)}, {list(offset.shape)}.")
   drop = None
-  if words is not None and rate:
+  if rate and words is None:
+    raise ValueError(f"add_dropout_layer_norm with rate={rate} needs the dropout's words, int32 "
+                     f"{list(h.shape[:-2]) + [2]} (Dropout.words); got None. Pass rate=0 for no dropout.")
+  if rate:
     if h.ndim < 2 or words.shape != h.shape[:-2] + (2,):
       raise ValueError(f"add_dropout_layer_norm's dropout words are int32 [*h.shape[:-2], 2] = "
                        f"{list(h.shape[:-2]) + [2]} (Dropout.words), one pair per [rows, hidden] slice of h "
