@@ -17,7 +17,8 @@ The dropout bits: each (sequence, head) gets two random words from the model's d
 `dropout.keep_mask(words, [batch, heads, seq, seq], rate)`, the einsum path's mask from the same rng.
 
 The kernels read the query, key and value where the Q/K/V projection's one matmul left them,
-stacked `[batch, seq, 3, heads, head_dim]`, and add their biases themselves; the backward kernel writes
+stacked `[batch, seq, 3, heads, head_dim]`, and add their biases themselves (the key's changes nothing:
+skipped, below); the backward kernel writes
 their gradients stacked, with the biases' gradient summed over its tile. XLA otherwise copies q, k and
 v out of the matmul's output (adding the biases) and stacks their gradients back (summing the biases'):
 each pass reads and writes the `[batch, seq, 3, hidden]` array, 0.3 GB, so 0.6 GB a BERT-base layer at
@@ -308,8 +309,9 @@ def flash_attention_qkv(qkv, key_valid, words=None, *, bias=None, dropout_rate: 
 
   `qkv` `[batch, seq, 3, heads, head_dim]`: the query, key and value stacked, as the Q/K/V projection's
   one matmul gives them (`projection.project_qkv_stacked`); `bias` `[3, heads, head_dim]` their biases
-  (None: none), which the kernels add; `key_valid` bool `[batch, seq]`; `words` int32
-  `[batch, heads, 2]` (`Dropout.words`; needed when `dropout_rate` > 0). Returns
+  (None: none), which the kernels add (the key's changes no output and gets a zero gradient);
+  `key_valid` bool `[batch, seq]`; `words` int32 `[batch, heads, 2]` (`Dropout.words`; needed when
+  `dropout_rate` > 0). Returns
   `[batch, seq, heads, head_dim]`. Every row attends to the real keys, padded queries too. The mask
   is `dropout.keep_mask(words, [batch, heads, seq, seq], dropout_rate)`, whatever the tiling. A
   sequence is padded to a multiple of the block (16 to 128: lengths that are multiples of 128 pad
