@@ -21,7 +21,6 @@ elsewhere only XLA's rows run. Figures from an H200 in docs/performance.md ("ele
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import itertools
 import json
@@ -34,6 +33,7 @@ from bert_jax import partitioning
 from configs import common
 from scripts.bench_fused_norm import rel_l2, timed
 from bert_jax.models import bert
+from bert_jax.models import feed_forward
 from bert_jax.models.feed_forward import matmul_bias_gelu
 from bert_jax.models.feed_forward import matmul_gelu_grad
 from bert_jax.models import hopper_matmul
@@ -82,16 +82,15 @@ def epilogue_variants() -> list[dict]:
   store slot per output; with the pre-activation and 2 slots, 2), then two rows with Mosaic's approximate
   exp and division in the GELU.
   """
-  tilings = [dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="N", grid_tile_width=4),
-             dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="M", grid_tile_width=8),
+  tilings = [dict(feed_forward.BLOCKS, grid_minor_dim="N", grid_tile_width=4),
+             feed_forward.BLOCKS,
              dict(tile_m=256, tile_n=64, tile_k=64, grid_minor_dim="N", grid_tile_width=8)]
   cooperative = ([dict(with_preactivation=False, tiling=dict(t, max_concurrent_steps=4)) for t in tilings]
                  + [dict(with_preactivation=True, tiling=dict(t, max_concurrent_steps=3)) for t in tilings]
                  + [dict(with_preactivation=False, tiling=dict(tilings[1], max_concurrent_steps=3))]
                  + [dict(with_preactivation=True, tiling=dict(t, max_concurrent_steps=4), out_slots=1)
                     for t in tilings])
-  blocks = [dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="M", grid_tile_width=8),
-            dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="N", grid_tile_width=4)]
+  blocks = tilings[:2][::-1]  # the model's block first
   pingpong = ([dict(with_preactivation=False, tiling=dict(t, max_concurrent_steps=3)) for t in blocks]
               + [dict(with_preactivation=True, tiling=dict(t, max_concurrent_steps=3), out_slots=1) for t in blocks]
               + [dict(with_preactivation=True, tiling=dict(t, max_concurrent_steps=2)) for t in blocks]
@@ -112,7 +111,7 @@ def gelu_grad_variants() -> list[dict]:
   epilogue takes 64 kB of shared memory, so the schedules get a stage less than the forward's: cooperative
   at 2 stages with 2 store slots or 3 with 1 (3 with 2 need 245,824 bytes), ping-pong at 2. The last two
   rows also sum the bias gradient, in XLA, from the kernel's output."""
-  block = dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="M", grid_tile_width=8)
+  block = feed_forward.BLOCKS
   tall = dict(block, tile_m=256, tile_n=64)
   return [dict(tiling=dict(block, max_concurrent_steps=2)),
           dict(tiling=dict(block, max_concurrent_steps=3), out_slots=1),

@@ -42,8 +42,6 @@ flags.DEFINE_enum("case", "pretrain_train", ["train", "pretrain_train"], "Which 
 flags.DEFINE_string("grep", "", "List the kernels whose name or op name matches this regex.")
 flags.DEFINE_string("hlo_out", "", "Write the compiled HLO here.")
 
-H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
-H100_SMS = 132
 # XLA's GpuTargetConfigProto for an H100 SXM (132 SMs, 228 KiB shared memory per SM, 50 MiB L2).
 H100_TARGET_CONFIG = """
 platform_name: "CUDA"
@@ -71,6 +69,8 @@ gpu_device_info {
 dnn_version_info { major: 9 minor: 8 }
 runtime_version { major: 12 minor: 9 }
 """
+H100_BANDWIDTH = float(re.search(r"memory_bandwidth: (\d+)", H100_TARGET_CONFIG)[1])  # bytes/s
+H100_SMS = int(re.search(r"core_count: (\d+)", H100_TARGET_CONFIG)[1])
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
           "f64": 8, "s64": 8, "u64": 8}

@@ -8,7 +8,6 @@ import sys
 import types
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from bert_jax import benchmark

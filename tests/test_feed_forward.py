@@ -26,6 +26,7 @@ from bert_jax import models
 from bert_jax.models import feed_forward
 
 import program_parts
+from scripts.bench_fused_norm import rel_l2
 
 
 def _tuning(stages: int):
@@ -42,11 +43,6 @@ def _races_found() -> bool:
 def _detect_races():
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=g-import-not-at-top
   return InterpretGPUParams(detect_races=True)
-
-
-def _rel_l2(got, want):
-  got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
-  return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
 
 def test_the_kernels_gelu_is_the_exact_one_without_erf():
@@ -85,8 +81,7 @@ def test_the_forward_kernel_computes_gelu_of_the_biased_product_in_mosaic_s_inte
   expected = (jax.nn.gelu(preactivation, approximate=False), preactivation)
   for output, reference in zip(outputs if with_preactivation else (outputs,), expected):
     assert output.dtype == jnp.bfloat16
-    error = jnp.linalg.norm(output.astype(jnp.float32) - reference) / jnp.linalg.norm(reference)
-    assert float(error) < 4e-3  # bf16 rounding of float32 values: about 1.7e-3
+    assert rel_l2(output, reference) < 4e-3  # bf16 rounding of float32 values: about 1.7e-3
   assert not _races_found()
 
 
@@ -108,8 +103,7 @@ def test_the_backward_kernel_multiplies_the_product_by_gelu_s_derivative_in_mosa
   d_gelu = jnp.dot(d_y, kernel_t, preferred_element_type=jnp.float32)
   reference = jax.vjp(lambda x: jax.nn.gelu(x, approximate=False), preactivation.astype(jnp.float32))[1](d_gelu)[0]
   assert output.dtype == jnp.bfloat16
-  error = jnp.linalg.norm(output.astype(jnp.float32) - reference) / jnp.linalg.norm(reference)
-  assert float(error) < 4e-3  # bf16 rounding of float32 values: about 1.7e-3
+  assert rel_l2(output, reference) < 4e-3  # bf16 rounding of float32 values: about 1.7e-3
   assert not _races_found()
 
 
@@ -177,13 +171,13 @@ def test_feed_forward_and_its_gradients_match_the_float32_path_with_padded_rows(
   assert kernels(jax.grad(loss(ff), argnums=range(4))) == 2
   output = jax.jit(ff)(*operands)
   assert output.shape == (3, 50, 64) and output.dtype == jnp.bfloat16
-  assert _rel_l2(output, _plain_float32(*operands)) < 1e-2
+  assert rel_l2(output, _plain_float32(*operands)) < 1e-2
   grads = jax.jit(jax.grad(loss(ff), argnums=range(4)))(*operands)
   plain_grads = jax.grad(loss(_plain_float32), argnums=range(4))(*operands)
   for name, got, want in zip(("x", "w_in", "b_in", "w_out"), grads, plain_grads):
     assert got.dtype == jnp.bfloat16, name
     # bf16 operands and outputs against float32 throughout: about 3e-3 here.
-    assert _rel_l2(got, want) < 1e-2, name
+    assert rel_l2(got, want) < 1e-2, name
 
 
 def _classifier(**overrides):
@@ -223,7 +217,7 @@ def test_mosaic_feed_forward_matches_xla_s_in_bf16():
     module = _classifier(dtype="bfloat16", feed_forward_impl=impl)
     grads = program_parts.classification_loss_and_grads(module, params, False)[1]
     layer = lambda g: g["bert"]["encoder"]["layer_0"]  # noqa: E731
-    errors[impl] = {name: _rel_l2(layer(grads)[name]["kernel"], layer(plain_grads)[name]["kernel"])
+    errors[impl] = {name: rel_l2(layer(grads)[name]["kernel"], layer(plain_grads)[name]["kernel"])
                     for name in ("intermediate", "output")}
   for name in ("intermediate", "output"):
     assert errors["mosaic"][name] < 2 * errors["xla"][name] + 1e-3, errors

@@ -7,7 +7,6 @@ the GPU compiles); `scripts/check_gpu.py` runs the same comparison compiled on a
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jax_core
 import numpy as np
 import pytest
 
@@ -147,14 +146,8 @@ def test_the_model_hands_the_kernels_dropout_words_not_masks(tiny_config):
                                         rngs={"dropout": jax.random.key(0)}))
   jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
 
-  def add_norm_operands(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call" and eqn.params["name"].startswith("add_dropout_layer_norm"):
-        yield eqn.params["name"], [v.aval for v in eqn.invars]
-      for sub in jax_core.jaxprs_in_params(eqn.params):
-        yield from add_norm_operands(sub)
-
-  calls = list(add_norm_operands(jaxpr.jaxpr))
+  calls = [(eqn.params["name"], [v.aval for v in eqn.invars]) for eqn in program_parts.all_eqns(jaxpr.jaxpr)
+           if eqn.primitive.name == "pallas_call" and eqn.params["name"].startswith("add_dropout_layer_norm")]
   layers = tiny_config.num_hidden_layers
   assert sorted(name for name, _ in calls) == (["add_dropout_layer_norm"] * 2 * layers
                                                + ["add_dropout_layer_norm_backward"] * 2 * layers)

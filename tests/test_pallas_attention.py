@@ -6,7 +6,6 @@ On the CPU the kernels run in Pallas's interpreter: the same kernel code, float3
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jax_core
 import numpy as np
 import pytest
 
@@ -15,6 +14,7 @@ from bert_jax.models import dropout
 from bert_jax.models import flash_attention as flash
 
 from attention_reference import einsum_attention
+import program_parts
 
 # Two float32 orderings of the same softmax(q k^T) v: measured <= 1.5e-6 here.
 F32_ATOL = 2e-5
@@ -94,14 +94,8 @@ def test_the_model_hands_the_kernel_its_qkv_projection_uncopied(tiny_config):
   loss = lambda p: jnp.sum(module.apply({"params": p}, jnp.ones((2, 11), jnp.int32)).sequence_output)  # noqa: E731
   jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
 
-  def equations(jaxpr):
-    for eqn in jaxpr.eqns:
-      yield eqn
-      for sub in jax_core.jaxprs_in_params(eqn.params):
-        yield from equations(sub)
-
   stacked = lambda v: v.aval.ndim == 5 and v.aval.shape[2] == 3  # noqa: E731
-  eqns = list(equations(jaxpr.jaxpr))
+  eqns = list(program_parts.all_eqns(jaxpr.jaxpr))
   # A copy along the stacked axis makes or unmakes it; the kernels' padding of the sequence and the head
   # (11 tokens to 16, heads of 8 to 16) and its gradient's slice keep it.
   copies = [e.primitive.name for e in eqns if e.primitive.name in ("slice", "concatenate", "split", "gather",

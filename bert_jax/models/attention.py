@@ -132,15 +132,15 @@ class BertSelfAttention(nn.Module):
     rate = 0.0 if deterministic else c.attention_probs_dropout_prob
     attend = lambda qkv, bias, key_valid, words=None: flash_attention.flash_attention_qkv(  # noqa: E731
         qkv, key_valid, words, bias=bias, dropout_rate=rate)
-    stacked_axes = (axes.ACT_BATCH, axes.ACT_LENGTH, None, axes.HEADS, axes.KV)
-    projected = ((qkv, bias), (stacked_axes, (None, axes.HEADS, axes.KV)))
+    projected_axes = ((axes.ACT_BATCH, axes.ACT_LENGTH, None, axes.HEADS, axes.KV), (None, axes.HEADS, axes.KV))
     if not rate:
-      return self._on_shards(attend, *projected, attention_mask)
+      return self._on_shards(attend, (qkv, bias), projected_axes, attention_mask)
     # Each (sequence, head) keys the kernels' dropout hash with two words, the words the einsum path's
     # `Dropout` draws (the same submodule name and shape): the same mask. Split with the heads, the
     # mask does not depend on the mesh either.
     words = dropout_lib.Dropout(rate).words((qkv.shape[0], c.num_attention_heads))
-    return self._on_shards(attend, *projected, attention_mask, words, (axes.ACT_BATCH, axes.HEADS, None))
+    return self._on_shards(attend, (qkv, bias), projected_axes, attention_mask, words,
+                           (axes.ACT_BATCH, axes.HEADS, None))
 
   def _cpu_fused_attention(self, query, key, value, attention_mask, deterministic: bool):
     c = self.config

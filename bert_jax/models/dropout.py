@@ -67,13 +67,20 @@ def keep(first_word, second_word, row_positions, col_positions, cols: int, thres
   return lax.shift_right_logical(bits, np.int32(32 - DROPOUT_BITS)) >= threshold
 
 
-def keep_mask(words: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
-  """bool `[*shape]`: the elements dropout at `rate` keeps, from `words` int32 `[*shape[:-2], 2]`
-  (`slice_words`). An array of under two axes is one row."""
+def slice_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+  """`(rows, cols)` of the slices whose positions the hash numbers, in a mask of `shape` (an array of
+  under two axes is one row); refused when a slice holds 2**31 elements or more (int32 positions)."""
   rows, cols = ((1,) * 2 + tuple(shape))[-2:]
   if rows * cols >= 2**31:
     raise ValueError(f"Dropout hashes positions within each [rows, cols] = [{rows}, {cols}] slice of its "
                      f"input {tuple(shape)}, which must hold under 2**31 elements: split the input.")
+  return rows, cols
+
+
+def keep_mask(words: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+  """bool `[*shape]`: the elements dropout at `rate` keeps, from `words` int32 `[*shape[:-2], 2]`
+  (`slice_words`). An array of under two axes is one row."""
+  rows, cols = slice_shape(shape)
   words = words[..., None, None, :]
   kept = keep(words[..., 0], words[..., 1], jnp.arange(rows, dtype=jnp.int32), jnp.arange(cols, dtype=jnp.int32),
               cols, drop_threshold(rate))

@@ -33,12 +33,12 @@ from bert_jax.models import hopper_matmul
 # 'mosaic_pingpong': our ping-pong kernel, 128 x 128 blocks per warpgroup, which overlaps one warpgroup's
 # epilogue with the other's products: 3 stages with 1 slot forward, 2 with 2 backward (what fits).
 # No spills in any of the four (scripts/mosaic_ptxas.py); which is faster waits for a GPU's bench_matmul rows.
-_BLOCKS = dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="M", grid_tile_width=8)
+BLOCKS = dict(tile_m=128, tile_n=128, tile_k=64, grid_minor_dim="M", grid_tile_width=8)
 KERNELS = {
-    "mosaic": (dict(schedule="cooperative", out_slots=2, tiling=dict(_BLOCKS, max_concurrent_steps=3)),
-               dict(schedule="cooperative", out_slots=1, tiling=dict(_BLOCKS, max_concurrent_steps=3))),
-    "mosaic_pingpong": (dict(schedule="pingpong", out_slots=1, tiling=dict(_BLOCKS, max_concurrent_steps=3)),
-                        dict(schedule="pingpong", out_slots=2, tiling=dict(_BLOCKS, max_concurrent_steps=2))),
+    "mosaic": (dict(schedule="cooperative", out_slots=2, tiling=dict(BLOCKS, max_concurrent_steps=3)),
+               dict(schedule="cooperative", out_slots=1, tiling=dict(BLOCKS, max_concurrent_steps=3))),
+    "mosaic_pingpong": (dict(schedule="pingpong", out_slots=1, tiling=dict(BLOCKS, max_concurrent_steps=3)),
+                        dict(schedule="pingpong", out_slots=2, tiling=dict(BLOCKS, max_concurrent_steps=2))),
 }
 
 

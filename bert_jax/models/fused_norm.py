@@ -243,8 +243,8 @@ def add_dropout_layer_norm(h: jax.Array, bias: jax.Array, words: jax.Array | Non
   `h` and `residual` `[..., rows, hidden]` in the compute dtype, `bias` `[hidden]` in the same; `words`
   int32 `[..., 2]` (`h.shape[:-2]`: `Dropout.words`), which key the dropout's mask
   `dropout.keep_mask(words, h.shape, rate)` (kept elements scaled by `1 / (1 - rate)`); with `rate`
-  0 there is no dropout and `words` may be None; `scale` and `offset` `[hidden]`, the norm's parameters in their own
-  dtype. `interpret`: see `interprets`.
+  0 there is no dropout and `words` may be None; `scale` and `offset` `[hidden]`, the norm's
+  parameters in their own dtype. `interpret`: see `interprets`.
   """
   hidden = h.shape[-1:]
   if residual.shape != h.shape or residual.dtype != h.dtype or bias.dtype != h.dtype:
@@ -263,10 +263,7 @@ def add_dropout_layer_norm(h: jax.Array, bias: jax.Array, words: jax.Array | Non
       raise ValueError(f"add_dropout_layer_norm's dropout words are int32 [*h.shape[:-2], 2] = "
                        f"{list(h.shape[:-2]) + [2]} (Dropout.words), one pair per [rows, hidden] slice of h "
                        f"{list(h.shape)}; got {list(words.shape)}.")
-    rows, cols = h.shape[-2:]
-    if rows * cols >= 2**31:
-      raise ValueError(f"Dropout hashes positions within each [rows, hidden] = [{rows}, {cols}] slice of h, which "
-                       f"must hold under 2**31 elements: split the input.")
+    rows, _ = dropout_lib.slice_shape(h.shape)
     # The plain path divides by `1 - rate` rounded to the compute dtype (bfloat16: 0.8984375 for 0.9).
     drop = _Dropout(dropout_lib.drop_threshold(rate), rows, float(np.asarray(1.0 - rate, h.dtype)))
     words = words.astype(jnp.int32)
