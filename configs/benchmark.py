@@ -11,7 +11,8 @@ vs cut to length buckets).
 
 The model's speed switches are `config.model` fields like any other, e.g.
 `--config.model.attention_impl=dot_product --config.model.attention_probs_dropout_prob=0`,
-`--config.model.layer_norm_impl=xla`, `--config.model.remat_policy=dots`, `--config.model.scan_layers=True`,
+`--config.model.layer_norm_impl=xla` (or `cpu_fused` on a CPU: our C++ add & norm),
+`--config.model.remat_policy=dots`, `--config.model.scan_layers=True`,
 `--config.model.stack_layers=True` (the layers' parameters stacked, the layers unrolled),
 `--config.model.prune_last_layer=False` (on by default: the last layer computes only the rows the heads
 read, which PyTorch's `BertForSequenceClassification` does not do; off, both compute every row),

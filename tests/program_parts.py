@@ -1,5 +1,6 @@
 """Helpers the model tests share: the equations of a traced program, a gradient tree as one vector, and
-the train step's classification loss with its gradients on a small padded batch."""
+the train step's classification loss with its gradients on a small padded batch (and two float32 models'
+compared)."""
 
 import jax
 import numpy as np
@@ -33,3 +34,13 @@ def classification_loss_and_grads(module, params, deterministic: bool):
            "weights": np.ones((3,), np.float32)}
   loss = lambda p: steps.classification_loss(module, p, batch, jax.random.key(5), deterministic)[0]  # noqa: E731
   return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def assert_same_loss_and_grads(module, plain, params, deterministic: bool):
+  """`module`'s classification loss and gradients (`classification_loss_and_grads`) against `plain`'s, both
+  float32: a kernel's sums in another order agree to rounding."""
+  value, grads = classification_loss_and_grads(module, params, deterministic)
+  plain_value, plain_grads = classification_loss_and_grads(plain, params, deterministic)
+  np.testing.assert_allclose(value, plain_value, rtol=1e-5)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(plain_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))

@@ -19,6 +19,7 @@ import numpy as np
 from bert_jax import partitioning
 from bert_jax.models import attention, axes
 from bert_jax.models import config as config_lib
+from bert_jax.models import cpu_add_norm
 from bert_jax.models import dropout as dropout_lib
 from bert_jax.models import feed_forward
 from bert_jax.models import fused_norm
@@ -129,14 +130,20 @@ class BertEmbeddings(nn.Module):
 def resolve_layer_norm_impl(config: config_lib.BertConfig) -> str:
   """The add & norm `config.layer_norm_impl` names; 'auto' is decided here, where the model is traced:
   the Pallas kernel when JAX's default backend is a GPU (a BERT-base pretraining step 4-5% faster
-  on an H200, docs/performance.md), else XLA's passes. 'pallas' on a TPU is refused: its kernel is
-  written for Triton, and Pallas's interpreter would run it at a fraction of XLA's speed."""
+  on an H200, docs/performance.md), else XLA's passes. On a CPU, 'cpu_fused' (our C++ kernel) is
+  opt-in: MiniLM's eval and pretraining steps ran 3-7% faster with it, its fine-tuning step no faster
+  (docs/performance.md, "twentieth"). A kernel this backend cannot run is refused: 'pallas' on a TPU
+  (its kernel is written for Triton, and Pallas's interpreter would run it at a fraction of XLA's
+  speed), 'cpu_fused' off a CPU."""
   backend = jax.default_backend()
   if config.layer_norm_impl == "auto":
     return "pallas" if backend == "gpu" else "xla"
   if config.layer_norm_impl == "pallas" and backend not in ("gpu", "cpu"):
     raise ValueError(f"BertConfig.layer_norm_impl='pallas' is a Triton kernel for GPUs; this is {backend!r}. "
                      "Use --config.model.layer_norm_impl=xla (or auto).")
+  if config.layer_norm_impl == "cpu_fused" and backend != "cpu":
+    raise ValueError(f"BertConfig.layer_norm_impl='cpu_fused' is a kernel for XLA:CPU; this is {backend!r}. "
+                     "Use --config.model.layer_norm_impl=auto (or xla).")
   return config.layer_norm_impl
 
 
@@ -213,34 +220,40 @@ def add_norm(config: config_lib.BertConfig, dropout: dropout_lib.Dropout, residu
   `y` is a projection without its bias (`Projection.unbiased`). Both implementations draw the same
   dropout mask from `dropout` and name their parameters as `nn.LayerNorm` does (`name/scale`, `name/bias`).
   """
-  if resolve_layer_norm_impl(config) == "xla":
+  impl = resolve_layer_norm_impl(config)
+  if impl == "xla":
     return layer_norm(config, name)(residual + dropout(add_bias(y, bias), deterministic=deterministic))
   rate = 0.0 if deterministic else dropout.rate
-  # The kernels hash the mask from the words that `dropout.keep_mask(y.shape)` would: the same mask.
-  words = dropout.words(y.shape[:-2]) if rate else None
-  return FusedAddNorm(config, name=name)(y, bias, words, residual, rate)
+  if impl == "cpu_fused":  # the kernel takes the mask `dropout` draws for the XLA path
+    mask = dropout.keep_mask(y.shape) if rate else None
+  else:  # the Pallas kernels hash the mask from the words that `dropout.keep_mask(y.shape)` would: the same mask
+    mask = dropout.words(y.shape[:-2]) if rate else None
+  return FusedAddNorm(config, impl, name=name)(y, bias, mask, residual, rate)
 
 
 class FusedAddNorm(nn.Module):
-  """`LayerNorm(residual + dropout(y + bias))` in one Pallas kernel (`fused_norm`), with `nn.LayerNorm`'s parameters."""
+  """`LayerNorm(residual + dropout(y + bias))` in one kernel forward and one backward, with `nn.LayerNorm`'s
+  parameters: Pallas's (`fused_norm`, impl 'pallas') or our C++ kernel for XLA:CPU (`cpu_add_norm`, 'cpu_fused')."""
   config: config_lib.BertConfig
+  impl: str
 
   @nn.compact
-  def __call__(self, y, bias, words, residual, rate: float):
-    """`y`, `residual` `[batch, seq, hidden]`, `bias` `[hidden]`, `words` int32 `[batch, 2]` (the dropout's,
-    `Dropout.words`) or None."""
+  def __call__(self, y, bias, mask, residual, rate: float):
+    """`y`, `residual` `[batch, seq, hidden]`, `bias` `[hidden]`; `mask` None without dropout, else for
+    'pallas' the dropout's words int32 `[batch, 2]` (`Dropout.words`), for 'cpu_fused' its keep mask
+    bool `[batch, seq, hidden]` (`Dropout.keep_mask`)."""
     c = self.config
     scale = self.param("scale", _norm_scale_init(), y.shape[-1:], c.parameter_dtype)
     offset = self.param("bias", zeros_init(axes.EMBED), y.shape[-1:], c.parameter_dtype)
+    kernel = fused_norm.add_dropout_layer_norm if self.impl == "pallas" else cpu_add_norm.add_dropout_layer_norm
 
-    def norm(y, residual, bias, scale, offset, words=None):
-      return fused_norm.add_dropout_layer_norm(y, bias, words, residual, scale, offset, rate=rate,
-                                               eps=c.layer_norm_eps)
+    def norm(y, residual, bias, scale, offset, mask=None):
+      return kernel(y, bias, mask, residual, scale, offset, rate=rate, eps=c.layer_norm_eps)
 
     rows = (axes.ACT_BATCH, axes.ACT_LENGTH, None)  # whole rows on each device: a layer norm reduces over hidden
     inputs, in_axes = (y, residual, bias, scale, offset), (rows, rows, None, None, None)
-    if words is not None:  # one pair per sequence: split with the batch
-      inputs, in_axes = inputs + (words,), in_axes + ((axes.ACT_BATCH, None),)
+    if mask is not None:  # words: one pair per sequence, split with the batch; a keep mask: like y
+      inputs, in_axes = inputs + (mask,), in_axes + ((axes.ACT_BATCH, None) if self.impl == "pallas" else rows,)
     return partitioning.map_over_shards(norm, inputs, in_axes, rows)
 
 

@@ -28,10 +28,10 @@ ATTENTION_DROPOUT_IMPLS = ("einsum", "pallas", "cpu_fused", "auto")
 # outputs of the weight matmuls (see `bert.REMAT_POLICIES`).
 REMAT_POLICIES = ("none", "full", "dots")
 # How each layer's "add & norm" (`LayerNorm(residual + dropout(h + bias))`) is computed: XLA's
-# passes, or one Pallas (Triton) kernel forward and one backward (`fused_norm`: GPUs; on a CPU
-# Pallas's interpreter runs it, slowly, for tests). 'auto': 'pallas' on a GPU, else 'xla'
-# (`bert.resolve_layer_norm_impl`).
-LAYER_NORM_IMPLS = ("xla", "pallas", "auto")
+# passes, one Pallas (Triton) kernel forward and one backward (`fused_norm`: GPUs; on a CPU
+# Pallas's interpreter runs it, slowly, for tests), or our C++ kernels for XLA:CPU (`cpu_add_norm`,
+# computing in float32; opt-in). 'auto': 'pallas' on a GPU, else 'xla' (`bert.resolve_layer_norm_impl`).
+LAYER_NORM_IMPLS = ("xla", "pallas", "cpu_fused", "auto")
 # How the feed-forward, `gelu(x @ W_in + b_in) @ W_out`, is computed: XLA's matmuls and passes, or with the
 # GELU forward and backward inside Mosaic GPU matmul kernels of ours (`feed_forward`: Hopper GPUs, H100 and
 # H200; on a CPU Mosaic GPU's interpreter runs them, slowly, for tests), jax's cooperative schedule

@@ -4,7 +4,7 @@
 // batched matmuls, transposes, the mask, two reductions, exp, dropout), each a trip through memory.
 // Here a task takes one sequence's heads; each head's scores stay in cache and are never written
 // out, and the backward pass recomputes them from the saved log-sum-exp, as flash attention does.
-// Built by cpu_attention.py on first use; see docs/performance.md for its speed.
+// Built by cpu_attention.py (`cpu_build`) on first use, with cpu_kernels.h; see docs/performance.md for its speed.
 //
 // Layouts (row-major): q, k, v, context and their gradients [batch, seq, heads, head_dim], the
 // projections' own layout (no transposes); key_valid uint8 [batch, seq] (1: a real token); keep uint8
@@ -16,32 +16,30 @@
 // of values.
 
 #include <algorithm>
-#include <atomic>
 #include <cfloat>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kV = 16;       // floats per vector (GCC vector extension: AVX-512, or split by the compiler)
+using bert_jax::Broadcast;
+using bert_jax::ivec;
+using bert_jax::kV;
+using bert_jax::Load;
+using bert_jax::ParallelFor;
+using bert_jax::Store;
+using bert_jax::vec;
+
 constexpr int kRows = 12;    // rows per register tile: 12 x 2 accumulators fit AVX-512's 32 registers
 constexpr int kCols = 2 * kV;  // columns per register tile
 
-typedef float vec __attribute__((vector_size(64), aligned(4)));
-typedef int32_t ivec __attribute__((vector_size(64), aligned(4)));
-
-inline vec Load(const float* p) { return *reinterpret_cast<const vec*>(p); }
-inline void Store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
-inline vec Broadcast(float x) { return vec{} + x; }
 inline int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // e^x (Cephes' polynomial on [-ln2/2, ln2/2] times 2^n), within 2 ulp of expf on [-87.3, 88];
@@ -120,36 +118,6 @@ void MatMul(const float* a, int64_t row_stride, int64_t col_stride, int64_t rows
         out[(i0 + r) * ldo + c] = sum;
       }
   }
-}
-
-// Runs body(i) for i in [0, n) on XLA's intra-op thread pool and the calling thread; returns when all are done.
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  // A helper that starts after all items are taken touches only `state` (shared), never `body`.
-  auto work = [state, n, &body]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      body(i);
-      if (state->done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
-  for (int64_t t = 0; t < helpers; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
 
 struct Dims {

@@ -1,96 +1,33 @@
 """Fused attention on XLA:CPU (`attention_impl='cpu_fused'`): a C++ kernel called through XLA's FFI.
 
-Owns: building `cpu_attention.cc` on first use (the C++ compiler `$CXX`, else `c++`; cached by
-source, compiler and processor under `$BERT_JAX_KERNEL_CACHE`, else `~/.cache/bert_jax`, else a temp
-dir), registering it with XLA, and its custom VJP. The kernel computes what `attention.py`'s einsum
-attention does, dropout mask included (the mask is drawn by the model and passed in), in float32.
-On a 2-core Xeon one MiniLM-size layer's attention took 12 ms forward against XLA's 45, and 36-39 ms
-forward and backward with dropout against 88-113 (docs/performance.md).
+Owns: `cpu_attention.cc` (built on first use by `cpu_build`), registering it with XLA, and its custom
+VJP. The kernel computes what `attention.py`'s einsum attention does, dropout mask included (the mask
+is drawn by the model and passed in), in float32. On a 2-core Xeon one MiniLM-size layer's attention
+took 12 ms forward against XLA's 45, and 36-39 ms forward and backward with dropout against 88-113
+(docs/performance.md).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
 import pathlib
-import platform
-import shlex
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from absl import logging
 
-SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
+from bert_jax.models import cpu_build
+
+KERNEL = cpu_build.Kernel(source=pathlib.Path(__file__).with_name("cpu_attention.cc"), name="cpu_fused attention",
+                          setting="attention_impl", fallback="einsum")
 _FORWARD, _BACKWARD = "bert_jax_attention_forward", "bert_jax_attention_backward"
-
-
-def _processor() -> str:
-  """The processor's identity for the build cache: `-march=native` code runs only where it was built."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      lines = [line for line in f if line.startswith(("model name", "flags"))]
-    return "".join(sorted(set(lines)))
-  except OSError:
-    return platform.processor() or platform.machine()
-
-
-def _cache_dirs() -> list[pathlib.Path]:
-  if os.environ.get("BERT_JAX_KERNEL_CACHE"):
-    return [pathlib.Path(os.environ["BERT_JAX_KERNEL_CACHE"])]
-  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return [pathlib.Path(xdg) / "bert_jax", pathlib.Path(tempfile.gettempdir()) / f"bert_jax-{os.getuid()}"]
-
-
-def _private_dir(path: pathlib.Path) -> None:
-  """Creates `path` (mode 0700) or checks that it is ours and not writable by others: we load code from it."""
-  path.mkdir(mode=0o700, parents=True, exist_ok=True)
-  info = path.stat()
-  if info.st_uid != os.getuid() or info.st_mode & 0o022:
-    raise OSError(f"{path} belongs to another user or is writable by others")
 
 
 def build(compiler: str | None = None) -> pathlib.Path:
   """The compiled kernel library (built now unless a cached build of this source exists)."""
-  compiler = compiler or os.environ.get("CXX", "c++")
-  command = shlex.split(compiler) + ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-                                     f"-I{jax.ffi.include_dir()}", str(SOURCE)]
-  identity = [SOURCE.read_text(), " ".join(command), _processor(), jaxlib.__version__]
-  key = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
-  errors = []
-  for cache in _cache_dirs():
-    library = cache / f"cpu_attention-{key}.so"
-    try:
-      _private_dir(cache)
-      if library.exists():
-        return library
-      partial = tempfile.NamedTemporaryFile(dir=cache, suffix=".so.partial", delete=False)
-      partial.close()
-    except OSError as e:
-      errors.append(f"{cache}: {e}")
-      continue
-    try:
-      result = subprocess.run(command + ["-o", partial.name], capture_output=True, text=True)
-      if result.returncode:
-        raise RuntimeError(f"Building the cpu_fused attention kernel failed ({' '.join(command)}):\n"
-                           f"{result.stderr[-4000:]}\nUse --config.model.attention_impl=einsum meanwhile.")
-      os.replace(partial.name, library)  # atomic: a concurrent build of the same key writes the same bytes
-      return library
-    except OSError as e:  # no such compiler, or not executable
-      raise RuntimeError(
-          f"attention_impl='cpu_fused' compiles its kernel with a C++17 compiler, and {compiler!r} could not be "
-          f"run ({e.strerror or e}): install one (e.g. apt install g++), point $CXX at it, or use "
-          "--config.model.attention_impl=einsum.") from None
-    finally:
-      if os.path.exists(partial.name):
-        os.unlink(partial.name)
-  raise RuntimeError(f"No usable cache for the cpu_fused attention kernel ({'; '.join(errors)}): set "
-                     "$BERT_JAX_KERNEL_CACHE to a directory of yours that only you can write.")
+  return cpu_build.build(KERNEL, compiler)
 
 
 @functools.cache
