@@ -25,7 +25,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # checkpoint's value (or BertConfig's default when training from random init).
   # attention_impl 'auto': our fused C++ attention kernel on a CPU (computing in float32), our Pallas
   # flash attention on a GPU in bf16 (--config.model.dtype=bfloat16), else einsums; all with dropout;
-  # layer_norm_impl 'auto': the add & norm in one Pallas kernel on a GPU, else XLA's;
+  # layer_norm_impl 'auto': the add & norm in one Pallas kernel on a GPU, in one C++ kernel on a CPU in
+  # float32, else XLA's;
   # feed_forward_impl 'xla' (a checkpoint trained with 'mosaic' evaluates anywhere; not yet timed);
   # prune_last_layer: the last layer computes [CLS] only, all the classifier reads (configs/common.py).
   config.model = common.model_overrides(num_labels=2, attention_impl="auto", layer_norm_impl="auto",

@@ -24,10 +24,11 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   # None keeps BertConfig's default (bert-base) or the checkpoint's. attention_impl 'auto': our fused
   # C++ attention kernel on a CPU (it computes in float32), our Pallas flash attention on a GPU in
-  # bf16, else the einsums (each with attention dropout); layer_norm_impl 'auto':
-  # the add & norm in one Pallas kernel on a GPU, else XLA's; feed_forward_impl 'xla' (a checkpoint
-  # trained with 'mosaic' evaluates anywhere; not yet timed); prune_last_layer: the last layer
-  # computes only [CLS] and the masked positions, all the heads read (configs/common.py).
+  # bf16, else the einsums (each with attention dropout); layer_norm_impl 'auto': the add & norm
+  # in one Pallas kernel on a GPU, in one C++ kernel on a CPU in float32, else XLA's;
+  # feed_forward_impl 'xla' (a checkpoint trained with 'mosaic' evaluates anywhere; not yet timed);
+  # prune_last_layer: the last layer computes only [CLS] and the masked positions, all the heads
+  # read (configs/common.py).
   config.model = common.model_overrides(attention_impl="auto", layer_norm_impl="auto", feed_forward_impl="xla",
                                         prune_last_layer=common.PRUNE_LAST_LAYER)
 

@@ -9,6 +9,7 @@ from bert_jax import hf
 from bert_jax import models
 from bert_jax.models import bert
 from bert_jax.models import cpu_add_norm
+from bert_jax.models import cpu_build
 from bert_jax.models import dropout as dropout_lib
 
 import program_parts
@@ -96,12 +97,27 @@ def test_a_bf16_model_runs_the_kernel_in_float32(tiny_config):
                              atol=0.05, rtol=0)
 
 
-def test_auto_keeps_xla_on_a_cpu_and_cpu_fused_is_refused_elsewhere(tiny_config, monkeypatch):
-  assert bert.resolve_layer_norm_impl(tiny_config.replace(layer_norm_impl="auto")) == "xla"
-  assert bert.resolve_layer_norm_impl(tiny_config.replace(layer_norm_impl="cpu_fused")) == "cpu_fused"
+def test_auto_takes_the_kernel_on_a_cpu_in_float32_and_cpu_fused_is_refused_elsewhere(tiny_config, monkeypatch):
+  auto = tiny_config.replace(layer_norm_impl="auto")
+  assert bert.resolve_layer_norm_impl(auto) == "cpu_fused"
+  assert "add & norm cpu_fused (layer_norm_impl='auto')" in models.describe_kernels(auto)
+  assert bert.resolve_layer_norm_impl(auto.replace(dtype="bfloat16")) == "xla"  # the kernel would widen it
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   with pytest.raises(ValueError, match="kernel for XLA:CPU.*layer_norm_impl=auto"):
     bert.resolve_layer_norm_impl(tiny_config.replace(layer_norm_impl="cpu_fused"))
+
+
+def test_auto_falls_back_to_xla_when_the_kernel_cannot_be_built(tiny_config, tmp_path, monkeypatch, caplog):
+  # A real failed build (no compiler, empty cache), not the cached registration of this process.
+  monkeypatch.setenv("BERT_JAX_KERNEL_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", "/no/such/c++")
+  monkeypatch.setattr(cpu_add_norm, "_register", lambda: cpu_build.build(cpu_add_norm.KERNEL))
+  cpu_add_norm.available.cache_clear()
+  try:
+    assert bert.resolve_layer_norm_impl(tiny_config.replace(layer_norm_impl="auto")) == "xla"
+  finally:
+    cpu_add_norm.available.cache_clear()
+  assert "layer_norm_impl='auto' uses xla" in caplog.text and "layer_norm_impl=xla" in caplog.text
 
 
 def test_inputs_of_other_shapes_are_refused_before_the_kernel_reads_them():

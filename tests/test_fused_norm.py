@@ -152,9 +152,9 @@ def test_the_model_hands_the_kernels_dropout_words_not_masks(tiny_config):
     assert not any(a.dtype in (jnp.bool_, jnp.uint8) for a in avals), name
 
 
-def test_auto_takes_the_kernel_on_a_gpu_only(tiny_config, monkeypatch):
+def test_auto_takes_the_pallas_kernel_on_a_gpu_only(tiny_config, monkeypatch):
   config = tiny_config.replace(layer_norm_impl="auto")
-  assert models.resolve_layer_norm_impl(config) == "xla"  # this CPU
+  assert models.resolve_layer_norm_impl(config) == "cpu_fused"  # this CPU: the C++ kernel (test_cpu_add_norm)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert models.resolve_layer_norm_impl(config) == "pallas"
   assert "add & norm pallas (layer_norm_impl='auto')" in models.describe_kernels(config)

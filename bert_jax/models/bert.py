@@ -130,14 +130,18 @@ class BertEmbeddings(nn.Module):
 def resolve_layer_norm_impl(config: config_lib.BertConfig) -> str:
   """The add & norm `config.layer_norm_impl` names; 'auto' is decided here, where the model is traced:
   the Pallas kernel when JAX's default backend is a GPU (a BERT-base pretraining step 4-5% faster
-  on an H200, docs/performance.md), else XLA's passes. On a CPU, 'cpu_fused' (our C++ kernel) is
-  opt-in: MiniLM's eval and pretraining steps ran 3-7% faster with it, its fine-tuning step no faster
-  (docs/performance.md, "twentieth"). A kernel this backend cannot run is refused: 'pallas' on a TPU
-  (its kernel is written for Triton, and Pallas's interpreter would run it at a fraction of XLA's
-  speed), 'cpu_fused' off a CPU."""
+  on an H200, docs/performance.md), our C++ kernel on a CPU in float32 (MiniLM's train steps 7-9%
+  and eval steps 3-4% faster on a 2-core Xeon, "twentieth") unless it cannot be built or loaded
+  (logged), else XLA's passes. A kernel this backend cannot run is refused: 'pallas' on a TPU (its
+  kernel is written for Triton, and Pallas's interpreter would run it at a fraction of XLA's speed),
+  'cpu_fused' off a CPU."""
   backend = jax.default_backend()
   if config.layer_norm_impl == "auto":
-    return "pallas" if backend == "gpu" else "xla"
+    if backend == "gpu":
+      return "pallas"
+    if backend == "cpu" and config.dtype == "float32" and cpu_add_norm.available():
+      return "cpu_fused"
+    return "xla"
   if config.layer_norm_impl == "pallas" and backend not in ("gpu", "cpu"):
     raise ValueError(f"BertConfig.layer_norm_impl='pallas' is a Triton kernel for GPUs; this is {backend!r}. "
                      "Use --config.model.layer_norm_impl=xla (or auto).")

@@ -30,7 +30,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 # How each layer's "add & norm" (`LayerNorm(residual + dropout(h + bias))`) is computed: XLA's
 # passes, one Pallas (Triton) kernel forward and one backward (`fused_norm`: GPUs; on a CPU
 # Pallas's interpreter runs it, slowly, for tests), or our C++ kernels for XLA:CPU (`cpu_add_norm`,
-# computing in float32; opt-in). 'auto': 'pallas' on a GPU, else 'xla' (`bert.resolve_layer_norm_impl`).
+# computing in float32). 'auto': 'pallas' on a GPU, 'cpu_fused' on a CPU in float32 when its kernel
+# builds, else 'xla' (`bert.resolve_layer_norm_impl`).
 LAYER_NORM_IMPLS = ("xla", "pallas", "cpu_fused", "auto")
 # How the feed-forward, `gelu(x @ W_in + b_in) @ W_out`, is computed: XLA's matmuls and passes, or with the
 # GELU forward and backward inside Mosaic GPU matmul kernels of ours (`feed_forward`: Hopper GPUs, H100 and

@@ -15,6 +15,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from bert_jax.models import cpu_build
 
@@ -28,6 +29,17 @@ def _register() -> None:
   library = ctypes.cdll.LoadLibrary(str(cpu_build.build(KERNEL)))
   jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.BertJaxAddNormForward), platform="cpu")
   jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(library.BertJaxAddNormBackward), platform="cpu")
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel builds (or is cached) and loads here; if not, logs why, once per process."""
+  try:
+    _register()
+  except (RuntimeError, OSError) as e:  # no compiler, a failed build, or a library that will not load
+    logging.warning("The cpu_fused add & norm kernel is unavailable, so layer_norm_impl='auto' uses xla: %s", e)
+    return False
+  return True
 
 
 def _forward(y, bias, residual, keep, scale, offset, eps, keep_prob):
