@@ -193,6 +193,8 @@ def eight_devices(tmp_path_factory):
     kernel_on_mesh_and_pmap("pallas attention", attention_impl="pallas")  # no attention dropout: MODEL has none
     flash_dropout = kernel_with_dropout_vs_plain("attention_impl", "einsum", "pallas", attention_probs_dropout_prob=0.1)
     hidden_dropout = kernel_with_dropout_vs_plain("layer_norm_impl", "xla", "pallas", hidden_dropout_prob=0.1)
+    kernel_on_mesh_and_pmap("cpu_fused add & norm", layer_norm_impl="cpu_fused")
+    cpu_hidden_dropout = kernel_with_dropout_vs_plain("layer_norm_impl", "xla", "cpu_fused", hidden_dropout_prob=0.1)
     # bf16's CPU matmuls (a custom VJP whose backward stores transposes row by row) on a 2x2x2 mesh:
     # their gradients against the same model's on 1 device.
     bf16_module = models.BertForSequenceClassification(module.config.replace(dtype="bfloat16"))
@@ -224,7 +226,8 @@ def eight_devices(tmp_path_factory):
         back = partitioning.unreplicate(partitioning.replicate(restored), shardings)
         restores[name]["round_trip_max_diff"] = max_diff(back, saved)
     print(json.dumps({"steps": steps_out, "restores": restores, "attention_dropout": attention_dropout,
-                      "hidden_dropout": hidden_dropout, "bf16_grads": bf16_grads, "flash_dropout": flash_dropout,
+                      "hidden_dropout": hidden_dropout, "cpu_hidden_dropout": cpu_hidden_dropout,
+                      "bf16_grads": bf16_grads, "flash_dropout": flash_dropout,
                       "stacked_layers": stacked_layers}))
   """), str(directory))
 
@@ -262,6 +265,13 @@ def test_pallas_add_norm_with_dropout_on_a_mesh_matches_xla(eight_devices):
   # Hidden dropout 0.1 on a 2x2x2 mesh: the kernel under shard_map gets each device's shard of the
   # same keep masks as XLA's add & norm, and its parameter gradients are summed over the shards.
   got = eight_devices[1]["hidden_dropout"]
+  assert got["loss_diff"] < 1e-5 and got["max_param_diff"] < 1e-6, got
+
+
+@pytest.mark.slow
+def test_cpu_fused_add_norm_with_dropout_on_a_mesh_matches_xla(eight_devices):
+  # The same for the C++ add & norm: each device's shard of the model's keep masks, its gradients summed.
+  got = eight_devices[1]["cpu_hidden_dropout"]
   assert got["loss_diff"] < 1e-5 and got["max_param_diff"] < 1e-6, got
 
 

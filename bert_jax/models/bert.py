@@ -130,8 +130,8 @@ class BertEmbeddings(nn.Module):
 def resolve_layer_norm_impl(config: config_lib.BertConfig) -> str:
   """The add & norm `config.layer_norm_impl` names; 'auto' is decided here, where the model is traced:
   the Pallas kernel when JAX's default backend is a GPU (a BERT-base pretraining step 4-5% faster
-  on an H200, docs/performance.md), our C++ kernel on a CPU in float32 (MiniLM's train steps 7-9%
-  and eval steps 3-4% faster on a 2-core Xeon, "twentieth") unless it cannot be built or loaded
+  on an H200, docs/performance.md), our C++ kernel on a CPU in float32 (MiniLM's train and eval
+  steps about 4% faster on a 2-core Xeon, "twentieth") unless it cannot be built or loaded
   (logged), else XLA's passes. A kernel this backend cannot run is refused: 'pallas' on a TPU (its
   kernel is written for Triton, and Pallas's interpreter would run it at a fraction of XLA's speed),
   'cpu_fused' off a CPU."""

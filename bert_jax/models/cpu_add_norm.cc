@@ -5,12 +5,15 @@
 // the normalisation) and more backward, each a trip through memory. Here each row is read once,
 // stays in cache while its statistics and output are computed, and is written once; the backward
 // pass recomputes the normalised row from the saved mean and reciprocal standard deviation.
-// Built by cpu_add_norm.py (`cpu_build`) on first use, with cpu_kernels.h; see docs/performance.md.
+// Built by cpu_add_norm.py (`cpu_build`) on first use, with cpu_kernels.h; its speed: docs/performance.md,
+// "twentieth".
 //
 // Layouts (row-major): y, residual, out and their gradients [rows, hidden]; bias, scale, offset and
-// theirs [hidden]; keep uint8 [rows, hidden] (dropout's keep mask; [1] when there is no dropout);
-// mean and rstd float32 [rows]. The variance is the mean of squared deviations from the mean (two
-// passes over the row in cache), as `nn.LayerNorm` computes it to rounding.
+// theirs [hidden]; keep uint8 [rows, hidden] (dropout's keep mask; [1] when there is no dropout: the
+// mask's rank, not the keep probability, says which); mean and rstd float32 [rows]. The variance is
+// the mean of squared deviations from the mean (two passes over the row in cache). `nn.LayerNorm`
+// (the XLA path) takes E[x^2] - E[x]^2, which agrees to rounding unless a row's mean is far larger
+// than its spread, where it loses digits that this keeps.
 //
 // The column sums of the backward pass (the gradients of bias, scale and offset) are summed per
 // fixed block of rows and then across blocks in block order: the same result whatever the threads do.
@@ -80,15 +83,25 @@ Shape GetShape(const ffi::Buffer<ffi::F32>& y) {
   return d.size() == 2 ? Shape{d[0], d[1]} : Shape{-1, -1};
 }
 
-// Every input's shape against y's (cpu_add_norm.py checks them too; this guards other callers).
-bool ShapesFit(const Shape& s, const ffi::Buffer<ffi::F32>& bias, const ffi::Buffer<ffi::F32>& residual,
+// Whether each buffer (argument or result) is [rows, hidden], [rows] or [hidden] as its role says:
+// cpu_add_norm.py checks its inputs too; this guards other callers.
+template <typename Buffer>
+bool IsMatrix(const Shape& s, const Buffer& b) {
+  auto d = b.dimensions();
+  return d.size() == 2 && d[0] == s.rows && d[1] == s.hidden;
+}
+template <typename Buffer>
+bool IsVector(const Buffer& b, int64_t n) {
+  auto d = b.dimensions();
+  return d.size() == 1 && d[0] == n;
+}
+
+// The inputs both handlers take; `dropout` from the keep mask's rank.
+bool InputsFit(const Shape& s, const ffi::Buffer<ffi::F32>& bias, const ffi::Buffer<ffi::F32>& residual,
                const ffi::Buffer<ffi::U8>& keep, const ffi::Buffer<ffi::F32>& scale,
                const ffi::Buffer<ffi::F32>& offset, bool dropout) {
-  auto vector_of_hidden = [&](const auto& b) { return b.dimensions().size() == 1 && b.dimensions()[0] == s.hidden; };
-  auto r = residual.dimensions(), k = keep.dimensions();
-  return s.rows >= 0 && vector_of_hidden(bias) && vector_of_hidden(scale) && vector_of_hidden(offset) &&
-         r.size() == 2 && r[0] == s.rows && r[1] == s.hidden &&
-         (dropout ? k.size() == 2 && k[0] == s.rows && k[1] == s.hidden : true);
+  return s.rows >= 0 && IsVector(bias, s.hidden) && IsVector(scale, s.hidden) && IsVector(offset, s.hidden) &&
+         IsMatrix(s, residual) && (dropout ? IsMatrix(s, keep) : IsVector(keep, 1));
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> bias,
@@ -96,9 +109,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> mean,
                    ffi::ResultBuffer<ffi::F32> rstd, float eps, float keep_prob) {
   const Shape s = GetShape(y);
-  const bool dropout = keep_prob < 1.f;
-  if (!ShapesFit(s, bias, residual, keep, scale, offset, dropout))
-    return ffi::Error::InvalidArgument("add & norm: inputs of mismatched shapes");
+  const bool dropout = keep.dimensions().size() == 2;
+  if (!InputsFit(s, bias, residual, keep, scale, offset, dropout) || !IsMatrix(s, *out) ||
+      !IsVector(*mean, s.rows) || !IsVector(*rstd, s.rows))
+    return ffi::Error::InvalidArgument("add & norm: buffers of mismatched shapes");
   const float keep_scale = 1.f / keep_prob;
   const int64_t h = s.hidden;
   ParallelFor(pool, (s.rows + kBlockRows - 1) / kBlockRows, [&](int64_t block) {
@@ -121,11 +135,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
                     ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_y, ffi::ResultBuffer<ffi::F32> d_residual,
                     ffi::ResultBuffer<ffi::F32> d_bias, ffi::ResultBuffer<ffi::F32> d_scale,
-                    ffi::ResultBuffer<ffi::F32> d_offset, float eps, float keep_prob) {
+                    ffi::ResultBuffer<ffi::F32> d_offset, float keep_prob) {
   const Shape s = GetShape(y);
-  const bool dropout = keep_prob < 1.f;
-  if (!ShapesFit(s, bias, residual, keep, scale, offset, dropout))
-    return ffi::Error::InvalidArgument("add & norm: inputs of mismatched shapes");
+  const bool dropout = keep.dimensions().size() == 2;
+  if (!InputsFit(s, bias, residual, keep, scale, offset, dropout) || !IsVector(mean, s.rows) ||
+      !IsVector(rstd, s.rows) || !IsMatrix(s, d_out) || !IsMatrix(s, *d_y) || !IsMatrix(s, *d_residual) ||
+      !IsVector(*d_bias, s.hidden) || !IsVector(*d_scale, s.hidden) || !IsVector(*d_offset, s.hidden))
+    return ffi::Error::InvalidArgument("add & norm: buffers of mismatched shapes");
   const float keep_scale = 1.f / keep_prob;
   const int64_t h = s.hidden, blocks = (s.rows + kBlockRows - 1) / kBlockRows;
   // Per block of rows: the partial column sums of d_bias, d_scale and d_offset, [blocks, 3, hidden].
@@ -215,5 +231,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BertJaxAddNormBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_bias
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_scale
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_offset
-                                  .Attr<float>("eps")
                                   .Attr<float>("keep_prob"));

@@ -3,7 +3,7 @@
 Owns: `cpu_add_norm.cc` (built on first use by `cpu_build`), registering it with XLA, and its custom
 VJP. The kernel computes `LayerNorm(residual + dropout(y + bias))` as `bert.add_norm`'s XLA path does,
 dropout mask included (drawn by the model and passed in), in float32: one pass over the rows forward
-and one backward, where XLA:CPU makes several (docs/performance.md).
+and one backward, where XLA:CPU makes several (docs/performance.md, "twentieth").
 """
 
 from __future__ import annotations
@@ -65,8 +65,7 @@ def _add_norm_bwd(eps, keep_prob, residuals, d_out):
   hidden = (jax.ShapeDtypeStruct(bias.shape, jnp.float32),)
   d_y, d_residual, d_bias, d_scale, d_offset = jax.ffi.ffi_call(
       _BACKWARD, (jax.ShapeDtypeStruct(y.shape, jnp.float32),) * 2 + hidden * 3)(
-          y, bias, residual, keep, scale, offset, mean, rstd, d_out, eps=np.float32(eps),
-          keep_prob=np.float32(keep_prob))
+          y, bias, residual, keep, scale, offset, mean, rstd, d_out, keep_prob=np.float32(keep_prob))
   return d_y, d_bias, d_residual, None, d_scale, d_offset
 
 
