@@ -8,38 +8,30 @@ and one backward, where XLA:CPU makes several (docs/performance.md, "twentieth")
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from bert_jax.models import cpu_build
 
-KERNEL = cpu_build.Kernel(source=pathlib.Path(__file__).with_name("cpu_add_norm.cc"), name="cpu_fused add & norm",
-                          setting="layer_norm_impl", fallback="xla")
 _FORWARD, _BACKWARD = "bert_jax_add_norm_forward", "bert_jax_add_norm_backward"
+KERNEL = cpu_build.Kernel(source=pathlib.Path(__file__).with_name("cpu_add_norm.cc"), name="cpu_fused add & norm",
+                          setting="layer_norm_impl", fallback="xla",
+                          targets=((_FORWARD, "BertJaxAddNormForward"), (_BACKWARD, "BertJaxAddNormBackward")))
 
 
 @functools.cache
 def _register() -> None:
-  library = ctypes.cdll.LoadLibrary(str(cpu_build.build(KERNEL)))
-  jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.BertJaxAddNormForward), platform="cpu")
-  jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(library.BertJaxAddNormBackward), platform="cpu")
+  cpu_build.register(KERNEL)
 
 
 @functools.cache
 def available() -> bool:
   """Whether the kernel builds (or is cached) and loads here; if not, logs why, once per process."""
-  try:
-    _register()
-  except (RuntimeError, OSError) as e:  # no compiler, a failed build, or a library that will not load
-    logging.warning("The cpu_fused add & norm kernel is unavailable, so layer_norm_impl='auto' uses xla: %s", e)
-    return False
-  return True
+  return cpu_build.available(KERNEL, _register)
 
 
 def _forward(y, bias, residual, keep, scale, offset, eps, keep_prob):

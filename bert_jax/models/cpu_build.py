@@ -3,11 +3,13 @@
 Owns: compiling a kernel's source on first use with the C++ compiler `$CXX`, else `c++`, for this
 processor (`-march=native`), and caching the library by source, header, compiler and processor under
 `$BERT_JAX_KERNEL_CACHE`, else `~/.cache/bert_jax`, else a temp dir (only directories that only this
-user can write: the library is loaded as code).
+user can write: the library is loaded as code); loading it and registering its handlers with XLA;
+and the check behind each 'auto' setting that picks a kernel (`available`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import pathlib
@@ -15,10 +17,11 @@ import platform
 import shlex
 import subprocess
 import tempfile
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jaxlib
+from absl import logging
 
 HEADER = pathlib.Path(__file__).with_name("cpu_kernels.h")
 
@@ -29,6 +32,7 @@ class Kernel(NamedTuple):
   name: str  # "cpu_fused attention"
   setting: str  # "attention_impl": the BertConfig field whose 'cpu_fused' value runs it
   fallback: str  # that field's value to use without the kernel
+  targets: tuple[tuple[str, str], ...]  # (XLA FFI target, the library's handler symbol) of each handler
 
   @property
   def fix(self) -> str:
@@ -95,3 +99,21 @@ def build(kernel: Kernel, compiler: str | None = None) -> pathlib.Path:
         os.unlink(partial.name)
   raise RuntimeError(f"No usable cache for the {kernel.name} kernel ({'; '.join(errors)}): set "
                      "$BERT_JAX_KERNEL_CACHE to a directory of yours that only you can write.")
+
+
+def register(kernel: Kernel) -> None:
+  """Builds (or finds) `kernel`'s library, loads it and registers its handlers with XLA:CPU."""
+  library = ctypes.cdll.LoadLibrary(str(build(kernel)))
+  for target, symbol in kernel.targets:
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+
+
+def available(kernel: Kernel, register_kernel: Callable[[], None]) -> bool:
+  """Whether `register_kernel()` (the kernel module's cached `register`) succeeds here; if not, logs why."""
+  try:
+    register_kernel()
+  except (RuntimeError, OSError) as e:  # no compiler, a failed build, or a library that will not load
+    logging.warning("The %s kernel is unavailable, so %s='auto' uses %s: %s", kernel.name, kernel.setting,
+                    kernel.fallback, e)
+    return False
+  return True
